@@ -1,0 +1,50 @@
+"""Exception roots of the sidecar. A deny is data; an exception means "could not decide"."""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Root of every error the sidecar raises on purpose."""
+
+
+class InvalidRequestError(SidecarError):
+    """A request is malformed; ``field`` names the offending request field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class UnauthenticatedError(SidecarError):
+    """The caller presented no identity, or one that does not verify."""
+
+
+class PermissionDeniedError(SidecarError):
+    """The caller is known but may not do this."""
+
+
+class NotFoundError(SidecarError):
+    """The named thing does not exist."""
+
+
+class ConflictError(SidecarError):
+    """The request conflicts with the current state."""
+
+
+class StoreUnavailableError(SidecarError):
+    """State or audit storage cannot be read or written; decisions must fail closed."""
+
+
+class AuditWriteError(StoreUnavailableError):
+    """An audit record could not be made durable; the answer must not be ALLOW."""
+
+
+class PolicyLoadError(SidecarError):
+    """A policy bundle could not be loaded; ``issues`` holds every problem found, sorted."""
+
+    def __init__(self, issues: tuple[object, ...]) -> None:
+        self.issues = issues
+        first = str(issues[0]) if issues else "unknown problem"
+        more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""
+        super().__init__(f"{first}{more}")

@@ -1,0 +1,128 @@
+"""CEL conditions: compiled once per policy, evaluated per call, failing closed.
+
+Conditions see four variables, each a map from string to any value: ``args`` (the call's
+arguments), ``agent`` (``id``, ``roles``), ``token`` (``id``, ``issuer``, ``run_id``) and
+``context`` (facts the calling runtime vouches for). JSON decimals reach CEL as doubles.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from cel_expr_python import cel
+
+VARIABLES = ("args", "agent", "token", "context")
+
+_ENV = cel.NewEnv(
+    variables={name: cel.Type.Map(cel.Type.STRING, cel.Type.DYN) for name in VARIABLES}
+)
+_POSITION_RE = re.compile(r"<input>:(\d+):(\d+): (.*)")
+
+
+class ConditionCompileError(ValueError):
+    """A CEL expression does not parse or type-check; line/col are inside the expression."""
+
+    def __init__(self, message: str, line: int, col: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+        self.col = col
+
+
+class ConditionEvaluationError(ValueError):
+    """A condition could not be evaluated for these inputs (missing field, type mismatch)."""
+
+
+class Bindings:
+    """The variables of one evaluation, bound once and shared by every condition of a call."""
+
+    __slots__ = ("_activation",)
+
+    def __init__(self, activation: Any) -> None:
+        self._activation = activation
+
+
+def _to_cel(value: Any) -> Any:
+    """Convert parsed JSON (with Decimal numbers) into values CEL accepts."""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _to_cel(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cel(v) for v in value]
+    return value
+
+
+def bind(
+    args: Mapping[str, Any],
+    agent: Mapping[str, Any],
+    token: Mapping[str, Any],
+    context: Mapping[str, Any],
+) -> Bindings:
+    """Bind a call's variables for evaluation."""
+    data = {
+        "args": _to_cel(dict(args)),
+        "agent": _to_cel(dict(agent)),
+        "token": _to_cel(dict(token)),
+        "context": _to_cel(dict(context)),
+    }
+    return Bindings(_ENV.Activation(data))
+
+
+class Condition:
+    """A compiled boolean CEL expression."""
+
+    __slots__ = ("_expression", "source")
+
+    def __init__(self, source: str) -> None:
+        """Compile ``source``.
+
+        Raises:
+            ConditionCompileError: it does not parse, does not type-check, or is not boolean.
+        """
+        self.source = source
+        try:
+            expression = _ENV.compile(source)
+        except RuntimeError as exc:
+            raise _compile_error(str(exc)) from None
+        result_type = expression.return_type()
+        if result_type not in (cel.Type.BOOL, cel.Type.DYN):
+            raise ConditionCompileError(
+                f"condition must be boolean, but its type is {result_type.name().lower()}", 1, 1
+            )
+        self._expression = expression
+
+    def evaluate(self, bindings: Bindings) -> bool:
+        """True if the condition holds.
+
+        Raises:
+            ConditionEvaluationError: evaluation failed or did not yield a boolean. Callers
+                must treat this as "cannot decide", never as false.
+        """
+        result = self._expression.eval(bindings._activation)
+        value = result.value()
+        if isinstance(value, bool):
+            return value
+        if result.type() == cel.Type.ERROR:
+            raise ConditionEvaluationError(str(value))
+        raise ConditionEvaluationError(
+            f"condition yielded {result.type().name().lower()}, not bool"
+        )
+
+    def __repr__(self) -> str:
+        return f"Condition({self.source!r})"
+
+
+def _compile_error(text: str) -> ConditionCompileError:
+    """Turn cel's multi-line error text into a message with a position inside the expression."""
+    for line in text.splitlines():
+        match = _POSITION_RE.search(line)
+        if match:
+            return ConditionCompileError(
+                match.group(3).strip(), int(match.group(1)), int(match.group(2))
+            )
+    first = text.splitlines()[0] if text else "invalid expression"
+    return ConditionCompileError(first, 1, 1)

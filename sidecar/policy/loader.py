@@ -1,0 +1,598 @@
+"""Load a policy bundle: a directory of YAML files → one immutable, compiled ``Policy``.
+
+The stages, each collecting every issue it finds rather than stopping at the first:
+
+1. find and read the bundle's files (``*.yaml``/``*.yml``, recursively, sorted; ``*_test.yaml``
+   files are policy unit tests and not part of the policy);
+2. parse YAML with line marks (``yamlnodes``), refusing duplicate keys, anchors and aliases;
+3. check each file against the policy format's JSON Schema (``policy_format``);
+4. merge the sections of all files; a name defined twice is an error;
+5. resolve references (agent → roles, role → tools, tier → approver roles, issuer → agents);
+6. compile each tool's argument schema and each tier's CEL condition;
+7. semantic checks (unreachable tiers, pins, write tools without pins).
+
+``load_policy`` builds the ``Policy`` only when no error was found, so the sidecar either swaps
+in a whole, valid policy or keeps the one it has. ``lint_policy`` returns every issue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidecar.errors import PolicyLoadError
+from sidecar.policy.conditions import Condition, ConditionCompileError
+from sidecar.policy.issues import Code, PolicyIssue, Severity, sort_issues
+from sidecar.policy.model import (
+    DEFAULT_APPROVAL_TTL_SECONDS,
+    Agent,
+    ApproverRole,
+    DevSubject,
+    Issuer,
+    Policy,
+    Role,
+    SourceLocation,
+    Tier,
+    TierAction,
+    Tool,
+    _frozen,
+)
+from sidecar.policy.policy_format import (
+    SECTION_NOUNS,
+    FormatCheck,
+    check_format,
+    describe,
+    did_you_mean,
+)
+from sidecar.policy.schemas import ArgumentSchema, ArgumentSchemaError
+from sidecar.policy.yamlnodes import Path as NodePath
+from sidecar.policy.yamlnodes import YamlDocument, parse_yaml
+
+POLICY_SUFFIXES = (".yaml", ".yml")
+TEST_SUFFIXES = ("_test.yaml", "_test.yml")
+MAX_FILE_BYTES = 1024 * 1024
+"""Policies are small; a bigger file is a mistake (or an attack on the loader)."""
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+_BUNDLE = "."
+
+
+def load_policy(directory: Path) -> Policy:
+    """Load and compile the bundle in ``directory``.
+
+    Raises:
+        PolicyLoadError: the bundle has errors; ``issues`` holds every error, sorted. Warnings
+            never block loading (``lint_policy`` reports them).
+    """
+    policy, issues = _compile(directory)
+    errors = tuple(issue for issue in issues if issue.severity is Severity.ERROR)
+    if errors or policy is None:
+        raise PolicyLoadError(errors)
+    return policy
+
+
+def lint_policy(directory: Path) -> tuple[PolicyIssue, ...]:
+    """Every issue of the bundle in ``directory``, errors and warnings, sorted by location."""
+    return _compile(directory)[1]
+
+
+def policy_files(directory: Path) -> tuple[str, ...]:
+    """The bundle's policy files, relative POSIX paths, sorted; hidden files and dirs skipped."""
+    found: list[str] = []
+    for root, dirnames, filenames in os.walk(directory, followlinks=False):
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        for name in filenames:
+            lowered = name.lower()
+            if name.startswith(".") or not lowered.endswith(POLICY_SUFFIXES):
+                continue
+            if lowered.endswith(TEST_SUFFIXES):
+                continue
+            found.append((Path(root) / name).relative_to(directory).as_posix())
+    return tuple(sorted(found))
+
+
+def bundle_version(contents: Mapping[str, bytes]) -> str:
+    """The content hash of a bundle: any byte changed, added or renamed gives a new version."""
+    digest = hashlib.sha256()
+    for name in sorted(contents):
+        data = contents[name]
+        encoded = name.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "big") + encoded)
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()[:16]
+
+
+@dataclass(slots=True)
+class _File:
+    """One parsed file of the bundle and what its format check left usable."""
+
+    name: str
+    document: YamlDocument
+    check: FormatCheck
+
+    def usable(self, path: NodePath) -> bool:
+        return self.check.usable(path)
+
+    def issue(
+        self,
+        path: NodePath,
+        code: Code,
+        message: str,
+        *,
+        hint: str = "",
+        key: bool = False,
+        severity: Severity = Severity.ERROR,
+    ) -> PolicyIssue:
+        where = self.document.key_position(path) if key else self.document.value_position(path)
+        return PolicyIssue(self.name, where.line, where.col, code, message, severity, hint)
+
+    def location(self, path: NodePath) -> SourceLocation:
+        line, col = self.document.key_position(path)
+        return SourceLocation(self.name, line, col)
+
+
+@dataclass(slots=True)
+class _Definition:
+    """A named entry of a section (an agent, a tool…) and where it was defined."""
+
+    file: _File
+    path: NodePath
+    body: Any
+
+    @property
+    def name(self) -> str:
+        return str(self.path[1])
+
+    def usable(self, *sub: str | int) -> bool:
+        return self.file.usable((*self.path, *sub))
+
+
+@dataclass(slots=True)
+class _Bundle:
+    """Every file's sections merged, plus what compiling them produced."""
+
+    definitions: dict[str, dict[str, _Definition]] = field(
+        default_factory=lambda: {section: {} for section in SECTION_NOUNS}
+    )
+    label: tuple[_File, str] | None = None
+    admins: tuple[_File, Any] | None = None
+    duplicates: list[_Definition] = field(default_factory=list)
+    schemas: dict[tuple[str, str], ArgumentSchema] = field(default_factory=dict)
+    conditions: dict[tuple[str, str, int], Condition] = field(default_factory=dict)
+    issues: list[PolicyIssue] = field(default_factory=list)
+
+    def every(self, section: str) -> list[_Definition]:
+        """All definitions in a section, duplicates included: their problems count too."""
+        first = list(self.definitions[section].values())
+        return first + [d for d in self.duplicates if d.path[0] == section]
+
+
+def _compile(directory: Path) -> tuple[Policy | None, tuple[PolicyIssue, ...]]:
+    bundle = _Bundle()
+    contents, files = _read_bundle(directory, bundle.issues)
+    for file in files:
+        _merge(bundle, file)
+    _resolve_references(bundle)
+    _compile_tools(bundle)
+    issues = sort_issues(bundle.issues)
+    if not contents or any(issue.severity is Severity.ERROR for issue in issues):
+        return None, issues
+    return _build(bundle, tuple(sorted(contents)), bundle_version(contents)), issues
+
+
+def _read_bundle(
+    directory: Path, issues: list[PolicyIssue]
+) -> tuple[dict[str, bytes], list[_File]]:
+    """Read and parse every policy file; the raw bytes feed the version hash."""
+    if not directory.is_dir():
+        issues.append(
+            PolicyIssue(_BUNDLE, 0, 0, Code.READ_ERROR, f"'{directory}' is not a directory")
+        )
+        return {}, []
+    names = policy_files(directory)
+    if not names:
+        message = f"no policy files (*.yaml, *.yml) in '{directory}'"
+        issues.append(PolicyIssue(_BUNDLE, 0, 0, Code.NO_POLICY_FILES, message))
+        return {}, []
+    contents: dict[str, bytes] = {}
+    files: list[_File] = []
+    for name in names:
+        data = _read(directory / name, name, issues)
+        if data is None:
+            continue
+        contents[name] = data
+        text = _decode(data, name, issues)
+        if text is None:
+            continue
+        document, yaml_issues = parse_yaml(text, name)
+        issues.extend(yaml_issues)
+        if document is None:
+            continue
+        check = check_format(document, name)
+        issues.extend(check.issues)
+        files.append(_File(name, document, check))
+    return contents, files
+
+
+def _read(path: Path, name: str, issues: list[PolicyIssue]) -> bytes | None:
+    try:
+        with path.open("rb") as stream:
+            data = stream.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        issues.append(PolicyIssue(name, 0, 0, Code.READ_ERROR, f"cannot read the file: {reason}"))
+        return None
+    if len(data) > MAX_FILE_BYTES:
+        message = f"the file is larger than {MAX_FILE_BYTES // 1024} KiB"
+        issues.append(PolicyIssue(name, 0, 0, Code.FILE_TOO_LARGE, message))
+        return None
+    return data
+
+
+def _decode(data: bytes, name: str, issues: list[PolicyIssue]) -> str | None:
+    """Policies are UTF-8 (a leading byte-order mark is tolerated)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = len(data[line_start : exc.start].decode("utf-8", "replace")) + 1
+        message = f"the file is not valid UTF-8 (byte 0x{data[exc.start]:02x})"
+        issues.append(PolicyIssue(name, line, col, Code.INVALID_ENCODING, message))
+        return None
+
+
+def _merge(bundle: _Bundle, file: _File) -> None:
+    """Add one file's sections to the bundle; the first definition of a name wins."""
+    value = file.document.value
+    if not isinstance(value, dict):
+        return
+    for section, entries in value.items():
+        if section not in SECTION_NOUNS or not isinstance(entries, dict):
+            continue
+        defined = bundle.definitions[section]
+        for name, body in entries.items():
+            path = (section, name)
+            first = defined.get(name)
+            if first is None:
+                defined[name] = _Definition(file, path, body)
+                continue
+            bundle.duplicates.append(_Definition(file, path, body))
+            message = f"{SECTION_NOUNS[section]} '{name}' is defined twice"
+            hint = f"first defined at {first.file.location(first.path)}"
+            bundle.issues.append(
+                file.issue(path, Code.DUPLICATE_DEFINITION, message, hint=hint, key=True)
+            )
+    if "label" in value and file.usable(("label",)):
+        if bundle.label is None:
+            bundle.label = (file, str(value["label"]))
+        else:
+            first_file = bundle.label[0]
+            hint = f"first set at {first_file.location(('label',))}"
+            message = "the bundle's label is set in more than one file"
+            bundle.issues.append(
+                file.issue(("label",), Code.DUPLICATE_LABEL, message, hint=hint, key=True)
+            )
+    if "admins" in value:
+        if bundle.admins is None:
+            bundle.admins = (file, value["admins"])
+        else:
+            hint = f"first set at {bundle.admins[0].location(('admins',))}"
+            message = "'admins' is set in more than one file"
+            bundle.issues.append(
+                file.issue(("admins",), Code.DUPLICATE_DEFINITION, message, hint=hint, key=True)
+            )
+
+
+def _references(definition: _Definition, field_name: str) -> Iterator[tuple[NodePath, str]]:
+    """The names a definition lists under ``field_name``, with their paths; none if unusable."""
+    if not definition.usable(field_name) or not isinstance(definition.body, dict):
+        return
+    names = definition.body.get(field_name)
+    if not isinstance(names, list):
+        return
+    for index, name in enumerate(names):
+        if isinstance(name, str):
+            yield (*definition.path, field_name, index), name
+
+
+def _resolve_references(bundle: _Bundle) -> None:
+    """Every name a definition uses must be defined somewhere in the bundle."""
+    defined = bundle.definitions
+    checks = (
+        ("agents", "roles", "roles", Code.UNDEFINED_ROLE),
+        ("roles", "tools", "tools", Code.UNDEFINED_TOOL),
+        ("issuers", "agents", "agents", Code.UNDEFINED_AGENT),
+    )
+    for section, field_name, target, code in checks:
+        for definition in bundle.every(section):
+            for path, name in _references(definition, field_name):
+                if name in defined[target]:
+                    continue
+                noun = SECTION_NOUNS[target]
+                message = f"{describe(definition.path)} refers to undefined {noun} '{name}'"
+                hint = did_you_mean(name, defined[target])
+                bundle.issues.append(definition.file.issue(path, code, message, hint=hint))
+    for tool in bundle.every("tools"):
+        for index, tier in _tiers(tool):
+            tier_definition = _Definition(tool.file, (*tool.path, "tiers", index), tier)
+            for path, name in _references(tier_definition, "approver_roles"):
+                if name in defined["approver_roles"]:
+                    continue
+                message = (
+                    f"tier '{tier.get('name', index + 1)}' of tool '{tool.name}' "
+                    f"refers to undefined approver role '{name}'"
+                )
+                hint = did_you_mean(name, defined["approver_roles"])
+                bundle.issues.append(
+                    tool.file.issue(path, Code.UNDEFINED_APPROVER_ROLE, message, hint=hint)
+                )
+
+
+def _tiers(tool: _Definition) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The tool's tiers that are mappings, with their indexes."""
+    if not isinstance(tool.body, dict) or not tool.usable("tiers"):
+        return
+    tiers = tool.body.get("tiers")
+    if not isinstance(tiers, list):
+        return
+    for index, tier in enumerate(tiers):
+        if isinstance(tier, dict):
+            yield index, tier
+
+
+def _compile_tools(bundle: _Bundle) -> None:
+    for tool in bundle.every("tools"):
+        if not isinstance(tool.body, dict):
+            continue
+        schema = _compile_arguments(bundle, tool)
+        _check_pins(bundle, tool, schema)
+        _compile_tiers(bundle, tool)
+
+
+def _compile_arguments(bundle: _Bundle, tool: _Definition) -> ArgumentSchema | None:
+    """Compile the arguments' JSON Schema; problems point into the schema itself."""
+    document = tool.body.get("arguments")
+    if not tool.usable("arguments") or not isinstance(document, dict):
+        return None
+    arguments_path = (*tool.path, "arguments")
+    problems = list(_reference_problems(document, ()))
+    try:
+        schema = ArgumentSchema(document)
+    except ArgumentSchemaError as exc:
+        problems.append((_schema_path(document, exc.path), exc.message))
+        schema = None
+    for where, message in problems:
+        pointer = "".join(f"/{part}" for part in where) or "/"
+        bundle.issues.append(
+            tool.file.issue(
+                (*arguments_path, *where),
+                Code.INVALID_SCHEMA,
+                f"invalid arguments schema of tool '{tool.name}' at {pointer}: {message}",
+            )
+        )
+    if schema is not None and not problems:
+        bundle.schemas[tool.file.name, tool.name] = schema
+    return None if problems else schema
+
+
+def _schema_path(document: Any, pointer: str) -> NodePath:
+    """A JSON pointer into the schema → a node path (list indexes as ints)."""
+    parts: list[str | int] = []
+    value = document
+    for raw in pointer.split("/")[1:] if pointer else []:
+        token = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(value, list) and token.isdigit():
+            parts.append(int(token))
+            value = value[int(token)] if int(token) < len(value) else None
+        else:
+            parts.append(token)
+            value = value.get(token) if isinstance(value, dict) else None
+    return tuple(parts)
+
+
+def _reference_problems(
+    schema: Any, where: NodePath, resource: Any = None
+) -> Iterator[tuple[NodePath, str]]:
+    """``$ref``s must point inside the schema and resolve; nothing is ever fetched.
+
+    jsonschema would only notice a dangling reference when a call arrives, and then every call
+    of the tool would be denied; we would rather say so at load.
+    """
+    if isinstance(schema, list):
+        for index, item in enumerate(schema):
+            yield from _reference_problems(item, (*where, index), resource)
+        return
+    if not isinstance(schema, dict):
+        return
+    if resource is None or "$id" in schema:
+        resource = schema
+    for key, value in schema.items():
+        if key in ("$ref", "$dynamicRef") and isinstance(value, str):
+            if not value.startswith("#"):
+                yield (*where, key), f"'{value}' is not a reference inside the schema"
+            elif value.startswith("#/") and not _resolves(resource, value[1:]):
+                yield (*where, key), f"'{value}' does not resolve"
+        elif key not in ("const", "enum", "default", "examples"):
+            yield from _reference_problems(value, (*where, key), resource)
+
+
+def _resolves(document: Any, pointer: str) -> bool:
+    value = document
+    for raw in pointer.split("/")[1:]:
+        token = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(value, dict) and token in value:
+            value = value[token]
+        elif isinstance(value, list) and token.isdigit() and int(token) < len(value):
+            value = value[int(token)]
+        else:
+            return False
+    return True
+
+
+def _check_pins(bundle: _Bundle, tool: _Definition, schema: ArgumentSchema | None) -> None:
+    """Pins name string arguments (a token pins them to one value); writes should have some."""
+    body = tool.body
+    pins = body.get("pins") if tool.usable("pins") else None
+    if body.get("writes") is True and tool.usable("writes") and not pins:
+        message = (
+            f"write tool '{tool.name}' has no pins: "
+            "a token for it cannot be limited to one resource"
+        )
+        hint = "add 'pins' naming the argument that identifies the resource, if there is one"
+        bundle.issues.append(
+            tool.file.issue(
+                tool.path,
+                Code.WRITE_TOOL_WITHOUT_PINS,
+                message,
+                hint=hint,
+                key=True,
+                severity=Severity.WARNING,
+            )
+        )
+    if schema is None or not isinstance(pins, list):
+        return
+    properties = schema.document.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    strings = [
+        name
+        for name, subschema in properties.items()
+        if isinstance(subschema, dict) and subschema.get("type") == "string"
+    ]
+    for index, pin in enumerate(pins):
+        if pin in strings:
+            continue
+        message = f"pin '{pin}' of tool '{tool.name}' is not a string property of its arguments"
+        hint = did_you_mean(str(pin), strings)
+        bundle.issues.append(
+            tool.file.issue((*tool.path, "pins", index), Code.PIN_NOT_IN_SCHEMA, message, hint=hint)
+        )
+
+
+def _compile_tiers(bundle: _Bundle, tool: _Definition) -> None:
+    """Compile conditions; check tier names are unique and every tier can be reached."""
+    names: dict[str, int] = {}
+    always: tuple[str, int] | None = None
+    for index, tier in _tiers(tool):
+        tier_path = (*tool.path, "tiers", index)
+        name = tier.get("name")
+        if isinstance(name, str):
+            if name in names:
+                message = f"tool '{tool.name}' has two tiers named '{name}'"
+                first = tool.file.document.key_line((*tool.path, "tiers", names[name]))
+                hint = f"first at line {first}"
+                bundle.issues.append(
+                    tool.file.issue(
+                        (*tier_path, "name"), Code.DUPLICATE_DEFINITION, message, hint=hint
+                    )
+                )
+            else:
+                names[name] = index
+        label = f"'{name}'" if isinstance(name, str) else str(index + 1)
+        if always is not None:
+            message = f"tier {label} of tool '{tool.name}' can never match"
+            hint = f"tier '{always[0]}' at line {always[1]} has no condition and always matches"
+            bundle.issues.append(
+                tool.file.issue(tier_path, Code.UNREACHABLE_TIER, message, hint=hint)
+            )
+        source = tier.get("when")
+        if source is None or (isinstance(source, str) and source.strip() == "true"):
+            if always is None:
+                always = (str(name), tool.file.document.value_position(tier_path).line)
+            continue
+        when_path = (*tier_path, "when")
+        if not isinstance(source, str) or not tool.file.usable(when_path):
+            continue
+        try:
+            bundle.conditions[tool.file.name, tool.name, index] = Condition(source)
+        except ConditionCompileError as exc:
+            code = Code.CEL_SYNTAX if exc.message.startswith("Syntax error") else Code.CEL_TYPE
+            line, col = tool.file.document.position_in_scalar(when_path, exc.line, exc.col)
+            message = f"condition of tier {label} of tool '{tool.name}': {exc.message}"
+            bundle.issues.append(PolicyIssue(tool.file.name, line, col, code, message))
+
+
+def _seconds(duration: str) -> int:
+    return int(duration[:-1]) * _DURATION_UNITS[duration[-1]]
+
+
+def _build(bundle: _Bundle, sources: tuple[str, ...], version: str) -> Policy:
+    """Assemble the Policy. Only called without errors, so every value has its format's type."""
+    defined = bundle.definitions
+    agents = {
+        d.name: Agent(d.name, tuple(d.body["roles"]), d.file.location(d.path))
+        for d in defined["agents"].values()
+    }
+    roles = {
+        d.name: Role(
+            d.name,
+            frozenset(d.body["tools"]),
+            _seconds(d.body["max_token_ttl"]),
+            d.file.location(d.path),
+        )
+        for d in defined["roles"].values()
+    }
+    approver_roles = {
+        d.name: ApproverRole(d.name, tuple(d.body["groups"]), d.file.location(d.path))
+        for d in defined["approver_roles"].values()
+    }
+    issuers = {
+        d.name: Issuer(d.name, frozenset(d.body["agents"]), d.file.location(d.path))
+        for d in defined["issuers"].values()
+    }
+    dev_directory = {
+        d.name: DevSubject(d.name, tuple(d.body["groups"]), d.file.location(d.path))
+        for d in defined["dev_directory"].values()
+    }
+    tools = {d.name: _build_tool(bundle, d) for d in defined["tools"].values()}
+    admin_groups: tuple[str, ...] = ()
+    if bundle.admins is not None:
+        admin_groups = tuple(bundle.admins[1]["groups"])
+    return Policy(
+        version=version,
+        label=bundle.label[1] if bundle.label else "",
+        sources=sources,
+        agents=_frozen(dict(sorted(agents.items()))),
+        roles=_frozen(dict(sorted(roles.items()))),
+        tools=_frozen(dict(sorted(tools.items()))),
+        approver_roles=_frozen(dict(sorted(approver_roles.items()))),
+        issuers=_frozen(dict(sorted(issuers.items()))),
+        admin_groups=admin_groups,
+        dev_directory=_frozen(dict(sorted(dev_directory.items()))),
+    )
+
+
+def _build_tool(bundle: _Bundle, tool: _Definition) -> Tool:
+    body = tool.body
+    tiers = []
+    for index, tier in enumerate(body["tiers"]):
+        tier_path = (*tool.path, "tiers", index)
+        action = TierAction(tier["action"])
+        approval = action is TierAction.REQUIRE_APPROVAL
+        tiers.append(
+            Tier(
+                name=tier["name"],
+                action=action,
+                when=bundle.conditions.get((tool.file.name, tool.name, index)),
+                location=tool.file.location(tier_path),
+                approvals=int(tier["approvals"]) if approval else 0,
+                approver_roles=tuple(tier["approver_roles"]) if approval else (),
+                ttl_seconds=_seconds(tier["ttl"])
+                if "ttl" in tier
+                else DEFAULT_APPROVAL_TTL_SECONDS,
+                message=tier.get("message", ""),
+            )
+        )
+    return Tool(
+        name=tool.name,
+        arguments=bundle.schemas[tool.file.name, tool.name],
+        tiers=tuple(tiers),
+        location=tool.file.location(tool.path),
+        description=body.get("description", ""),
+        writes=bool(body.get("writes", False)),
+        pins=tuple(body.get("pins", ())),
+    )

@@ -1,0 +1,158 @@
+"""The compiled, immutable policy the engine evaluates.
+
+Everything here is built once per bundle by the loader and never mutated: a reload builds a whole
+new ``Policy`` and swaps one reference. Mappings are read-only views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import TypeVar
+
+from sidecar.policy.conditions import Condition
+from sidecar.policy.schemas import ArgumentSchema
+
+DEFAULT_APPROVAL_TTL_SECONDS = 24 * 3600
+
+_V = TypeVar("_V")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceLocation:
+    """Where a definition stands in the bundle: path relative to the bundle root, 1-based."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+class TierAction(StrEnum):
+    """What a matching approval tier does."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    REQUIRE_APPROVAL = "require_approval"
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """One approval tier of a tool. Tiers are tried in order; the first whose ``when`` holds wins.
+
+    ``when`` is None for an unconditional tier (it always matches).
+    """
+
+    name: str
+    action: TierAction
+    when: Condition | None
+    location: SourceLocation
+    approvals: int = 0
+    approver_roles: tuple[str, ...] = ()
+    ttl_seconds: int = DEFAULT_APPROVAL_TTL_SECONDS
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A tool agents may call: its argument schema, resource pins and approval tiers."""
+
+    name: str
+    arguments: ArgumentSchema
+    tiers: tuple[Tier, ...]
+    location: SourceLocation
+    description: str = ""
+    writes: bool = False
+    pins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    """A set of tools, and the ceiling for tokens minted for agents holding the role."""
+
+    name: str
+    tools: frozenset[str]
+    max_token_ttl_seconds: int
+    location: SourceLocation
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """An agent identity (a token's subject) and the roles it holds."""
+
+    id: str
+    roles: tuple[str, ...]
+    location: SourceLocation
+
+
+@dataclass(frozen=True, slots=True)
+class ApproverRole:
+    """A role people hold to approve calls; IdP groups map to it."""
+
+    name: str
+    groups: tuple[str, ...]
+    location: SourceLocation
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """An identity (e.g. an orchestrator) that may mint capability tokens for some agents."""
+
+    subject: str
+    agents: frozenset[str]
+    location: SourceLocation
+
+
+@dataclass(frozen=True, slots=True)
+class DevSubject:
+    """A person or service of the dev IdP's directory (dev mode only) and its groups."""
+
+    subject: str
+    groups: tuple[str, ...]
+    location: SourceLocation
+
+
+def _frozen(items: Mapping[str, _V] | None = None) -> Mapping[str, _V]:
+    return MappingProxyType(dict(items or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A whole compiled bundle. ``version`` is the content hash of every file in it."""
+
+    version: str
+    label: str = ""
+    sources: tuple[str, ...] = ()
+    agents: Mapping[str, Agent] = field(default_factory=_frozen)
+    roles: Mapping[str, Role] = field(default_factory=_frozen)
+    tools: Mapping[str, Tool] = field(default_factory=_frozen)
+    approver_roles: Mapping[str, ApproverRole] = field(default_factory=_frozen)
+    issuers: Mapping[str, Issuer] = field(default_factory=_frozen)
+    admin_groups: tuple[str, ...] = ()
+    dev_directory: Mapping[str, DevSubject] = field(default_factory=_frozen)
+
+    def tools_permitted(self, agent_id: str) -> frozenset[str]:
+        """The tools the agent's roles permit now; empty for an unknown agent."""
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            return frozenset()
+        permitted: set[str] = set()
+        for role_name in agent.roles:
+            role = self.roles.get(role_name)
+            if role is not None:
+                permitted |= role.tools
+        return frozenset(permitted)
+
+    def max_token_ttl_seconds(self, agent_id: str) -> int:
+        """The longest token lifetime any of the agent's roles allows; 0 for an unknown agent."""
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            return 0
+        return max(
+            (self.roles[r].max_token_ttl_seconds for r in agent.roles if r in self.roles),
+            default=0,
+        )

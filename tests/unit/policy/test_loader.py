@@ -1,0 +1,164 @@
+"""Loading a bundle from disk: which files count, the version hash, and failures as issues."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import PolicyLoadError
+from sidecar.policy.issues import Code, PolicyIssue, Severity
+from sidecar.policy.loader import MAX_FILE_BYTES, lint_policy, load_policy, policy_files
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "policies"
+TESTDATA = Path(__file__).parent / "testdata"
+
+APPROVERS = "approver_roles:\n  ops:\n    groups: [ops]\n"
+TOOL = """tools:
+  lookup:
+    writes: true
+    arguments: {type: object}
+    tiers:
+      - name: default
+        when: args.x ==
+        action: allow
+"""
+
+
+def copy_examples(destination: Path) -> Path:
+    """A private copy of the example bundle (policy files only)."""
+    shutil.copytree(EXAMPLES, destination, ignore=shutil.ignore_patterns("*.md"))
+    return destination
+
+
+def test_version_is_stable_for_identical_content(tmp_path: Path) -> None:
+    """Two copies of the same files, in different places, have the same version."""
+    first = load_policy(copy_examples(tmp_path / "a"))
+    second = load_policy(copy_examples(tmp_path / "b"))
+    assert first.version == second.version == load_policy(EXAMPLES).version
+
+
+def test_version_changes_when_one_byte_changes(tmp_path: Path) -> None:
+    """Changing a single byte, even in a comment, gives a new version."""
+    bundle = copy_examples(tmp_path / "bundle")
+    before = load_policy(bundle).version
+    path = bundle / "billing.yaml"
+    data = bytearray(path.read_bytes())
+    data[data.index(b"#") + 2] ^= 0x20  # flip the case of a comment's first letter
+    path.write_bytes(bytes(data))
+    assert load_policy(bundle).version != before
+
+
+def test_version_changes_when_a_file_is_renamed(tmp_path: Path) -> None:
+    """The version covers file names too: moving a file is a change."""
+    bundle = copy_examples(tmp_path / "bundle")
+    before = load_policy(bundle).version
+    (bundle / "support.yaml").rename(bundle / "support-team.yaml")
+    assert load_policy(bundle).version != before
+
+
+def test_test_files_are_neither_loaded_nor_hashed(tmp_path: Path) -> None:
+    """*_test.yaml and *_test.yml files are policy tests: not policy, not part of the version."""
+    bundle = copy_examples(tmp_path / "bundle")
+    before = load_policy(bundle)
+    (bundle / "billing_test.yaml").write_text("not: [valid policy\n")
+    (bundle / "nested").mkdir()
+    (bundle / "nested" / "refunds_test.yml").write_text("tools: 3\n")
+    after = load_policy(bundle)
+    assert after.version == before.version
+    assert after.sources == before.sources
+    assert lint_policy(bundle) == ()
+
+
+def test_files_are_found_recursively_sorted_and_hidden_ones_skipped(tmp_path: Path) -> None:
+    """Sub-directories count, paths are POSIX and sorted; dot files and dot dirs do not count."""
+    for name in ("b.yaml", "a/z.yml", "a/b/c.YAML", ".hidden.yaml", ".git/x.yaml", "notes.txt"):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    assert policy_files(tmp_path) == ("a/b/c.YAML", "a/z.yml", "b.yaml")
+
+
+def test_issue_paths_are_relative_to_the_bundle(tmp_path: Path) -> None:
+    """A problem in a nested file names it relative to the bundle directory."""
+    (tmp_path / "team" / "billing").mkdir(parents=True)
+    (tmp_path / "team" / "billing" / "tools.yaml").write_text(TOOL)
+    [issue] = [i for i in lint_policy(tmp_path) if i.code == Code.CEL_SYNTAX]
+    assert (issue.file, issue.line, issue.col) == ("team/billing/tools.yaml", 7, 24)
+
+
+def test_empty_files_contribute_nothing(tmp_path: Path) -> None:
+    """An empty (or comment-only) file is valid and adds no definitions."""
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "comments.yaml").write_text("# nothing yet\n")
+    (tmp_path / "approvers.yaml").write_text(APPROVERS)
+    policy = load_policy(tmp_path)
+    assert policy.sources == ("approvers.yaml", "comments.yaml", "empty.yaml")
+    assert set(policy.approver_roles) == {"ops"}
+    assert not policy.tools
+
+
+def test_warnings_do_not_block_loading() -> None:
+    """A bundle with only warnings loads; lint still reports the warning."""
+    bundle = TESTDATA / "write_tool_without_pins"
+    [warning] = lint_policy(bundle)
+    assert warning.severity is Severity.WARNING
+    assert load_policy(bundle).tools["createTicket"].writes
+
+
+def test_load_error_carries_only_errors_sorted(tmp_path: Path) -> None:
+    """PolicyLoadError holds every error (no warnings), sorted, and names the first."""
+    (tmp_path / "b.yaml").write_text(TOOL)
+    (tmp_path / "a.yaml").write_text("roles:\n  r:\n    tools: [nope]\n")
+    with pytest.raises(PolicyLoadError) as raised:
+        load_policy(tmp_path)
+    issues = raised.value.issues
+    assert all(isinstance(i, PolicyIssue) and i.severity is Severity.ERROR for i in issues)
+    assert [(i.file, i.code) for i in issues if isinstance(i, PolicyIssue)] == [
+        ("a.yaml", Code.MISSING_FIELD),
+        ("a.yaml", Code.UNDEFINED_TOOL),
+        ("b.yaml", Code.CEL_SYNTAX),
+    ]
+    assert str(raised.value).startswith("a.yaml:2:3: error MISSING_FIELD:")
+    assert str(raised.value).endswith("(and 2 more)")
+    assert Code.WRITE_TOOL_WITHOUT_PINS in {i.code for i in lint_policy(tmp_path)}
+
+
+def test_unreadable_file_is_an_issue(tmp_path: Path) -> None:
+    """A file that cannot be opened (here a dangling symlink) is reported, not raised."""
+    (tmp_path / "ok.yaml").write_text(APPROVERS)
+    (tmp_path / "gone.yaml").symlink_to(tmp_path / "missing")
+    [issue] = lint_policy(tmp_path)
+    assert (issue.file, issue.line, issue.code) == ("gone.yaml", 0, Code.READ_ERROR)
+    assert str(issue).startswith("gone.yaml: error READ_ERROR: cannot read the file")
+
+
+def test_oversized_file_is_an_issue(tmp_path: Path) -> None:
+    """A file over the size limit is refused without being parsed."""
+    (tmp_path / "big.yaml").write_bytes(b"#" * (MAX_FILE_BYTES + 1))
+    assert [(i.file, i.code) for i in lint_policy(tmp_path)] == [("big.yaml", Code.FILE_TOO_LARGE)]
+
+
+def test_missing_directory_is_an_issue(tmp_path: Path) -> None:
+    """Pointing the loader at nothing yields an issue for the bundle itself."""
+    with pytest.raises(PolicyLoadError) as raised:
+        load_policy(tmp_path / "nowhere")
+    [issue] = raised.value.issues
+    assert isinstance(issue, PolicyIssue)
+    assert (issue.file, issue.code) == (".", Code.READ_ERROR)
+
+
+def test_issues_are_collected_across_all_stages(tmp_path: Path) -> None:
+    """One run reports problems from YAML, format, references and CEL together."""
+    (tmp_path / "a.yaml").write_text("label: [x\n")
+    (tmp_path / "b.yaml").write_text("agents:\n  x@y:\n    roles: [ghost]\n    extra: 1\n")
+    (tmp_path / "c.yaml").write_text(TOOL)
+    codes = {issue.code for issue in lint_policy(tmp_path)}
+    assert {
+        Code.YAML_SYNTAX,
+        Code.UNKNOWN_FIELD,
+        Code.UNDEFINED_ROLE,
+        Code.CEL_SYNTAX,
+        Code.WRITE_TOOL_WITHOUT_PINS,
+    } <= codes
