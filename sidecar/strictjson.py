@@ -1,0 +1,139 @@
+"""Strict parsing of untrusted JSON objects, and their canonical form and digest.
+
+The tool must act on exactly what was validated, so anything a parser could read two ways is
+refused: duplicate keys, NaN/Infinity, lone surrogates, non-object tops. Size and nesting depth
+are checked before parsing so a hostile document costs at most one linear scan.
+Numbers with a fraction or exponent parse as ``Decimal`` so ``0.01`` stays exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from decimal import Decimal
+from typing import Any
+
+MAX_JSON_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32
+
+_STRINGS_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS_RE = re.compile(r"[\[\]{}]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+class JSONInputError(ValueError):
+    """The text is not one acceptable JSON object; the message says why."""
+
+
+MAX_DECIMAL_EXPONENT = 64
+
+
+def _decimal(text: str) -> Decimal:
+    """Parse a JSON number with a fraction or exponent, refusing absurd magnitudes."""
+    value = Decimal(text)
+    if abs(value.adjusted()) > MAX_DECIMAL_EXPONENT:
+        raise JSONInputError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JSONInputError(f"{name} is not allowed")
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise JSONInputError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _depth(text: str) -> int:
+    deepest = depth = 0
+    for bracket in _BRACKETS_RE.findall(_STRINGS_RE.sub('""', text)):
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def parse_object(
+    text: str, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> dict[str, Any]:
+    """Parse ``text`` as one JSON object, refusing anything ambiguous or oversized.
+
+    Raises:
+        JSONInputError: with a message fit to show the caller.
+    """
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise JSONInputError(f"{size} bytes exceeds the limit of {max_bytes}")
+    if _depth(text) > max_depth:
+        raise JSONInputError(f"nesting deeper than {max_depth} levels")
+    try:
+        value = json.loads(
+            text,
+            parse_float=_decimal,
+            parse_constant=_refuse_constant,
+            object_pairs_hook=_object_without_duplicates,
+        )
+    except JSONInputError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "invalid JSON"
+        raise JSONInputError(f"not valid JSON: {detail}") from None
+    if not isinstance(value, dict):
+        raise JSONInputError("must be a JSON object")
+    if _SURROGATE_RE.search(text) or (r"\u" in text.lower() and _has_surrogate(value)):
+        raise JSONInputError("lone surrogates are not allowed")
+    return value
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return _SURROGATE_RE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def _number(value: Decimal | int) -> str:
+    """The shortest exact decimal form: 120, 120.0 and 1.2E2 all read 120."""
+    if isinstance(value, int):
+        return str(value)
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def canonical(value: Any) -> str:
+    """Canonical JSON text: keys sorted, no whitespace, numbers in shortest exact form.
+
+    Two documents that mean the same call have the same canonical form, so the digest binds
+    approvals and idempotency keys to the call, not to its formatting.
+    """
+    if isinstance(value, dict):
+        items = ",".join(
+            f"{json.dumps(k, ensure_ascii=False)}:{canonical(v)}" for k, v in sorted(value.items())
+        )
+        return "{" + items + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(canonical(v) for v in value) + "]"
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, int | Decimal):
+        return _number(value)
+    if isinstance(value, float):
+        return _number(Decimal(repr(value)))
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+def digest(value: Any) -> str:
+    """``sha256:`` + hex digest of the canonical form."""
+    return "sha256:" + hashlib.sha256(canonical(value).encode()).hexdigest()
