@@ -1,0 +1,1 @@
+"""Audit: one durable JSON line per decision, written before the answer leaves."""

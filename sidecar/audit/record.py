@@ -1,0 +1,69 @@
+"""The audit record of one decision, and its JSON-line encoding."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.engine import Decision
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """Everything needed to explain (and later replay) one decision.
+
+    ``arguments_canonical`` is the canonical JSON of the arguments (exact numbers), embedded
+    as JSON in the line, not as a string.
+    """
+
+    record_id: str
+    time: str
+    decision: Decision
+    tool: str
+    args_digest: str
+    arguments_canonical: str
+    latency_ms: float
+    run_id: str = ""
+    step_id: str = ""
+    idempotency_key: str = ""
+    approval_id: str = ""
+    dry_run: bool = False
+    run_metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json_line(self) -> bytes:
+        """One line of JSON, keys sorted, ending in a newline."""
+        d = self.decision
+        body: dict[str, Any] = {
+            "kind": "decision",
+            "record_id": self.record_id,
+            "time": self.time,
+            "run_id": self.run_id,
+            "step_id": self.step_id,
+            "agent": d.agent,
+            "tool": self.tool,
+            "args_digest": self.args_digest,
+            "token_id": d.token_id,
+            "policy_version": d.policy_version,
+            "decision": d.outcome.value,
+            "reasons": [
+                {"code": r.code.value, "message": r.message, "field": r.field} for r in d.reasons
+            ],
+            "matched_tier": d.matched_tier,
+            "approval_id": self.approval_id,
+            "idempotency_key": self.idempotency_key,
+            "dry_run": self.dry_run,
+            "latency_ms": round(self.latency_ms, 3),
+            "run_metadata": dict(self.run_metadata),
+        }
+        if d.approval is not None:
+            body["approval_requirement"] = {
+                "tier": d.approval.tier,
+                "approvals_required": d.approval.approvals_required,
+                "approver_roles": list(d.approval.approver_roles),
+                "ttl_seconds": d.approval.ttl_seconds,
+            }
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        # Splice the canonical arguments in as JSON so decimals keep their exact digits.
+        return (text[:-1] + ',"arguments":' + self.arguments_canonical + "}\n").encode()

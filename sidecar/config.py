@@ -1,0 +1,126 @@
+"""Settings: frozen, built from flags, then PROVISO_* environment variables, then defaults."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+DEFAULT_STATE_DIR = ".proviso"
+DEFAULT_AUDIENCE = "proviso"
+DEFAULT_TOKEN_ISSUER = "proviso"
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port to listen on."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, setting: str) -> Address:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise SettingsError(f"{setting}: expected HOST:PORT, got {text!r}")
+        return cls(host.strip("[]"), int(port))
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``serve`` needs. No module reads the environment but this one."""
+
+    policies: Path
+    listen: Address
+    metrics_listen: Address
+    state_dir: Path
+    audience: str = DEFAULT_AUDIENCE
+    token_issuer: str = DEFAULT_TOKEN_ISSUER
+    leeway_seconds: int = 5
+    idp_jwks: Path | None = None
+    idp_issuer: str = ""
+    idp_audience: str = DEFAULT_AUDIENCE
+    groups_claim: str = "groups"
+    log_level: str = "INFO"
+    audit_log: Path | None = None
+
+    @property
+    def dev_mode(self) -> bool:
+        """No IdP configured: the dev IdP in the state directory is trusted."""
+        return self.idp_jwks is None
+
+    @property
+    def audit_path(self) -> Path:
+        """Where decisions are recorded; by default inside the state directory."""
+        return self.audit_log or self.state_dir / "audit" / "decisions.jsonl"
+
+
+def setting(flag: str | None, env_name: str, default: str, env: Mapping[str, str]) -> str:
+    """A flag wins over ``PROVISO_<NAME>``, which wins over the default."""
+    if flag is not None:
+        return flag
+    return env.get(f"PROVISO_{env_name}", default)
+
+
+def build(
+    *,
+    policies: str | None,
+    listen: str | None,
+    metrics_listen: str | None,
+    state_dir: str | None,
+    idp_jwks: str | None = None,
+    idp_issuer: str | None = None,
+    log_level: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from flags and the environment.
+
+    Raises:
+        SettingsError: a value is malformed, or a listener is not on loopback (plaintext is
+            only allowed on loopback until TLS is configured).
+    """
+    env = os.environ if env is None else env
+    jwks = setting(idp_jwks, "IDP_JWKS", "", env)
+    settings = Settings(
+        policies=Path(setting(policies, "POLICIES", "policies", env)),
+        listen=Address.parse(setting(listen, "LISTEN", DEFAULT_LISTEN, env), "--listen"),
+        metrics_listen=Address.parse(
+            setting(metrics_listen, "METRICS_LISTEN", DEFAULT_METRICS_LISTEN, env),
+            "--metrics-listen",
+        ),
+        state_dir=Path(setting(state_dir, "STATE_DIR", DEFAULT_STATE_DIR, env)),
+        idp_jwks=Path(jwks) if jwks else None,
+        idp_issuer=setting(idp_issuer, "IDP_ISSUER", "", env),
+        log_level=setting(log_level, "LOG_LEVEL", "INFO", env),
+    )
+    for name, address in (
+        ("--listen", settings.listen),
+        ("--metrics-listen", settings.metrics_listen),
+    ):
+        if not address.is_loopback:
+            raise SettingsError(
+                f"{name} {address}: plaintext is only served on loopback; TLS is not configured"
+            )
+    if settings.idp_jwks is not None and not settings.idp_issuer:
+        raise SettingsError("--idp-issuer is required with --idp-jwks")
+    return settings

@@ -1,0 +1,75 @@
+"""Every Prometheus instrument of the sidecar, on a registry of its own (no global state).
+
+Label values are bounded: decisions and reasons are enums, tools and agents come from the
+policy, and anything else counts as ``unknown``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+UNKNOWN = "unknown"
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """The instruments, created once per process by the composition root."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.decisions = Counter(
+            "proviso_decisions",
+            "Check decisions by decision, tool and the reason code that decided.",
+            ["decision", "tool", "reason"],
+            registry=self.registry,
+        )
+        self.check_duration = Histogram(
+            "proviso_check_duration_seconds",
+            "Time to answer a Check, from request to response (audit included).",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.policy_info = Gauge(
+            "proviso_policy_info",
+            "The policy in force: 1 for the active version.",
+            ["version", "label"],
+            registry=self.registry,
+        )
+        self.tokens_issued = Counter(
+            "proviso_tokens_issued",
+            "Capability tokens minted, by agent.",
+            ["agent"],
+            registry=self.registry,
+        )
+        self.audit_write_duration = Histogram(
+            "proviso_audit_write_duration_seconds",
+            "Time for an audit record to become durable (group commit included).",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.audit_write_errors = Counter(
+            "proviso_audit_write_errors",
+            "Audit records that could not be made durable; each failed its Check closed.",
+            registry=self.registry,
+        )
+        self._policy_labels: tuple[str, str] | None = None
+
+    def set_policy(self, version: str, label: str) -> None:
+        """Mark ``version`` as the one in force (and the previous one as gone)."""
+        if self._policy_labels is not None:
+            self.policy_info.remove(*self._policy_labels)
+        self._policy_labels = (version, label)
+        self.policy_info.labels(version, label).set(1)
+
+    def exposition(self) -> bytes:
+        """The text exposition format of every instrument."""
+        return generate_latest(self.registry)
+
+
+def bounded(value: str, known: Collection[str]) -> str:
+    """``value`` if it is a known label value, else ``unknown``: cardinality stays bounded."""
+    return value if value in known else UNKNOWN

@@ -1,0 +1,150 @@
+"""The one place that translates between protobuf messages and domain values.
+
+Untrusted request fields are checked here, each failure naming the field, so the domain only
+ever sees well-formed values.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from sidecar import strictjson
+from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb
+from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
+from sidecar.authorizer import CheckInput, CheckResult
+from sidecar.engine import Outcome, ToolCall
+from sidecar.errors import InvalidRequestError
+from sidecar.minting import MintedToken
+from tokens import Grant
+
+MAX_IDENTIFIER_BYTES = 256
+MAX_RUN_METADATA_ENTRIES = 32
+MAX_RUN_METADATA_VALUE_BYTES = 1024
+_IDENTIFIER_RE = re.compile(r"^[\x21-\x7e]+$")
+
+_DECISIONS = {
+    Outcome.ALLOW: authz_pb.DECISION_ALLOW,
+    Outcome.DENY: authz_pb.DECISION_DENY,
+    Outcome.NEEDS_APPROVAL: authz_pb.DECISION_NEEDS_APPROVAL,
+}
+
+
+def _identifier(field: str, value: str, *, required: bool) -> str:
+    """Printable ASCII, no spaces, bounded; matched byte-exact later (no case folding)."""
+    if not value:
+        if required:
+            raise InvalidRequestError(field, "is required")
+        return value
+    if len(value) > MAX_IDENTIFIER_BYTES or not _IDENTIFIER_RE.match(value):
+        raise InvalidRequestError(
+            field, f"must be 1-{MAX_IDENTIFIER_BYTES} printable ASCII characters without spaces"
+        )
+    return value
+
+
+def _json_object(field: str, text: str) -> Mapping[str, object]:
+    if not text:
+        return MappingProxyType({})
+    try:
+        return strictjson.parse_object(text)
+    except strictjson.JSONInputError as exc:
+        raise InvalidRequestError(field, str(exc)) from None
+
+
+def _run_metadata(values: Mapping[str, str]) -> dict[str, str]:
+    if len(values) > MAX_RUN_METADATA_ENTRIES:
+        raise InvalidRequestError("run_metadata", f"at most {MAX_RUN_METADATA_ENTRIES} entries")
+    for key, value in values.items():
+        _identifier("run_metadata", key, required=True)
+        if len(value.encode()) > MAX_RUN_METADATA_VALUE_BYTES:
+            raise InvalidRequestError(
+                f"run_metadata[{key}]", f"longer than {MAX_RUN_METADATA_VALUE_BYTES} bytes"
+            )
+    return dict(values)
+
+
+def check_input(request: authz_pb.CheckRequest) -> CheckInput:
+    """A domain CheckInput from a CheckRequest.
+
+    Raises:
+        InvalidRequestError: a field is malformed; its name is in ``field``.
+    """
+    call = ToolCall(
+        tool=_identifier("tool", request.tool, required=True),
+        arguments=_json_object("arguments_json", request.arguments_json),
+        context=_json_object("context_json", request.context_json),
+        run_id=_identifier("run_id", request.run_id, required=False),
+        step_id=_identifier("step_id", request.step_id, required=False),
+        idempotency_key=_identifier("idempotency_key", request.idempotency_key, required=False),
+        approval_id=_identifier("approval_id", request.approval_id, required=False),
+        dry_run=request.dry_run,
+    )
+    return CheckInput(
+        token=request.token, call=call, run_metadata=_run_metadata(request.run_metadata)
+    )
+
+
+def check_response(result: CheckResult) -> authz_pb.CheckResponse:
+    """A CheckResponse from a domain result."""
+    decision = result.decision
+    response = authz_pb.CheckResponse(
+        decision=_DECISIONS[decision.outcome],
+        reasons=[
+            authz_pb.Reason(
+                code=authz_pb.ReasonCode.Value(f"REASON_CODE_{r.code.value}"),
+                message=r.message,
+                field=r.field,
+            )
+            for r in decision.reasons
+        ],
+        decision_id=result.decision_id,
+        policy_version=decision.policy_version,
+        matched_tier=decision.matched_tier,
+    )
+    if decision.approval is not None:
+        requirement = decision.approval
+        response.approval_requirement.CopyFrom(
+            authz_pb.ApprovalRequirement(
+                tier=requirement.tier,
+                approvals_required=requirement.approvals_required,
+                approver_roles=list(requirement.approver_roles),
+                ttl=Duration(seconds=requirement.ttl_seconds),
+            )
+        )
+    return response
+
+
+def grants(request: token_pb.IssueTokenRequest) -> tuple[Grant, ...]:
+    """Domain grants from an IssueTokenRequest, every name checked."""
+    result = []
+    for index, grant in enumerate(request.grants):
+        tool = _identifier(f"grants[{index}].tool", grant.tool, required=True)
+        pins = {
+            _identifier(f"grants[{index}].pins", name, required=True): _identifier(
+                f"grants[{index}].pins[{name}]", value, required=True
+            )
+            for name, value in grant.pins.items()
+        }
+        result.append(Grant(tool=tool, pins=MappingProxyType(pins)))
+    return tuple(result)
+
+
+def ttl_seconds(duration: Duration) -> int:
+    """Whole seconds of a requested TTL (fractions round down)."""
+    if duration.seconds < 0 or duration.nanos < 0:
+        raise InvalidRequestError("ttl", "must not be negative")
+    return int(duration.seconds)
+
+
+def issue_token_response(minted: MintedToken) -> token_pb.IssueTokenResponse:
+    return token_pb.IssueTokenResponse(
+        token=minted.token,
+        token_id=minted.token_id,
+        expire_time=Timestamp(seconds=minted.expires_at),
+        key_id=minted.key_id,
+    )

@@ -1,0 +1,65 @@
+"""Each domain exception maps to exactly one gRPC status. Details are logged, not returned."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from sidecar import errors
+
+log = logging.getLogger("proviso.server")
+
+
+@dataclass(frozen=True, slots=True)
+class RpcError:
+    """What the caller is told: a code, a message, and optional rich details."""
+
+    code: grpc.StatusCode
+    message: str
+    field: str = ""
+
+    def rich_status(self) -> status_pb2.Status:
+        """A ``google.rpc.Status`` carrying a BadRequest field violation where one applies."""
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        if self.field:
+            bad_request = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=self.field, description=self.message
+                    )
+                ]
+            )
+            detail = any_pb2.Any()
+            detail.Pack(bad_request)
+            status.details.append(detail)
+        return status
+
+
+_SIMPLE: tuple[tuple[type[errors.SidecarError], grpc.StatusCode], ...] = (
+    (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def from_exception(exc: BaseException, method: str) -> RpcError:
+    """The status for ``exc``; unexpected exceptions become INTERNAL with an opaque id."""
+    if isinstance(exc, errors.InvalidRequestError):
+        return RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field)
+    if isinstance(exc, errors.StoreUnavailableError):
+        log.error("could not decide safely", extra={"method": method, "error": str(exc)})
+        return RpcError(
+            grpc.StatusCode.UNAVAILABLE, "could not decide safely; treat this call as denied"
+        )
+    for kind, code in _SIMPLE:
+        if isinstance(exc, kind):
+            return RpcError(code, str(exc))
+    error_id = "err_" + secrets.token_hex(6)
+    log.error("unexpected error", exc_info=exc, extra={"method": method, "error_id": error_id})
+    return RpcError(grpc.StatusCode.INTERNAL, f"internal error (id {error_id})")

@@ -1,0 +1,1 @@
+"""Thin HTTP adapters on the metrics listener: /metrics, /.well-known/jwks.json, /healthz."""

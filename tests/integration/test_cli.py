@@ -1,0 +1,172 @@
+"""The proviso command as a user runs it: a real process against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import EXAMPLE_POLICIES, ROOT, Sidecar
+
+PROVISO = [sys.executable, "-m", "sidecar.cli"]
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PROVISO, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [(), ("serve",), ("lint",), ("token",), ("token", "issue"), ("check",)],
+)
+def test_every_command_has_help(command: tuple[str, ...]) -> None:
+    """--help works everywhere and exits 0."""
+    result = run(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: proviso" in result.stdout
+
+
+def test_usage_errors_exit_2() -> None:
+    """A missing required flag is a usage error (exit 2)."""
+    assert run("token", "issue").returncode == 2
+    assert run("lint", "/no/such/dir").returncode == 2
+
+
+def test_lint_accepts_the_examples() -> None:
+    """The shipped example bundle lints clean of errors."""
+    result = run("lint", str(EXAMPLE_POLICIES))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            "tools:\n  a:\n    writes: true\n    writes: false\n",
+            r"bad\.yaml:4:\d+: error DUPLICATE_KEY",
+        ),
+        ("agents:\n  x@service:\n    rolez: [r]\n", r"bad\.yaml:3:\d+: error UNKNOWN_FIELD"),
+        (
+            "tools:\n  t:\n    arguments: {type: object}\n    tiers:\n"
+            "      - name: a\n        when: args.x <=\n        action: allow\n",
+            r"bad\.yaml:6:\d+: error CEL_SYNTAX",
+        ),
+    ],
+)
+def test_lint_reports_file_and_line(tmp_path: Path, content: str, expected: str) -> None:
+    """lint rejects duplicate keys, unknown fields and bad CEL, each with file:line."""
+    (tmp_path / "bad.yaml").write_text(content)
+    result = run("lint", str(tmp_path))
+    assert result.returncode == 1
+    assert re.search(expected, result.stdout), result.stdout
+
+
+def test_lint_json_format(tmp_path: Path) -> None:
+    """lint --format json gives editors and CI one object per issue."""
+    (tmp_path / "bad.yaml").write_text("agents:\n  x@service:\n    rolez: [r]\n")
+    result = run("lint", str(tmp_path), "--format", "json")
+    assert result.returncode == 1
+    unknown = [i for i in json.loads(result.stdout) if i["code"] == "UNKNOWN_FIELD"]
+    assert [(i["file"], i["line"], i["severity"]) for i in unknown] == [("bad.yaml", 3, "error")]
+    assert "roles" in unknown[0]["hint"], "a did-you-mean hint names the known field"
+
+
+async def test_token_issue_then_check(sidecar: Sidecar) -> None:
+    """A token minted by the CLI with the local key is accepted by check against the server."""
+    state = str(sidecar.app.settings.state_dir)
+    issued = await asyncio.to_thread(
+        run, "token", "issue", "--agent", "billing-resolution-agent@service",
+        "--grant", "requestRefund:invoice_id=in_93K2", "--ttl", "10m", "--state-dir", state,
+    )  # fmt: skip
+    assert issued.returncode == 0, issued.stderr
+    token = issued.stdout.strip()
+    arguments = '{"invoice_id": "in_93K2", "amount": 20, "currency": "EUR", "reason": "late"}'
+    allowed = await asyncio.to_thread(
+        run, "check", "--target", sidecar.target, "--token", token,
+        "--tool", "requestRefund", "--args", arguments,
+    )  # fmt: skip
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["decision"] == "DECISION_ALLOW"
+    denied = await asyncio.to_thread(
+        run, "check", "--target", sidecar.target, "--token", token,
+        "--tool", "requestRefund", "--args", arguments.replace("20", "9000"),
+    )  # fmt: skip
+    assert denied.returncode == 1
+    assert json.loads(denied.stdout)["decision"] == "DECISION_DENY"
+    malformed = await asyncio.to_thread(
+        run, "check", "--target", sidecar.target, "--token", token,
+        "--tool", "requestRefund", "--args", "[]",
+    )  # fmt: skip
+    assert malformed.returncode == 1
+    assert "INVALID_ARGUMENT" in malformed.stderr
+
+
+def test_token_issue_refuses_beyond_the_ceiling(tmp_path: Path) -> None:
+    """The CLI mints only within the agent's roles and names the refused grant."""
+    result = run(
+        "token", "issue", "--agent", "support-triage-agent@service",
+        "--grant", "requestRefund:invoice_id=in_1", "--state-dir", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "requestRefund" in result.stderr
+
+
+def test_serve_starts_answers_health_and_stops(tmp_path: Path) -> None:
+    """`proviso serve` prints where it listens, answers health checks, and stops on SIGTERM."""
+    process = subprocess.Popen(
+        [
+            *PROVISO, "serve", "--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"),
+        ],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        match = re.search(r"serving gRPC on 127\.0\.0\.1:(\d+)", line)
+        assert match, line + (process.stderr.read() if process.stderr else "")
+        with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+        assert (tmp_path / "state" / "keys").is_dir()
+        key_files = list((tmp_path / "state" / "keys").glob("*.pem"))
+        assert key_files
+        assert all(f.stat().st_mode & 0o777 == 0o600 for f in key_files)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+    assert "WARNING dev mode" in stderr, "dev mode is announced loudly"
+
+
+def test_serve_refuses_a_broken_policy(tmp_path: Path) -> None:
+    """A bundle with errors is reported with file:line and nothing is served."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "bad.yaml").write_text("agents:\n  x@service:\n    rolez: [r]\n")
+    result = run(
+        "serve", "--policies", str(tmp_path / "p"), "--listen", "127.0.0.1:0",
+        "--metrics-listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "bad.yaml:3:" in result.stderr
+
+
+def test_serve_refuses_plaintext_off_loopback(tmp_path: Path) -> None:
+    """Plaintext is only served on loopback until TLS is configured."""
+    result = run("serve", "--listen", "0.0.0.0:0", "--state-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "loopback" in result.stderr
