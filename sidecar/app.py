@@ -20,7 +20,7 @@ from sidecar.observability.metrics import Metrics
 from sidecar.policy.loader import load_policy
 from sidecar.policy.model import Policy
 from sidecar.server import grpc_server
-from sidecar.server.services import AuthorizationService, TokenService
+from sidecar.server.services import AdminService, AuthorizationService, TokenService
 from sidecar.web.http import HttpApp, HttpServer
 
 log = logging.getLogger("proviso.app")
@@ -71,7 +71,9 @@ class App:
             PolicyLoadError: the policy bundle has errors (nothing is started).
         """
         clock = clock or SystemClock()
-        holder = PolicyHolder(policy if policy is not None else load_policy(settings.policies))
+        holder = PolicyHolder(
+            policy if policy is not None else load_policy(settings.policies), clock.now()
+        )
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         keys = load_or_create(settings.state_dir)
         dev_idp = (
@@ -89,17 +91,19 @@ class App:
             leeway_seconds=settings.leeway_seconds,
         )
         authorizer = Authorizer(holder, verifier, audit, metrics, clock)
-        services: list[AuthorizationService | TokenService] = [
+        identities = identity_verifier(settings, dev_idp)
+        services: list[AuthorizationService | TokenService | AdminService] = [
             AuthorizationService(authorizer),
             TokenService(
                 holder,
                 keys,
-                identity_verifier(settings, dev_idp),
+                identities,
                 metrics,
                 clock,
                 issuer=settings.token_issuer,
                 audience=settings.audience,
             ),
+            AdminService(holder, identities, clock),
         ]
         http = HttpServer(
             HttpApp(metrics.exposition, lambda: keys.verification_keys().to_jwks()),

@@ -47,8 +47,9 @@ class CheckResult:
 class PolicyHolder:
     """The policy in force. Readers take one reference per Check; a reload swaps it whole."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, loaded_at: float) -> None:
         self.current = policy
+        self.loaded_at = loaded_at
 
 
 class TokenVerifier:

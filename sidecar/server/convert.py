@@ -14,12 +14,14 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from sidecar import strictjson
+from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
 from sidecar.authorizer import CheckInput, CheckResult
 from sidecar.engine import Outcome, ToolCall
 from sidecar.errors import InvalidRequestError
 from sidecar.minting import MintedToken
+from sidecar.policy.model import Policy
 from tokens import Grant
 
 MAX_IDENTIFIER_BYTES = 256
@@ -147,4 +149,17 @@ def issue_token_response(minted: MintedToken) -> token_pb.IssueTokenResponse:
         token_id=minted.token_id,
         expire_time=Timestamp(seconds=minted.expires_at),
         key_id=minted.key_id,
+    )
+
+
+def policy_info(policy: Policy, loaded_at: float) -> admin_pb.PolicyInfo:
+    """What GetPolicy says about the policy in force."""
+    load_time = Timestamp()
+    load_time.FromNanoseconds(int(loaded_at * 1e9))
+    return admin_pb.PolicyInfo(
+        version=policy.version,
+        label=policy.label,
+        load_time=load_time,
+        source_files=list(policy.sources),
+        tools=sorted(policy.tools),
     )

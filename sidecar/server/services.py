@@ -16,16 +16,18 @@ from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 
+from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
 from sidecar.authorizer import Authorizer, PolicyHolder
 from sidecar.clock import Clock
 from sidecar.errors import InvalidRequestError
-from sidecar.identity import IdentityVerifier, bearer_token
+from sidecar.identity import IdentityVerifier
 from sidecar.keystore import KeyRing
 from sidecar.minting import authorize_issuer, mint
 from sidecar.observability.metrics import Metrics, bounded
 from sidecar.server import convert, status
+from sidecar.server.auth import caller, require_admin
 
 RequestT = TypeVar("RequestT", bound=Message)
 Behaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]
@@ -71,13 +73,6 @@ def unary(
         raise AssertionError("abort_with_status returned")  # pragma: no cover
 
     return grpc.unary_unary_rpc_method_handler(handle)
-
-
-def metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
-    """Invocation metadata as a dict of text values (binary headers are skipped)."""
-    return {
-        key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
-    }
 
 
 class AuthorizationService:
@@ -128,11 +123,11 @@ class TokenService:
         self, request: token_pb.IssueTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> token_pb.IssueTokenResponse:
         now = self._clock.now()
-        caller = self._identities.verify(bearer_token(metadata(context)), now)
+        issuer = caller(context, self._identities, now)
         policy = self._policy.current
         if not request.agent:
             raise InvalidRequestError("agent", "is required")
-        authorize_issuer(policy, caller.subject, request.agent)
+        authorize_issuer(policy, issuer.subject, request.agent)
         minted = mint(
             policy,
             self._keys.active,
@@ -161,5 +156,37 @@ class TokenService:
                     token_pb.IssueTokenRequest, self.issue_token, f"{self.name}/IssueToken"
                 ),
                 "GetJwks": unary(token_pb.GetJwksRequest, self.get_jwks, f"{self.name}/GetJwks"),
+            },
+        )
+
+
+class AdminService:
+    """proviso.v1.AdminService: every method needs an admin identity."""
+
+    name = "proviso.v1.AdminService"
+
+    def __init__(self, policy: PolicyHolder, identities: IdentityVerifier, clock: Clock) -> None:
+        self._policy = policy
+        self._identities = identities
+        self._clock = clock
+
+    def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        require_admin(caller(context, self._identities, self._clock.now()), self._policy.current)
+
+    async def get_policy(
+        self, request: admin_pb.GetPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb.GetPolicyResponse:
+        self._admin(context)
+        return admin_pb.GetPolicyResponse(
+            policy=convert.policy_info(self._policy.current, self._policy.loaded_at)
+        )
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            self.name,
+            {
+                "GetPolicy": unary(
+                    admin_pb.GetPolicyRequest, self.get_policy, f"{self.name}/GetPolicy"
+                ),
             },
         )

@@ -14,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
+from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
 from sidecar.app import App
@@ -198,3 +200,25 @@ async def test_audit_write_failure_fails_closed(tmp_path: Path) -> None:
         )
     finally:
         await sidecar.close()
+
+
+async def test_get_policy_needs_an_admin(sidecar: Sidecar) -> None:
+    """GetPolicy describes the policy in force, for admins only."""
+    stub = admin_grpc.AdminServiceStub(sidecar.channel)
+    response = await stub.GetPolicy(
+        admin_pb.GetPolicyRequest(), metadata=identity(sidecar, "olivia@example.com")
+    )
+    policy = sidecar.app.policy.current
+    assert response.policy.version == policy.version
+    assert response.policy.label == policy.label
+    assert "requestRefund" in response.policy.tools
+    assert "billing.yaml" in response.policy.source_files
+    assert abs(response.policy.load_time.seconds - time.time()) < 60
+    with pytest.raises(grpc.aio.AioRpcError) as not_admin:
+        await stub.GetPolicy(
+            admin_pb.GetPolicyRequest(), metadata=identity(sidecar, "alice@example.com")
+        )
+    assert not_admin.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+        await stub.GetPolicy(admin_pb.GetPolicyRequest())
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
