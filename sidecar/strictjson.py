@@ -107,9 +107,14 @@ def _number(value: Decimal | int) -> str:
     """The shortest exact decimal form: 120, 120.0 and 1.2E2 all read 120."""
     if isinstance(value, int):
         return str(value)
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
+    sign, digits, exponent = value.as_tuple()
+    if not isinstance(exponent, int):
+        raise TypeError(f"not a finite number: {value}")
+    while len(digits) > 1 and digits[-1] == 0:  # strip trailing zeros exactly (no rounding)
+        digits, exponent = digits[:-1], exponent + 1
+    if digits == (0,):
+        return "0"
+    return format(Decimal((sign, digits, exponent)), "f")
 
 
 def canonical(value: Any) -> str:

@@ -96,10 +96,12 @@ class AuditLog:
                 self._discard_torn_tail(start)
             error = AuditWriteError(f"audit write failed: {exc.strerror or exc}")
             for _, future in batch:
-                future.set_exception(error)
+                if not future.done():  # a caller that gave up (deadline) has cancelled it
+                    future.set_exception(error)
             return
         for _, future in batch:
-            future.set_result(None)
+            if not future.done():
+                future.set_result(None)
 
     def _discard_torn_tail(self, offset: int) -> None:
         """Cut a partly written batch off, so the log never holds half a line."""

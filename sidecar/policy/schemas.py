@@ -11,7 +11,7 @@ import functools
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Context, Decimal, localcontext
 from typing import Any
 
 from jsonschema import Draft202012Validator, validators
@@ -68,6 +68,8 @@ def ecma_pattern_keyword(
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
+# Arithmetic for multipleOf and bounds on numbers with up to 64-digit exponents, exactly.
+_PRECISE = Context(prec=256)
 _TYPE_CHECKER = Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer)
 _Validator: Any = validators.extend(  # type: ignore[no-untyped-call]
     Draft202012Validator, {"pattern": ecma_pattern_keyword}, type_checker=_TYPE_CHECKER
@@ -173,7 +175,8 @@ class ArgumentSchema:
     def validate(self, arguments: Mapping[str, Any]) -> tuple[SchemaViolation, ...]:
         """Every violation, sorted by pointer; empty when the arguments are valid."""
         try:
-            errors = list(self._validator.iter_errors(arguments))
+            with localcontext(_PRECISE):
+                errors = list(self._validator.iter_errors(arguments))
         except Exception as exc:
             return (SchemaViolation("", f"schema could not be applied: {type(exc).__name__}"),)
         return tuple(sorted({_violation(e) for e in errors}, key=lambda v: (v.pointer, v.message)))

@@ -1,0 +1,132 @@
+"""Settings from flags, then PROVISO_* variables, then defaults; plaintext only on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config import Address, Settings, SettingsError, build
+
+
+def _build(env: dict[str, str] | None = None, **flags: Any) -> Settings:
+    values: dict[str, Any] = {
+        "policies": None,
+        "listen": None,
+        "metrics_listen": None,
+        "state_dir": None,
+    }
+    values.update(flags)
+    return build(env=env or {}, **values)
+
+
+def test_defaults_apply_when_nothing_is_set() -> None:
+    """With no flags and an empty environment, the documented defaults are used."""
+    settings = _build()
+    assert settings.listen == Address("127.0.0.1", 50051)
+    assert settings.metrics_listen == Address("127.0.0.1", 9464)
+    assert settings.policies == Path("policies")
+    assert settings.state_dir == Path(".proviso")
+    assert settings.idp_jwks is None
+    assert settings.dev_mode is True
+    assert settings.log_level == "INFO"
+    assert settings.audit_path == Path(".proviso/audit/decisions.jsonl")
+
+
+def test_environment_variables_apply_without_flags() -> None:
+    """PROVISO_* variables set what no flag sets."""
+    settings = _build(
+        {
+            "PROVISO_LISTEN": "127.0.0.1:7000",
+            "PROVISO_METRICS_LISTEN": "localhost:7001",
+            "PROVISO_POLICIES": "/etc/p",
+            "PROVISO_STATE_DIR": "/var/s",
+            "PROVISO_LOG_LEVEL": "DEBUG",
+        }
+    )
+    assert settings.listen == Address("127.0.0.1", 7000)
+    assert settings.metrics_listen == Address("localhost", 7001)
+    assert (settings.policies, settings.state_dir) == (Path("/etc/p"), Path("/var/s"))
+    assert settings.log_level == "DEBUG"
+
+
+def test_flags_win_over_the_environment() -> None:
+    """A flag overrides its PROVISO_* variable."""
+    env = {"PROVISO_LISTEN": "127.0.0.1:7000", "PROVISO_STATE_DIR": "/env"}
+    settings = _build(env, listen="127.0.0.1:8000", state_dir="/flag")
+    assert settings.listen.port == 8000
+    assert settings.state_dir == Path("/flag")
+
+
+def test_an_empty_flag_still_wins_over_the_environment() -> None:
+    """A flag given as "" is a value, not absence: the variable does not apply."""
+    settings = _build({"PROVISO_LOG_LEVEL": "DEBUG"}, log_level="")
+    assert settings.log_level == ""
+
+
+def test_only_the_given_env_mapping_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An explicit env mapping is used instead of os.environ."""
+    monkeypatch.setenv("PROVISO_LISTEN", "127.0.0.1:1234")
+    assert _build({}).listen.port == 50051
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:50051", "10.0.0.1:1", "[::]:1", "example.com:1",
+                                    "LOCALHOST:1", "192.168.1.5:80"])  # fmt: skip
+def test_a_non_loopback_listener_is_refused(listen: str) -> None:
+    """Plaintext gRPC is only served on loopback; other addresses are refused, naming the flag."""
+    with pytest.raises(SettingsError, match=r"--listen .*loopback"):
+        _build(listen=listen)
+
+
+def test_a_non_loopback_metrics_listener_is_refused() -> None:
+    """The metrics listener is held to the same rule, even via the environment."""
+    with pytest.raises(SettingsError, match="--metrics-listen"):
+        _build({"PROVISO_METRICS_LISTEN": "0.0.0.0:9464"})
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [
+        ("127.0.0.1:0", Address("127.0.0.1", 0)),
+        ("127.8.9.10:65535", Address("127.8.9.10", 65535)),
+        ("localhost:50051", Address("localhost", 50051)),
+        ("[::1]:50051", Address("::1", 50051)),
+    ],
+)
+def test_loopback_listeners_are_accepted(listen: str, address: Address) -> None:
+    """127.0.0.0/8, ::1 and localhost are loopback."""
+    assert _build(listen=listen).listen == address
+
+
+@pytest.mark.parametrize(
+    "listen",
+    ["50051", "127.0.0.1", "127.0.0.1:", ":50051", "127.0.0.1:http", "127.0.0.1:65536",
+     "127.0.0.1:-1", "127.0.0.1: 80", ""],
+)  # fmt: skip
+def test_a_malformed_host_port_is_refused(listen: str) -> None:
+    """Anything but HOST:PORT with a port of 0-65535 is refused, naming the flag."""
+    with pytest.raises(SettingsError, match="--listen: expected HOST:PORT"):
+        _build(listen=listen)
+
+
+def test_an_ipv6_address_prints_with_brackets() -> None:
+    """str(Address) brackets IPv6 hosts so the port is unambiguous."""
+    assert str(Address("::1", 5)) == "[::1]:5"
+    assert str(Address("127.0.0.1", 5)) == "127.0.0.1:5"
+
+
+def test_idp_jwks_without_an_issuer_is_refused() -> None:
+    """Naming an IdP key set without its issuer is refused."""
+    with pytest.raises(SettingsError, match="--idp-issuer is required"):
+        _build(idp_jwks="/etc/jwks.json")
+    with pytest.raises(SettingsError, match="--idp-issuer is required"):
+        _build({"PROVISO_IDP_JWKS": "/etc/jwks.json"})
+
+
+def test_idp_jwks_with_an_issuer_leaves_dev_mode() -> None:
+    """With JWKS and issuer (from flag or env), the sidecar is not in dev mode."""
+    settings = _build({"PROVISO_IDP_ISSUER": "https://idp"}, idp_jwks="/etc/jwks.json")
+    assert settings.idp_jwks == Path("/etc/jwks.json")
+    assert settings.idp_issuer == "https://idp"
+    assert settings.dev_mode is False
