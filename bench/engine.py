@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.stats import Summary
-from bench.workload import AGENT, ARGUMENTS_JSON, GRANT, RUN_ID, TOOL
+from bench.workload import AGENT, ARGUMENTS_JSON, CONTEXT_JSON, GRANT, RUN_ID, TOOL
 from sidecar import strictjson
 from sidecar.engine import Outcome, ToolCall, evaluate
 from sidecar.policy.loader import load_policy
@@ -66,6 +66,7 @@ def run(policies: Path, iterations: int, verify_iterations: int) -> InProcess:
     call = ToolCall(
         tool=TOOL,
         arguments=strictjson.parse_object(ARGUMENTS_JSON),
+        context=strictjson.parse_object(CONTEXT_JSON),
         run_id=RUN_ID,
         idempotency_key="bench-engine",
     )

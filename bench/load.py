@@ -119,7 +119,7 @@ async def drive(plan: Plan, scenario: str) -> WorkerResult:
             sent = 0
             while (start := time.perf_counter_ns()) < measure_until:
                 sent += 1
-                request = request_bytes(base, f"{prefix}-{slot}-{sent}")
+                request = request_bytes(base, f"{prefix}-{slot}-{sent}", sent)
                 try:
                     response = await call(request, timeout=plan.rpc_timeout_s)
                 except grpc.aio.AioRpcError as exc:

@@ -25,20 +25,26 @@ GRANT = Grant(TOOL, MappingProxyType({"invoice_id": "in_93K2"}))
 ARGUMENTS_JSON = (
     '{"invoice_id": "in_93K2", "amount": 49.00, "currency": "USD", "reason": "duplicate charge"}'
 )
+CONTEXT_JSON = '{"invoice": {"amount_due": 120.00, "currency": "USD"}}'
 RUN_ID = "run_bench"
+CALLS_PER_RUN = 10
+"""Each run makes this many refunds: under the example policy's per-run caps, so every call
+reads and updates a run's budget the way a real agent run does."""
 
 
 def base_request(token: str) -> bytes:
-    """The Check request without its idempotency key, serialized once per client."""
+    """The Check request without its idempotency key and run, serialized once per client."""
     return authz_pb.CheckRequest(
-        token=token, tool=TOOL, arguments_json=ARGUMENTS_JSON, run_id=RUN_ID
+        token=token, tool=TOOL, arguments_json=ARGUMENTS_JSON, context_json=CONTEXT_JSON
     ).SerializeToString()
 
 
-def request_bytes(base: bytes, key: str) -> bytes:
-    """``base`` with a unique idempotency key, as a real agent sends for a write tool.
+def request_bytes(base: bytes, key: str, sequence: int) -> bytes:
+    """``base`` with a unique idempotency key and its run, as a real agent sends them.
 
-    Protobuf merges concatenated messages, so appending one serialized field is the same as
-    setting it: no per-call re-serialization of the token and arguments.
+    Protobuf merges concatenated messages, so appending serialized fields is the same as
+    setting them: no per-call re-serialization of the token and arguments.
     """
-    return base + authz_pb.CheckRequest(idempotency_key=key).SerializeToString()
+    run_id = f"{RUN_ID}-{key.rsplit('-', 1)[0]}-{sequence // CALLS_PER_RUN}"
+    extra = authz_pb.CheckRequest(idempotency_key=key, run_id=run_id)
+    return base + extra.SerializeToString()

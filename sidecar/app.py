@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ from sidecar.policy.loader import load_policy
 from sidecar.policy.model import Policy
 from sidecar.server import grpc_server
 from sidecar.server.services import AdminService, AuthorizationService, TokenService
+from sidecar.state.sqlite import SQLiteStore
 from sidecar.web.http import HttpApp, HttpServer
 
 log = logging.getLogger("proviso.app")
@@ -41,6 +44,19 @@ def identity_verifier(settings: Settings, dev_idp: DevIdentityProvider | None) -
     )
 
 
+PRUNE_INTERVAL_SECONDS = 60.0
+
+
+async def _prune_forever(store: SQLiteStore, clock: Clock) -> None:
+    """Drop expired idempotency keys and stale run counters, off the hot path."""
+    while True:
+        await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+        with contextlib.suppress(Exception):  # a failed prune is retried next time
+            removed = store.prune(clock.now())
+            if removed:
+                log.info("pruned expired state", extra={"rows": removed})
+
+
 @dataclass
 class App:
     """A running sidecar."""
@@ -55,6 +71,8 @@ class App:
     health: health.aio.HealthServicer
     http: HttpServer
     dev_idp: DevIdentityProvider | None
+    store: SQLiteStore
+    pruner: asyncio.Task[None]
 
     @classmethod
     async def start(
@@ -90,7 +108,10 @@ class App:
             issuer=settings.token_issuer,
             leeway_seconds=settings.leeway_seconds,
         )
-        authorizer = Authorizer(holder, verifier, audit, metrics, clock)
+        store = SQLiteStore(settings.state_dir / "state.db")
+        authorizer = Authorizer(
+            holder, tokens=verifier, store=store, audit=audit, metrics=metrics, clock=clock
+        )
         identities = identity_verifier(settings, dev_idp)
         services: list[AuthorizationService | TokenService | AdminService] = [
             AuthorizationService(authorizer),
@@ -103,7 +124,14 @@ class App:
                 issuer=settings.token_issuer,
                 audience=settings.audience,
             ),
-            AdminService(holder, identities, clock),
+            AdminService(
+                holder,
+                identities=identities,
+                store=store,
+                audit=audit,
+                metrics=metrics,
+                clock=clock,
+            ),
         ]
         http = HttpServer(
             HttpApp(metrics.exposition, lambda: keys.verification_keys().to_jwks()),
@@ -119,8 +147,10 @@ class App:
         except BaseException:
             http.stop()
             audit.close()
+            store.close()
             raise
         http.start()
+        pruner = asyncio.create_task(_prune_forever(store, clock), name="state-pruner")
         return cls(
             settings=settings,
             policy=holder,
@@ -132,11 +162,15 @@ class App:
             health=health_servicer,
             http=http,
             dev_idp=dev_idp,
+            store=store,
+            pruner=pruner,
         )
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
         """Stop taking calls, finish those in flight, then flush and close the audit log."""
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace_seconds)
+        self.pruner.cancel()
         self.http.stop()
         self.audit.close()
+        self.store.close()

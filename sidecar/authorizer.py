@@ -11,17 +11,19 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from sidecar import strictjson
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.writer import AuditLog
 from sidecar.clock import Clock
-from sidecar.engine import Decision, ToolCall, evaluate
+from sidecar.engine import Decision, ToolCall, decide
 from sidecar.errors import AuditWriteError
 from sidecar.observability.metrics import Metrics, bounded
 from sidecar.policy.model import Policy
+from sidecar.state import DecisionScope, Store
 from tokens import CapabilityClaims, TokenError, VerificationKeys, verify
 
 log = logging.getLogger("proviso.authorizer")
@@ -38,10 +40,11 @@ class CheckInput:
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
-    """The decision and the id of its audit record."""
+    """The decision and the id of its audit record (the original one's, for a replay)."""
 
     decision: Decision
     decision_id: str
+    replayed: bool = False
 
 
 class PolicyHolder:
@@ -105,7 +108,8 @@ def new_decision_id(now: float) -> str:
     return f"dec_{int(now * 1000):012x}{secrets.token_hex(8)}"
 
 
-def _timestamp(now: float) -> str:
+def timestamp(now: float) -> str:
+    """RFC 3339 UTC with milliseconds, as every audit line writes time."""
     return (
         datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     )
@@ -117,15 +121,17 @@ class Authorizer:
     def __init__(
         self,
         policy: PolicyHolder,
+        *,
         tokens: TokenVerifier,
+        store: Store,
         audit: AuditLog,
         metrics: Metrics,
         clock: Clock,
-        *,
         new_id: Callable[[float], str] = new_decision_id,
     ) -> None:
         self._policy = policy
         self._tokens = tokens
+        self._store = store
         self._audit = audit
         self._metrics = metrics
         self._clock = clock
@@ -134,22 +140,51 @@ class Authorizer:
     async def check(self, request: CheckInput) -> CheckResult:
         """Decide and record one call.
 
+        State changes (budgets, idempotency, rate buckets) are committed before the audit
+        record is written; if the record then fails, the call was counted but not answered,
+        which errs on the safe side.
+
         Raises:
+            StoreUnavailableError: state could not be read or written; nothing is answered.
             AuditWriteError: the record could not be made durable; the caller must not allow.
         """
         started = time.perf_counter()
         now = self._clock.now()
         policy = self._policy.current
         token = self._tokens.verify(request.token, now)
-        decision = evaluate(policy, request.call, token)
-        decision_id = self._new_id(now)
-        call = request.call
+        call = replace(request.call, args_digest=strictjson.digest(request.call.arguments))
+        record_id = self._new_id(now)
+        scope = None
+        if isinstance(token, CapabilityClaims):
+            scope = DecisionScope(
+                agent=token.subject,
+                tool=call.tool,
+                run_key=call.run_id or f"token:{token.token_id}",
+                idempotency_key=call.idempotency_key,
+                args_digest=call.args_digest,
+            )
+        with self._store.decision() as transaction:
+            view = transaction.view(scope, now)
+            evaluation = decide(policy, call, token, view, now)
+            if scope is not None and not call.dry_run and not evaluation.changes.empty:
+                tool = policy.tools.get(call.tool)
+                transaction.commit(
+                    scope,
+                    evaluation.changes,
+                    decision=evaluation.decision,
+                    decision_id=record_id,
+                    cost=tool.cost if tool else Decimal(0),
+                    now=now,
+                    idempotency_window_seconds=policy.controls.idempotency_window_seconds,
+                )
+        self._metrics.kill_switches_active.set(len(policy.kill_switches) + len(view.kill_switches))
+        decision = evaluation.decision
         record = AuditRecord(
-            record_id=decision_id,
-            time=_timestamp(now),
+            record_id=record_id,
+            time=timestamp(now),
             decision=decision,
             tool=call.tool,
-            args_digest=strictjson.digest(call.arguments),
+            args_digest=call.args_digest,
             arguments_canonical=strictjson.canonical(call.arguments),
             latency_ms=(time.perf_counter() - started) * 1000,
             run_id=call.run_id,
@@ -158,6 +193,7 @@ class Authorizer:
             approval_id=call.approval_id,
             dry_run=call.dry_run,
             run_metadata=request.run_metadata,
+            replay_of=evaluation.replay_of,
         )
         write_started = time.perf_counter()
         try:
@@ -175,4 +211,8 @@ class Authorizer:
             bounded(call.tool, policy.tools),
             code.value if code else "none",
         ).inc()
-        return CheckResult(decision=decision, decision_id=decision_id)
+        return CheckResult(
+            decision=decision,
+            decision_id=evaluation.replay_of or record_id,
+            replayed=bool(evaluation.replay_of),
+        )

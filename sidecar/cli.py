@@ -222,7 +222,144 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if response.decision == authz_pb.DECISION_ALLOW else EXIT_REFUSED
 
 
+# ---------------------------------------------------------------- callers and kill switches
+
+
+def caller_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The caller's identity for a server command: ``--identity-token``, or dev-mode ``--as``.
+
+    ``--as SUBJECT`` mints a short-lived identity token from the dev IdP key in
+    ``--state-dir``, with the subject's groups from the policy's dev directory.
+
+    Raises:
+        UsageError: neither is given, or ``--as`` cannot be honoured.
+    """
+    if args.identity_token:
+        return (("authorization", f"Bearer {args.identity_token}"),)
+    if not args.as_subject:
+        raise UsageError("say who you are: --identity-token JWT, or --as SUBJECT in dev mode")
+    from sidecar.identity import DevIdentityProvider  # noqa: PLC0415
+
+    try:
+        idp = DevIdentityProvider.load(Path(args.state_dir), config.DEFAULT_AUDIENCE)
+    except FileNotFoundError:
+        raise UsageError(
+            f"--as needs the dev IdP of a dev-mode server; none in {args.state_dir} "
+            "(pass the server's --state-dir)"
+        ) from None
+    try:
+        policy = load_policy(Path(args.policies))
+    except PolicyLoadError as exc:
+        raise UsageError(f"policy bundle {args.policies} has errors: {exc}") from None
+    subject = policy.dev_directory.get(args.as_subject)
+    if subject is None:
+        raise UsageError(f"--as {args.as_subject}: not in the policy's dev_directory")
+    token = idp.mint(subject.subject, subject.groups, time.time())
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _kill_request(args: argparse.Namespace, engaged: bool) -> object:
+    from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb  # noqa: PLC0415
+
+    chosen = [x for x in (args.all, args.tool, args.agent) if x]
+    if len(chosen) != 1:
+        raise UsageError("name exactly one of --all, --tool NAME, --agent ID")
+    if args.all:
+        scope, target = admin_pb.KILL_SWITCH_SCOPE_GLOBAL, ""
+    elif args.tool:
+        scope, target = admin_pb.KILL_SWITCH_SCOPE_TOOL, args.tool
+    else:
+        scope, target = admin_pb.KILL_SWITCH_SCOPE_AGENT, args.agent
+    if engaged and not args.reason:
+        raise UsageError("--reason is required to engage a kill switch")
+    return admin_pb.SetKillSwitchRequest(
+        scope=scope, target=target, engaged=engaged, reason=args.reason or ""
+    )
+
+
+def _print_switches(switches: Sequence[object], fmt: str) -> None:
+    rows = [json_format.MessageToDict(s, preserving_proto_field_name=True) for s in switches]  # type: ignore[arg-type]
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("no kill switches engaged")
+        return
+    print(f"{'SCOPE':<8} {'TARGET':<36} {'SOURCE':<7} {'BY':<24} REASON")
+    for row in rows:
+        scope = str(row.get("scope", "")).removeprefix("KILL_SWITCH_SCOPE_").lower()
+        print(
+            f"{scope:<8} {row.get('target', '-') or '-':<36} {row.get('source', ''):<7} "
+            f"{row.get('engaged_by', ''):<24} {row.get('reason', '')}"
+        )
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    """Engage, release or list kill switches on a running sidecar (admins only)."""
+    from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb  # noqa: PLC0415
+    from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc  # noqa: PLC0415
+
+    try:
+        metadata = caller_metadata(args)
+        request = (
+            None
+            if args.kill_command == "list"
+            else _kill_request(args, engaged=args.kill_command == "engage")
+        )
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    with grpc.insecure_channel(args.target) as channel:
+        stub = admin_grpc.AdminServiceStub(channel)
+        try:
+            if request is None:
+                listed = stub.ListKillSwitches(
+                    admin_pb.ListKillSwitchesRequest(), metadata=metadata, timeout=args.timeout
+                )
+                _print_switches(list(listed.kill_switches), args.format)
+                return EXIT_OK
+            response = stub.SetKillSwitch(request, metadata=metadata, timeout=args.timeout)  # type: ignore[arg-type]
+        except grpc.RpcError as exc:
+            return _fail(f"{exc.code().name}: {exc.details()}")
+    _print_switches([response.kill_switch], args.format)
+    if args.format == "text":
+        print("engaged" if response.engaged else "released", file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_caller_options(command: argparse.ArgumentParser) -> None:
+    """--target and the caller identity, the same on every command that talks to a server."""
+    command.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT")
+    command.add_argument("--identity-token", metavar="JWT", help="an IdP identity token")
+    command.add_argument(
+        "--as", dest="as_subject", metavar="SUBJECT", help="dev mode: act as this dev subject"
+    )
+    command.add_argument(
+        "--state-dir", default=config.DEFAULT_STATE_DIR, metavar="DIR", help="for --as"
+    )
+    command.add_argument("--policies", default="policies", metavar="DIR", help="for --as")
+    command.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    command.add_argument("--format", choices=("text", "json"), default="text")
+
+
 # ---------------------------------------------------------------- parser
+
+
+def _add_kill_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    kill = commands.add_parser("kill", help="kill switches (admins)", description=cmd_kill.__doc__)
+    kill_commands = kill.add_subparsers(dest="kill_command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("engage", "stop calls now: everything (--all), one tool, or one agent"),
+        ("release", "let calls through again"),
+        ("list", "the engaged switches, from the API and the policy"),
+    ):
+        sub = kill_commands.add_parser(name, help=text, description=text)
+        if name != "list":
+            sub.add_argument("--all", action="store_true", help="the global switch")
+            sub.add_argument("--tool", metavar="NAME")
+            sub.add_argument("--agent", metavar="ID")
+            sub.add_argument("--reason", metavar="TEXT", help="why (required to engage)")
+        _add_caller_options(sub)
+        sub.set_defaults(handler=cmd_kill)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT")
     check.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
     check.set_defaults(handler=cmd_check)
+
+    _add_kill_commands(commands)
     return parser
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from jwt.exceptions import InvalidTokenError, PyJWKError
+from jwt.exceptions import InvalidTokenError, PyJWKError, PyJWKSetError
 
 from sidecar.errors import UnauthenticatedError
 from sidecar.keystore import write_private
@@ -68,7 +68,7 @@ class IdentityVerifier:
     ) -> None:
         try:
             key_set = jwt.PyJWKSet.from_dict(dict(jwks))
-        except PyJWKError as exc:
+        except (PyJWKError, PyJWKSetError) as exc:
             raise ValueError(f"unusable JWKS: {exc}") from None
         self._keys = {k.key_id: k for k in key_set.keys if k.key_id}
         self._issuer = issuer
@@ -142,11 +142,25 @@ class DevIdentityProvider:
         self._private = private
         self.audience = audience
 
+    @staticmethod
+    def key_path(state_dir: Path) -> Path:
+        return state_dir / "dev-idp" / "signing-key.pem"
+
+    @classmethod
+    def load(cls, state_dir: Path, audience: str) -> DevIdentityProvider:
+        """The dev IdP a dev-mode server created in ``state_dir``.
+
+        Raises:
+            FileNotFoundError: there is none (the server is not in dev mode there).
+        """
+        path = cls.key_path(state_dir)
+        return cls(SigningKey.from_pem(path.read_bytes(), kid="dev-idp"), audience)
+
     @classmethod
     def load_or_create(cls, state_dir: Path, audience: str) -> DevIdentityProvider:
-        path = state_dir / "dev-idp" / "signing-key.pem"
+        path = cls.key_path(state_dir)
         if path.exists():
-            return cls(SigningKey.from_pem(path.read_bytes(), kid="dev-idp"), audience)
+            return cls.load(state_dir, audience)
         key = SigningKey.generate(kid="dev-idp")
         write_private(path, key.to_pem())
         return cls(key, audience)

@@ -53,6 +53,7 @@ class Sidecar:
     channel: grpc.aio.Channel
     authz: authz_grpc.AuthorizationServiceAsyncStub
     tokens: token_grpc.TokenServiceAsyncStub
+    closed: bool = False
 
     @classmethod
     def connect(cls, app: App) -> Sidecar:
@@ -66,7 +67,10 @@ class Sidecar:
         )
 
     async def close(self) -> None:
-        """Close the channel and stop the sidecar."""
+        """Close the channel and stop the sidecar (once, however often it is called)."""
+        if self.closed:
+            return
+        self.closed = True
         await self.channel.close(grace=None)
         await self.app.stop(grace_seconds=0.5)
 

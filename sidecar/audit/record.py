@@ -31,9 +31,10 @@ class AuditRecord:
     approval_id: str = ""
     dry_run: bool = False
     run_metadata: Mapping[str, str] = field(default_factory=dict)
+    replay_of: str = ""
 
     def to_json_line(self) -> bytes:
-        """One line of JSON, keys sorted, ending in a newline."""
+        """One line of JSON ending in a newline: keys sorted, then ``arguments`` last."""
         d = self.decision
         body: dict[str, Any] = {
             "kind": "decision",
@@ -56,7 +57,10 @@ class AuditRecord:
             "dry_run": self.dry_run,
             "latency_ms": round(self.latency_ms, 3),
             "run_metadata": dict(self.run_metadata),
+            "replay_of": self.replay_of,
         }
+        if d.retry_after_seconds:
+            body["retry_after_seconds"] = round(d.retry_after_seconds, 3)
         if d.approval is not None:
             body["approval_requirement"] = {
                 "tier": d.approval.tier,
@@ -67,3 +71,11 @@ class AuditRecord:
         text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         # Splice the canonical arguments in as JSON so decimals keep their exact digits.
         return (text[:-1] + ',"arguments":' + self.arguments_canonical + "}\n").encode()
+
+
+def event_line(kind: str, record_id: str, time: str, fields: Mapping[str, Any]) -> bytes:
+    """An audit line for something other than a decision (a kill switch engaged, ...)."""
+    body = {"kind": kind, "record_id": record_id, "time": time, **fields}
+    return (
+        json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
+    ).encode()

@@ -8,14 +8,31 @@ from sidecar.engine.decision import (
     ReasonCode,
     ToolCall,
 )
-from sidecar.engine.evaluate import evaluate
+from sidecar.engine.evaluate import decide, evaluate
+from sidecar.engine.state import (
+    NO_STATE,
+    Evaluation,
+    RateBucket,
+    RunUsage,
+    StateChanges,
+    StateView,
+    StoredDecision,
+)
 
 __all__ = [
+    "NO_STATE",
     "ApprovalRequirement",
     "Decision",
+    "Evaluation",
     "Outcome",
+    "RateBucket",
     "Reason",
     "ReasonCode",
+    "RunUsage",
+    "StateChanges",
+    "StateView",
+    "StoredDecision",
     "ToolCall",
+    "decide",
     "evaluate",
 ]

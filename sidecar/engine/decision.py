@@ -5,10 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from types import MappingProxyType
 from typing import Any
-
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 class Outcome(StrEnum):
@@ -41,6 +38,13 @@ class ReasonCode(StrEnum):
     TIER_DENIED = "TIER_DENIED"
     APPROVAL_REQUIRED = "APPROVAL_REQUIRED"
     NO_TIER_MATCHED = "NO_TIER_MATCHED"
+    KILL_SWITCH = "KILL_SWITCH"
+    RULE_FAILED = "RULE_FAILED"
+    IDEMPOTENCY_KEY_REQUIRED = "IDEMPOTENCY_KEY_REQUIRED"
+    IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+    RATE_LIMITED = "RATE_LIMITED"
+    RETRY_BUDGET_EXHAUSTED = "RETRY_BUDGET_EXHAUSTED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +55,14 @@ class ToolCall:
     """
 
     tool: str
-    arguments: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
-    context: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    context: Mapping[str, Any] = field(default_factory=dict)
     run_id: str = ""
     step_id: str = ""
     idempotency_key: str = ""
     approval_id: str = ""
     dry_run: bool = False
+    args_digest: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,7 @@ class Decision:
     approval: ApprovalRequirement | None = None
     agent: str = ""
     token_id: str = ""
+    retry_after_seconds: float = 0.0
 
     @property
     def primary_code(self) -> ReasonCode | None:

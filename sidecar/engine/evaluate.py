@@ -1,11 +1,20 @@
-"""``evaluate``: the functional core of Check (DESIGN.md §2, steps 2-5 and 9).
+"""``decide``: the functional core of Check (DESIGN.md §2, steps 1-9).
 
-The order is fixed and the first failing step decides. Kill switches (1), business rules (6),
-idempotency (7) and budgets (8) plug in between these steps in later work; each step is a
-function returning a denial or None, so a new step is one more line in ``evaluate``.
+The order is fixed and the first failing step decides:
+
+1. kill switches (global, this tool, this agent once the token says who it is);
+2. token; 3. scope; 4. role (then the retry budget: a tool closed for this run);
+5. arguments schema; 6. business rules (both count towards the retry budget);
+7. idempotency; 8. run budgets and rate limits; 9. approval tiers.
+
+Each step is a function returning a denial or None, so a new step is one more line in
+``decide``. Steps read state only from the ``StateView`` and report what to change in
+``StateChanges``; nothing here does I/O or reads the clock.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from sidecar.engine.decision import (
     ApprovalRequirement,
@@ -15,45 +24,121 @@ from sidecar.engine.decision import (
     ReasonCode,
     ToolCall,
 )
+from sidecar.engine.state import (
+    NO_CHANGES,
+    NO_STATE,
+    Evaluation,
+    RateBucket,
+    StateChanges,
+    StateView,
+)
 from sidecar.policy.conditions import Bindings, ConditionEvaluationError, bind
 from sidecar.policy.model import Policy, Tier, TierAction, Tool
 from tokens import CapabilityClaims, Grant, TokenError
 
+_REPLAYABLE = frozenset({Outcome.ALLOW, Outcome.DENY})
+
 
 def evaluate(
-    policy: Policy, call: ToolCall, token: CapabilityClaims | TokenError | None
+    policy: Policy,
+    call: ToolCall,
+    token: CapabilityClaims | TokenError | None,
+    state: StateView = NO_STATE,
+    now: float = 0.0,
 ) -> Decision:
+    """The decision alone (see ``decide``): for tests, replays and policy unit tests."""
+    return decide(policy, call, token, state, now).decision
+
+
+def decide(
+    policy: Policy,
+    call: ToolCall,
+    token: CapabilityClaims | TokenError | None,
+    state: StateView = NO_STATE,
+    now: float = 0.0,
+) -> Evaluation:
     """Decide one tool call.
 
     Args:
         policy: the policy in force; a token never outlives a policy change, so roles are read
             from here, not from the token.
-        call: the parsed call.
+        call: the parsed call; ``args_digest`` must be set when idempotency keys are used.
         token: the verified claims, the verification error, or None when no token was sent.
             WARNING: pass claims only after the signature, audience, issuer and lifetime have
             been verified (``tokens.verify``); the engine trusts them as given.
+        state: kill switches, the idempotency record for the call's key, the run's usage and
+            the agent's rate bucket, read by the caller in the transaction it will commit.
+        now: the instant of the decision (rate buckets refill with it).
 
     Returns:
-        A Decision. Never raises for a bad call: a deny is data.
+        The decision and the state changes to commit. Never raises for a bad call.
     """
+    claims = token if isinstance(token, CapabilityClaims) else None
+    denial = _check_kill_switches(policy, call, state, claims)
+    if denial is not None:
+        return Evaluation(_decide(policy, Outcome.DENY, (denial,), token=claims))
     if token is None:
         return _deny(policy, Reason(ReasonCode.TOKEN_MISSING, "no capability token was presented"))
     if isinstance(token, TokenError):
-        return _deny(policy, Reason(ReasonCode(token.code), token.message))
+        code = ReasonCode.__members__.get(token.code, ReasonCode.TOKEN_MALFORMED)
+        return _deny(policy, Reason(code, token.message))
 
     denial = _check_scope(call, token) or _check_role(policy, call, token)
+    if denial is None:
+        denial = _check_retry_budget(policy, state)
     if denial is not None:
         return _deny(policy, denial, token=token)
     tool = policy.tools[call.tool]
 
-    violations = tool.arguments.validate(call.arguments)
-    if violations:
-        reasons = tuple(
-            Reason(ReasonCode.INVALID_ARGUMENTS, v.message, v.pointer) for v in violations
-        )
-        return _decide(policy, Outcome.DENY, reasons, token=token)
+    bindings: Bindings | None = None
+    reasons = tuple(
+        Reason(ReasonCode.INVALID_ARGUMENTS, v.message, v.pointer)
+        for v in tool.arguments.validate(call.arguments)
+    )
+    if not reasons:
+        bindings = _bindings(policy, call, token)
+        rule = _check_rules(tool, bindings)
+        reasons = (rule,) if rule is not None else ()
+    if reasons:
+        failed = StateChanges(failure_streak=state.usage.failure_streak + 1)
+        return Evaluation(_decide(policy, Outcome.DENY, reasons, token=token), failed)
+    streak_reset = 0 if state.usage.failure_streak else None
 
-    return _apply_tiers(policy, tool, call, token)
+    replay = _check_idempotency(policy, tool, call, token, state)
+    if replay is not None:
+        return replace(replay, changes=StateChanges(failure_streak=streak_reset))
+
+    denial, bucket = _check_budgets(policy, tool, token, state, now)
+    if denial is not None:
+        changes = StateChanges(failure_streak=streak_reset, rate=bucket)
+        retry_after = _retry_after(policy, token, bucket)
+        decision = replace(
+            _decide(policy, Outcome.DENY, (denial,), token=token), retry_after_seconds=retry_after
+        )
+        return Evaluation(decision, changes)
+
+    decision = _apply_tiers(policy, tool, call, token, bindings)
+    changes = StateChanges(
+        count_call=decision.outcome is Outcome.ALLOW,
+        failure_streak=streak_reset,
+        rate=bucket,
+        remember=bool(call.idempotency_key) and decision.outcome in _REPLAYABLE,
+    )
+    return Evaluation(decision, changes)
+
+
+def _check_kill_switches(
+    policy: Policy, call: ToolCall, state: StateView, claims: CapabilityClaims | None
+) -> Reason | None:
+    """Step 1: any engaged switch covering this call stops it, whatever else holds."""
+    agent = claims.subject if claims is not None else None
+    for switch in (*policy.kill_switches, *state.kill_switches):
+        if switch.covers(agent, call.tool):
+            return Reason(
+                ReasonCode.KILL_SWITCH,
+                f"kill switch '{switch.label}' is engaged: {switch.reason}",
+            )
+    return None
 
 
 def _check_scope(call: ToolCall, token: CapabilityClaims) -> Reason | None:
@@ -102,9 +187,111 @@ def _check_role(policy: Policy, call: ToolCall, token: CapabilityClaims) -> Reas
     return None
 
 
-def _apply_tiers(policy: Policy, tool: Tool, call: ToolCall, token: CapabilityClaims) -> Decision:
+def _check_retry_budget(policy: Policy, state: StateView) -> Reason | None:
+    """After N invalid calls in a row, the tool is closed for the run: the agent must stop."""
+    limit = policy.controls.max_consecutive_failures
+    if limit and state.usage.failure_streak >= limit:
+        return Reason(
+            ReasonCode.RETRY_BUDGET_EXHAUSTED,
+            f"{state.usage.failure_streak} invalid calls of this tool in a row in this run; "
+            "it is closed for the run",
+        )
+    return None
+
+
+def _check_rules(tool: Tool, bindings: Bindings) -> Reason | None:
+    """Step 6: every business rule must hold; one that cannot be evaluated fails."""
+    for rule in tool.rules:
+        try:
+            holds = rule.require.evaluate(bindings)
+        except ConditionEvaluationError as exc:
+            return Reason(
+                ReasonCode.RULE_FAILED,
+                f"rule '{rule.name}' could not be evaluated ({exc}): {rule.message}",
+            )
+        if not holds:
+            return Reason(ReasonCode.RULE_FAILED, f"rule '{rule.name}': {rule.message}")
+    return None
+
+
+def _check_idempotency(
+    policy: Policy, tool: Tool, call: ToolCall, token: CapabilityClaims, state: StateView
+) -> Evaluation | None:
+    """Step 7: write tools need a key; a used key replays its decision or conflicts."""
+    if not call.idempotency_key:
+        if tool.writes:
+            reason = Reason(
+                ReasonCode.IDEMPOTENCY_KEY_REQUIRED,
+                f"tool '{tool.name}' writes: send an idempotency_key",
+                "idempotency_key",
+            )
+            return _deny(policy, reason, token=token)
+        return None
+    stored = state.idempotent
+    if stored is None:
+        return None
+    if stored.tool == call.tool and stored.args_digest == call.args_digest:
+        return Evaluation(stored.decision, NO_CHANGES, replay_of=stored.decision_id)
+    reason = Reason(
+        ReasonCode.IDEMPOTENCY_CONFLICT,
+        "this idempotency key was used for a different call",
+        "idempotency_key",
+    )
+    return _deny(policy, reason, token=token)
+
+
+def _check_budgets(
+    policy: Policy, tool: Tool, token: CapabilityClaims, state: StateView, now: float
+) -> tuple[Reason | None, RateBucket | None]:
+    """Step 8: run caps (calls, calls of this tool, cost), then the agent's rate limit.
+
+    Returns the denial (or None) and the rate bucket to store (or None if unlimited).
+    """
+    controls = policy.controls
+    usage = state.usage
+    if controls.max_calls_per_run and usage.calls >= controls.max_calls_per_run:
+        return _budget(f"the run's budget of {controls.max_calls_per_run} calls is spent"), None
+    tool_cap = controls.max_calls_per_tool.get(tool.name, 0)
+    if tool_cap and usage.tool_calls >= tool_cap:
+        return _budget(f"the run's budget of {tool_cap} calls of '{tool.name}' is spent"), None
+    ceiling = controls.max_cost_per_run
+    if ceiling is not None and usage.cost + tool.cost > ceiling:
+        return _budget(f"the run's cost ceiling of {ceiling} would be exceeded"), None
+    limit = controls.rate_limit(token.subject)
+    if limit is None:
+        return None, None
+    previous = state.rate
+    if previous is None:
+        tokens = float(limit.burst)
+    else:
+        elapsed = max(0.0, now - previous.updated_at)
+        tokens = min(float(limit.burst), previous.tokens + elapsed * limit.per_second)
+    if tokens < 1.0:
+        reason = Reason(ReasonCode.RATE_LIMITED, f"agent '{token.subject}' is over its rate limit")
+        return reason, RateBucket(tokens, now)
+    return None, RateBucket(tokens - 1.0, now)
+
+
+def _budget(message: str) -> Reason:
+    return Reason(ReasonCode.BUDGET_EXCEEDED, message)
+
+
+def _retry_after(policy: Policy, token: CapabilityClaims, bucket: RateBucket | None) -> float:
+    """Seconds until the bucket holds one call again (0 when not rate limited)."""
+    limit = policy.controls.rate_limit(token.subject)
+    if bucket is None or limit is None or bucket.tokens >= 1.0:
+        return 0.0
+    return (1.0 - bucket.tokens) / limit.per_second
+
+
+def _apply_tiers(
+    policy: Policy,
+    tool: Tool,
+    call: ToolCall,
+    token: CapabilityClaims,
+    bindings: Bindings | None,
+) -> Decision:
     """Step 9: the first tier whose condition holds decides; an erroring condition denies."""
-    bindings: Bindings | None = None
     for tier in tool.tiers:
         if tier.when is not None:
             if bindings is None:
@@ -162,8 +349,8 @@ def _bindings(policy: Policy, call: ToolCall, token: CapabilityClaims) -> Bindin
     )
 
 
-def _deny(policy: Policy, reason: Reason, token: CapabilityClaims | None = None) -> Decision:
-    return _decide(policy, Outcome.DENY, (reason,), token=token)
+def _deny(policy: Policy, reason: Reason, token: CapabilityClaims | None = None) -> Evaluation:
+    return Evaluation(_decide(policy, Outcome.DENY, (reason,), token=token))
 
 
 def _decide(

@@ -56,6 +56,11 @@ class Metrics:
             "Audit records that could not be made durable; each failed its Check closed.",
             registry=self.registry,
         )
+        self.kill_switches_active = Gauge(
+            "proviso_kill_switches_active",
+            "Kill switches engaged (from the admin API and the policy), as last seen by Check.",
+            registry=self.registry,
+        )
         self._policy_labels: tuple[str, str] | None = None
 
     def set_policy(self, version: str, label: str) -> None:

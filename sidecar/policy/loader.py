@@ -21,6 +21,7 @@ import hashlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,15 @@ from sidecar.policy.model import (
     DEFAULT_APPROVAL_TTL_SECONDS,
     Agent,
     ApproverRole,
+    Controls,
     DevSubject,
     Issuer,
+    KillScope,
+    KillSwitch,
     Policy,
+    RateLimit,
     Role,
+    Rule,
     SourceLocation,
     Tier,
     TierAction,
@@ -160,9 +166,10 @@ class _Bundle:
     )
     label: tuple[_File, str] | None = None
     admins: tuple[_File, Any] | None = None
+    controls: tuple[_File, Any] | None = None
     duplicates: list[_Definition] = field(default_factory=list)
     schemas: dict[tuple[str, str], ArgumentSchema] = field(default_factory=dict)
-    conditions: dict[tuple[str, str, int], Condition] = field(default_factory=dict)
+    conditions: dict[tuple[str, str, str, int], Condition] = field(default_factory=dict)
     issues: list[PolicyIssue] = field(default_factory=list)
 
     def every(self, section: str) -> list[_Definition]:
@@ -277,15 +284,18 @@ def _merge(bundle: _Bundle, file: _File) -> None:
             bundle.issues.append(
                 file.issue(("label",), Code.DUPLICATE_LABEL, message, hint=hint, key=True)
             )
-    if "admins" in value:
-        if bundle.admins is None:
-            bundle.admins = (file, value["admins"])
-        else:
-            hint = f"first set at {bundle.admins[0].location(('admins',))}"
-            message = "'admins' is set in more than one file"
-            bundle.issues.append(
-                file.issue(("admins",), Code.DUPLICATE_DEFINITION, message, hint=hint, key=True)
-            )
+    for once in ("admins", "controls"):
+        if once not in value:
+            continue
+        first = getattr(bundle, once)
+        if first is None:
+            setattr(bundle, once, (file, value[once]))
+            continue
+        hint = f"first set at {first[0].location((once,))}"
+        message = f"'{once}' is set in more than one file"
+        bundle.issues.append(
+            file.issue((once,), Code.DUPLICATE_DEFINITION, message, hint=hint, key=True)
+        )
 
 
 def _references(definition: _Definition, field_name: str) -> Iterator[tuple[NodePath, str]]:
@@ -331,6 +341,39 @@ def _resolve_references(bundle: _Bundle) -> None:
                 bundle.issues.append(
                     tool.file.issue(path, Code.UNDEFINED_APPROVER_ROLE, message, hint=hint)
                 )
+    _resolve_control_references(bundle)
+
+
+def _resolve_control_references(bundle: _Bundle) -> None:
+    """Budgets, rate limits and kill switches must name tools and agents that exist."""
+    defined = bundle.definitions
+    named: list[tuple[_File, NodePath, str, str]] = []
+    if bundle.controls is not None and isinstance(bundle.controls[1], dict):
+        file, controls = bundle.controls
+        budget = controls.get("run_budget")
+        per_tool = budget.get("max_calls_per_tool") if isinstance(budget, dict) else None
+        if isinstance(per_tool, dict) and file.usable(("controls", "run_budget")):
+            path: NodePath = ("controls", "run_budget", "max_calls_per_tool")
+            named += [(file, (*path, name), name, "tools") for name in per_tool]
+        limits = controls.get("rate_limits")
+        agents = limits.get("agents") if isinstance(limits, dict) else None
+        if isinstance(agents, dict) and file.usable(("controls", "rate_limits")):
+            path = ("controls", "rate_limits", "agents")
+            named += [(file, (*path, name), name, "agents") for name in agents]
+    for switch in bundle.every("kill_switches"):
+        body = switch.body
+        if isinstance(body, dict) and switch.usable() and body.get("scope") in ("agent", "tool"):
+            target = str(body.get("target", ""))
+            section = "agents" if body["scope"] == "agent" else "tools"
+            named.append((switch.file, (*switch.path, "target"), target, section))
+    codes = {"tools": Code.UNDEFINED_TOOL, "agents": Code.UNDEFINED_AGENT}
+    for file, path, name, section in named:
+        if name in defined[section]:
+            continue
+        message = f"{describe(path[:2])} refers to undefined {SECTION_NOUNS[section]} '{name}'"
+        hint = did_you_mean(name, defined[section])
+        key = path[-1] == name
+        bundle.issues.append(file.issue(path, codes[section], message, hint=hint, key=key))
 
 
 def _tiers(tool: _Definition) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -351,6 +394,7 @@ def _compile_tools(bundle: _Bundle) -> None:
             continue
         schema = _compile_arguments(bundle, tool)
         _check_pins(bundle, tool, schema)
+        _compile_rules(bundle, tool)
         _compile_tiers(bundle, tool)
 
 
@@ -504,16 +548,38 @@ def _compile_tiers(bundle: _Bundle, tool: _Definition) -> None:
             if always is None:
                 always = (str(name), tool.file.document.value_position(tier_path).line)
             continue
-        when_path = (*tier_path, "when")
-        if not isinstance(source, str) or not tool.file.usable(when_path):
-            continue
-        try:
-            bundle.conditions[tool.file.name, tool.name, index] = Condition(source)
-        except ConditionCompileError as exc:
-            code = Code.CEL_SYNTAX if exc.message.startswith("Syntax error") else Code.CEL_TYPE
-            line, col = tool.file.document.position_in_scalar(when_path, exc.line, exc.col)
-            message = f"condition of tier {label} of tool '{tool.name}': {exc.message}"
-            bundle.issues.append(PolicyIssue(tool.file.name, line, col, code, message))
+        what = f"condition of tier {label} of tool '{tool.name}'"
+        _compile_condition(bundle, tool, ("tiers", index, "when"), what)
+
+
+def _compile_rules(bundle: _Bundle, tool: _Definition) -> None:
+    """Compile each business rule's ``require`` expression."""
+    rules = tool.body.get("rules") if tool.usable("rules") else None
+    if not isinstance(rules, list):
+        return
+    for index, rule in enumerate(rules):
+        if isinstance(rule, dict):
+            label = f"'{rule['name']}'" if isinstance(rule.get("name"), str) else str(index + 1)
+            what = f"rule {label} of tool '{tool.name}'"
+            _compile_condition(bundle, tool, ("rules", index, "require"), what)
+
+
+def _compile_condition(
+    bundle: _Bundle, tool: _Definition, where: tuple[str, int, str], what: str
+) -> None:
+    """Compile one CEL expression; an error points inside the expression in the file."""
+    section, index, key = where
+    path = (*tool.path, *where)
+    source = tool.body[section][index].get(key)
+    if not isinstance(source, str) or not tool.file.usable(path):
+        return
+    try:
+        bundle.conditions[tool.file.name, tool.name, section, index] = Condition(source)
+    except ConditionCompileError as exc:
+        code = Code.CEL_SYNTAX if exc.message.startswith("Syntax error") else Code.CEL_TYPE
+        line, col = tool.file.document.position_in_scalar(path, exc.line, exc.col)
+        message = f"{what}: {exc.message}"
+        bundle.issues.append(PolicyIssue(tool.file.name, line, col, code, message))
 
 
 def _seconds(duration: str) -> int:
@@ -552,6 +618,10 @@ def _build(bundle: _Bundle, sources: tuple[str, ...], version: str) -> Policy:
     admin_groups: tuple[str, ...] = ()
     if bundle.admins is not None:
         admin_groups = tuple(bundle.admins[1]["groups"])
+    kill_switches = tuple(
+        KillSwitch(KillScope(d.body["scope"]), d.body.get("target", ""), d.body["reason"])
+        for d in defined["kill_switches"].values()
+    )
     return Policy(
         version=version,
         label=bundle.label[1] if bundle.label else "",
@@ -563,6 +633,29 @@ def _build(bundle: _Bundle, sources: tuple[str, ...], version: str) -> Policy:
         issuers=_frozen(dict(sorted(issuers.items()))),
         admin_groups=admin_groups,
         dev_directory=_frozen(dict(sorted(dev_directory.items()))),
+        controls=_controls(bundle.controls[1] if bundle.controls else {}),
+        kill_switches=kill_switches,
+    )
+
+
+def _rate_limit(body: Mapping[str, Any]) -> RateLimit:
+    return RateLimit(per_second=float(body["per_second"]), burst=int(body["burst"]))
+
+
+def _controls(body: Mapping[str, Any]) -> Controls:
+    budget = body.get("run_budget", {})
+    limits = body.get("rate_limits", {})
+    max_cost = budget.get("max_cost")
+    return Controls(
+        max_calls_per_run=int(budget.get("max_calls", 0)),
+        max_calls_per_tool=_frozen(dict(budget.get("max_calls_per_tool", {}))),
+        max_cost_per_run=None if max_cost is None else Decimal(str(max_cost)),
+        max_consecutive_failures=int(body.get("max_consecutive_failures", 0)),
+        idempotency_window_seconds=_seconds(body.get("idempotency_window", "24h")),
+        default_rate_limit=_rate_limit(limits["default"]) if "default" in limits else None,
+        agent_rate_limits=_frozen(
+            {agent: _rate_limit(limit) for agent, limit in limits.get("agents", {}).items()}
+        ),
     )
 
 
@@ -577,7 +670,7 @@ def _build_tool(bundle: _Bundle, tool: _Definition) -> Tool:
             Tier(
                 name=tier["name"],
                 action=action,
-                when=bundle.conditions.get((tool.file.name, tool.name, index)),
+                when=bundle.conditions.get((tool.file.name, tool.name, "tiers", index)),
                 location=tool.file.location(tier_path),
                 approvals=int(tier["approvals"]) if approval else 0,
                 approver_roles=tuple(tier["approver_roles"]) if approval else (),
@@ -587,6 +680,15 @@ def _build_tool(bundle: _Bundle, tool: _Definition) -> Tool:
                 message=tier.get("message", ""),
             )
         )
+    rules = tuple(
+        Rule(
+            name=rule["name"],
+            require=bundle.conditions[tool.file.name, tool.name, "rules", index],
+            message=rule["message"],
+            location=tool.file.location((*tool.path, "rules", index)),
+        )
+        for index, rule in enumerate(body.get("rules", ()))
+    )
     return Tool(
         name=tool.name,
         arguments=bundle.schemas[tool.file.name, tool.name],
@@ -595,4 +697,6 @@ def _build_tool(bundle: _Bundle, tool: _Definition) -> Tool:
         description=body.get("description", ""),
         writes=bool(body.get("writes", False)),
         pins=tuple(body.get("pins", ())),
+        rules=rules,
+        cost=Decimal(str(body.get("cost", 0))),
     )

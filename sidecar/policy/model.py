@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from enum import StrEnum
 from types import MappingProxyType
 from typing import TypeVar
@@ -18,6 +19,10 @@ from sidecar.policy.schemas import ArgumentSchema
 DEFAULT_APPROVAL_TTL_SECONDS = 24 * 3600
 
 _V = TypeVar("_V")
+
+
+def _frozen(items: Mapping[str, _V] | None = None) -> Mapping[str, _V]:
+    return MappingProxyType(dict(items or {}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +63,18 @@ class Tier:
 
 
 @dataclass(frozen=True, slots=True)
+class Rule:
+    """A business rule: the call is denied (RULE_FAILED) unless ``require`` holds."""
+
+    name: str
+    require: Condition
+    message: str
+    location: SourceLocation
+
+
+@dataclass(frozen=True, slots=True)
 class Tool:
-    """A tool agents may call: its argument schema, resource pins and approval tiers."""
+    """A tool agents may call: its argument schema, resource pins, rules and approval tiers."""
 
     name: str
     arguments: ArgumentSchema
@@ -68,6 +83,68 @@ class Tool:
     description: str = ""
     writes: bool = False
     pins: tuple[str, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    cost: Decimal = Decimal(0)
+
+
+class KillScope(StrEnum):
+    """What a kill switch stops. Mirrors ``proviso.v1.KillSwitchScope``."""
+
+    GLOBAL = "global"
+    AGENT = "agent"
+    TOOL = "tool"
+
+
+@dataclass(frozen=True, slots=True)
+class KillSwitch:
+    """An engaged kill switch, shipped in the policy or set through the admin API."""
+
+    scope: KillScope
+    target: str
+    reason: str
+    source: str = "policy"
+    engaged_by: str = "policy"
+    engaged_at: float = 0.0
+
+    def covers(self, agent: str | None, tool: str) -> bool:
+        """True if the switch stops a call of ``tool`` by ``agent`` (None: not yet known)."""
+        if self.scope is KillScope.GLOBAL:
+            return True
+        if self.scope is KillScope.TOOL:
+            return self.target == tool
+        return agent is not None and self.target == agent
+
+    @property
+    def label(self) -> str:
+        return "global" if self.scope is KillScope.GLOBAL else f"{self.scope}:{self.target}"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket: ``per_second`` refill, up to ``burst`` calls at once."""
+
+    per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Controls:
+    """Operational limits: run budgets, the retry budget, rate limits, idempotency window.
+
+    A run is the Check's ``run_id``; Checks without one are budgeted per token (its ``jti``).
+    Zero or None means "no limit".
+    """
+
+    max_calls_per_run: int = 0
+    max_calls_per_tool: Mapping[str, int] = field(default_factory=_frozen)
+    max_cost_per_run: Decimal | None = None
+    max_consecutive_failures: int = 0
+    idempotency_window_seconds: int = 24 * 3600
+    default_rate_limit: RateLimit | None = None
+    agent_rate_limits: Mapping[str, RateLimit] = field(default_factory=_frozen)
+
+    def rate_limit(self, agent: str) -> RateLimit | None:
+        return self.agent_rate_limits.get(agent, self.default_rate_limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +193,6 @@ class DevSubject:
     location: SourceLocation
 
 
-def _frozen(items: Mapping[str, _V] | None = None) -> Mapping[str, _V]:
-    return MappingProxyType(dict(items or {}))
-
-
 @dataclass(frozen=True, slots=True)
 class Policy:
     """A whole compiled bundle. ``version`` is the content hash of every file in it."""
@@ -134,6 +207,8 @@ class Policy:
     issuers: Mapping[str, Issuer] = field(default_factory=_frozen)
     admin_groups: tuple[str, ...] = ()
     dev_directory: Mapping[str, DevSubject] = field(default_factory=_frozen)
+    controls: Controls = field(default_factory=Controls)
+    kill_switches: tuple[KillSwitch, ...] = ()
 
     def tools_permitted(self, agent_id: str) -> frozenset[str]:
         """The tools the agent's roles permit now; empty for an unknown agent."""

@@ -48,6 +48,7 @@ SECTION_NOUNS = {
     "issuers": "issuer",
     "dev_directory": "dev subject",
     "tools": "tool",
+    "kill_switches": "kill switch",
 }
 """Every named section and what one entry of it is called in messages."""
 

@@ -21,7 +21,7 @@ from sidecar.authorizer import CheckInput, CheckResult
 from sidecar.engine import Outcome, ToolCall
 from sidecar.errors import InvalidRequestError
 from sidecar.minting import MintedToken
-from sidecar.policy.model import Policy
+from sidecar.policy.model import KillScope, KillSwitch, Policy
 from tokens import Grant
 
 MAX_IDENTIFIER_BYTES = 256
@@ -51,7 +51,7 @@ def _identifier(field: str, value: str, *, required: bool) -> str:
 
 def _json_object(field: str, text: str) -> Mapping[str, object]:
     if not text:
-        return MappingProxyType({})
+        return {}
     try:
         return strictjson.parse_object(text)
     except strictjson.JSONInputError as exc:
@@ -107,7 +107,12 @@ def check_response(result: CheckResult) -> authz_pb.CheckResponse:
         decision_id=result.decision_id,
         policy_version=decision.policy_version,
         matched_tier=decision.matched_tier,
+        replayed=result.replayed,
     )
+    if decision.retry_after_seconds:
+        retry_after = Duration()
+        retry_after.FromNanoseconds(int(decision.retry_after_seconds * 1e9))
+        response.retry_after.CopyFrom(retry_after)
     if decision.approval is not None:
         requirement = decision.approval
         response.approval_requirement.CopyFrom(
@@ -163,3 +168,36 @@ def policy_info(policy: Policy, loaded_at: float) -> admin_pb.PolicyInfo:
         source_files=list(policy.sources),
         tools=sorted(policy.tools),
     )
+
+
+_SCOPES = {
+    admin_pb.KILL_SWITCH_SCOPE_GLOBAL: KillScope.GLOBAL,
+    admin_pb.KILL_SWITCH_SCOPE_AGENT: KillScope.AGENT,
+    admin_pb.KILL_SWITCH_SCOPE_TOOL: KillScope.TOOL,
+}
+_SCOPE_VALUES = {scope: value for value, scope in _SCOPES.items()}
+
+
+def kill_switch_target(request: admin_pb.SetKillSwitchRequest) -> tuple[KillScope, str]:
+    """The scope and target a SetKillSwitch names; global takes no target."""
+    scope = _SCOPES.get(request.scope)
+    if scope is None:
+        raise InvalidRequestError("scope", "must be GLOBAL, AGENT or TOOL")
+    if scope is KillScope.GLOBAL:
+        if request.target:
+            raise InvalidRequestError("target", "the global switch takes no target")
+        return scope, ""
+    return scope, _identifier("target", request.target, required=True)
+
+
+def kill_switch(switch: KillSwitch) -> admin_pb.KillSwitch:
+    message = admin_pb.KillSwitch(
+        scope=_SCOPE_VALUES[switch.scope],
+        target=switch.target,
+        reason=switch.reason,
+        engaged_by=switch.engaged_by,
+        source=switch.source,
+    )
+    if switch.engaged_at:
+        message.engage_time.FromNanoseconds(int(switch.engaged_at * 1e9))
+    return message

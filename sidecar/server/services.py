@@ -8,6 +8,7 @@ goes through status.py to exactly one status.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar, cast
 
@@ -19,16 +20,21 @@ from grpc_status import rpc_status
 from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
-from sidecar.authorizer import Authorizer, PolicyHolder
+from sidecar.audit.record import event_line
+from sidecar.audit.writer import AuditLog
+from sidecar.authorizer import Authorizer, PolicyHolder, new_decision_id, timestamp
 from sidecar.clock import Clock
 from sidecar.errors import InvalidRequestError
-from sidecar.identity import IdentityVerifier
+from sidecar.identity import Identity, IdentityVerifier
 from sidecar.keystore import KeyRing
 from sidecar.minting import authorize_issuer, mint
 from sidecar.observability.metrics import Metrics, bounded
+from sidecar.policy.model import KillSwitch
 from sidecar.server import convert, status
 from sidecar.server.auth import caller, require_admin
+from sidecar.state import Store
 
+log = logging.getLogger("proviso.server")
 RequestT = TypeVar("RequestT", bound=Message)
 Behaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]
 
@@ -165,13 +171,74 @@ class AdminService:
 
     name = "proviso.v1.AdminService"
 
-    def __init__(self, policy: PolicyHolder, identities: IdentityVerifier, clock: Clock) -> None:
+    def __init__(
+        self,
+        policy: PolicyHolder,
+        *,
+        identities: IdentityVerifier,
+        store: Store,
+        audit: AuditLog,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> None:
         self._policy = policy
         self._identities = identities
+        self._store = store
+        self._audit = audit
+        self._metrics = metrics
         self._clock = clock
 
-    def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        require_admin(caller(context, self._identities, self._clock.now()), self._policy.current)
+    def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+        return require_admin(
+            caller(context, self._identities, self._clock.now()), self._policy.current
+        )
+
+    async def set_kill_switch(
+        self, request: admin_pb.SetKillSwitchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb.SetKillSwitchResponse:
+        admin = self._admin(context)
+        scope, target = convert.kill_switch_target(request)
+        now = self._clock.now()
+        if request.engaged:
+            if not request.reason.strip():
+                raise InvalidRequestError("reason", "say why the switch is engaged")
+            switch: KillSwitch | None = self._store.set_kill_switch(
+                KillSwitch(scope, target, request.reason, "api", admin.subject, now)
+            )
+        else:
+            switch = self._store.release_kill_switch(scope, target)
+        action = "engage" if request.engaged else "release"
+        fields = {
+            "action": action,
+            "scope": scope.value,
+            "target": target,
+            "reason": request.reason,
+            "by": admin.subject,
+            "was_engaged": switch is not None,
+        }
+        await self._audit.append(
+            event_line("kill_switch", new_decision_id(now), timestamp(now), fields)
+        )
+        engaged = self._store.kill_switches()
+        self._metrics.kill_switches_active.set(
+            len(engaged) + len(self._policy.current.kill_switches)
+        )
+        log.warning("kill switch %s", action, extra={k: str(v) for k, v in fields.items()})
+        shown = switch or KillSwitch(scope, target, request.reason, "api", admin.subject, now)
+        return admin_pb.SetKillSwitchResponse(
+            kill_switch=convert.kill_switch(shown), engaged=request.engaged
+        )
+
+    async def list_kill_switches(
+        self,
+        request: admin_pb.ListKillSwitchesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> admin_pb.ListKillSwitchesResponse:
+        self._admin(context)
+        switches = (*self._policy.current.kill_switches, *self._store.kill_switches())
+        return admin_pb.ListKillSwitchesResponse(
+            kill_switches=[convert.kill_switch(s) for s in switches]
+        )
 
     async def get_policy(
         self, request: admin_pb.GetPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -187,6 +254,16 @@ class AdminService:
             {
                 "GetPolicy": unary(
                     admin_pb.GetPolicyRequest, self.get_policy, f"{self.name}/GetPolicy"
+                ),
+                "SetKillSwitch": unary(
+                    admin_pb.SetKillSwitchRequest,
+                    self.set_kill_switch,
+                    f"{self.name}/SetKillSwitch",
+                ),
+                "ListKillSwitches": unary(
+                    admin_pb.ListKillSwitchesRequest,
+                    self.list_kill_switches,
+                    f"{self.name}/ListKillSwitches",
                 ),
             },
         )

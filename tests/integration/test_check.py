@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
 from collections.abc import Callable
 from types import MappingProxyType
 
@@ -28,9 +29,32 @@ def refund(amount: str, *, invoice: str = "in_93K2", **extra: object) -> str:
     return "{" + f'"amount": {amount}, ' + body + "}"
 
 
-async def check(sidecar: Sidecar, token: str, tool: str, arguments: str) -> pb.CheckResponse:
+INVOICE_CONTEXT = '{"invoice": {"amount_due": 100000, "currency": "USD"}}'
+"""What the agent runtime vouches for about the invoice; the refund rules read it."""
+
+
+async def check(
+    sidecar: Sidecar,
+    token: str,
+    tool: str,
+    arguments: str,
+    *,
+    context: str = INVOICE_CONTEXT,
+    key: str | None = None,
+    run_id: str = "run-1",
+    dry_run: bool = False,
+) -> pb.CheckResponse:
+    """One Check; a fresh idempotency key unless one is given."""
     return await sidecar.authz.Check(
-        pb.CheckRequest(token=token, tool=tool, arguments_json=arguments, run_id="run-1")
+        pb.CheckRequest(
+            token=token,
+            tool=tool,
+            arguments_json=arguments,
+            context_json=context,
+            run_id=run_id,
+            idempotency_key=key if key is not None else f"key-{uuid.uuid4().hex}",
+            dry_run=dry_run,
+        )
     )
 
 
@@ -272,7 +296,11 @@ async def test_undecodable_protobuf_is_invalid_argument(sidecar: Sidecar) -> Non
 async def test_wrong_wire_type_is_invalid_argument(sidecar: Sidecar) -> None:
     """A known field sent with the wrong wire type is rejected as INVALID_ARGUMENT."""
     valid = pb.CheckRequest(
-        token=sidecar.token(), tool="requestRefund", arguments_json=refund("10")
+        token=sidecar.token(),
+        tool="requestRefund",
+        arguments_json=refund("10"),
+        context_json=INVOICE_CONTEXT,
+        idempotency_key="key-wire",
     ).SerializeToString()
     raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = sidecar.channel.unary_unary(
         "/proviso.v1.AuthorizationService/Check"

@@ -28,7 +28,18 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "command",
-    [(), ("serve",), ("lint",), ("token",), ("token", "issue"), ("check",)],
+    [
+        (),
+        ("serve",),
+        ("lint",),
+        ("token",),
+        ("token", "issue"),
+        ("check",),
+        ("kill",),
+        ("kill", "engage"),
+        ("kill", "release"),
+        ("kill", "list"),
+    ],
 )
 def test_every_command_has_help(command: tuple[str, ...]) -> None:
     """--help works everywhere and exits 0."""
@@ -92,15 +103,17 @@ async def test_token_issue_then_check(sidecar: Sidecar) -> None:
     assert issued.returncode == 0, issued.stderr
     token = issued.stdout.strip()
     arguments = '{"invoice_id": "in_93K2", "amount": 20, "currency": "EUR", "reason": "late"}'
+    context = '{"invoice": {"amount_due": 10000, "currency": "EUR"}}'
+    common = ["--context", context, "--idempotency-key"]
     allowed = await asyncio.to_thread(
         run, "check", "--target", sidecar.target, "--token", token,
-        "--tool", "requestRefund", "--args", arguments,
+        "--tool", "requestRefund", "--args", arguments, *common, "k-1",
     )  # fmt: skip
     assert allowed.returncode == 0, allowed.stderr
     assert json.loads(allowed.stdout)["decision"] == "DECISION_ALLOW"
     denied = await asyncio.to_thread(
         run, "check", "--target", sidecar.target, "--token", token,
-        "--tool", "requestRefund", "--args", arguments.replace("20", "9000"),
+        "--tool", "requestRefund", "--args", arguments.replace("20", "9000"), *common, "k-2",
     )  # fmt: skip
     assert denied.returncode == 1
     assert json.loads(denied.stdout)["decision"] == "DECISION_DENY"
@@ -170,3 +183,40 @@ def test_serve_refuses_plaintext_off_loopback(tmp_path: Path) -> None:
     result = run("serve", "--listen", "0.0.0.0:0", "--state-dir", str(tmp_path))
     assert result.returncode == 2
     assert "loopback" in result.stderr
+
+
+async def test_kill_engage_list_release_as_an_admin(sidecar: Sidecar) -> None:
+    """An admin engages, lists and releases a switch from the CLI in dev mode (--as)."""
+    state = str(sidecar.app.settings.state_dir)
+    common = ["--target", sidecar.target, "--state-dir", state, "--as", "olivia@example.com"]
+    engaged = await asyncio.to_thread(
+        run, "kill", "engage", "--tool", "requestRefund", "--reason", "refund storm", *common
+    )
+    assert engaged.returncode == 0, engaged.stderr
+    listed = await asyncio.to_thread(run, "kill", "list", "--format", "json", *common)
+    assert [(s["target"], s["reason"]) for s in json.loads(listed.stdout)] == [
+        ("requestRefund", "refund storm")
+    ]
+    released = await asyncio.to_thread(run, "kill", "release", "--tool", "requestRefund", *common)
+    assert released.returncode == 0, released.stderr
+    assert "released" in released.stderr
+    empty = await asyncio.to_thread(run, "kill", "list", *common)
+    assert "no kill switches engaged" in empty.stdout
+
+
+async def test_kill_by_a_non_admin_is_refused(sidecar: Sidecar) -> None:
+    """A dev subject who is not an admin gets PERMISSION_DENIED and exit 1."""
+    state = str(sidecar.app.settings.state_dir)
+    result = await asyncio.to_thread(
+        run, "kill", "engage", "--all", "--reason", "x", "--target", sidecar.target,
+        "--state-dir", state, "--as", "alice@example.com",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "PERMISSION_DENIED" in result.stderr
+
+
+def test_kill_without_an_identity_is_a_usage_error() -> None:
+    """A server command without --identity-token or --as is refused before any call."""
+    result = run("kill", "list")
+    assert result.returncode == 2
+    assert "--identity-token" in result.stderr

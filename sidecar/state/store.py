@@ -1,0 +1,83 @@
+"""The Store interface every backend implements (SQLite now; PostgreSQL follows).
+
+A Check runs its read-decide-write inside one ``decision`` transaction: the backend reads the
+``StateView`` for the call's scope, the engine decides, and the backend commits the
+``StateChanges`` before the transaction ends. Backends must make that transaction atomic
+against every other process sharing the store, so budgets and idempotency keys are exact.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol
+
+from sidecar.engine import Decision, StateChanges, StateView
+from sidecar.policy.model import KillScope, KillSwitch
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionScope:
+    """Which rows one Check reads and writes.
+
+    ``run_key`` is the Check's run id, or ``token:<jti>`` when it has none.
+    """
+
+    agent: str
+    tool: str
+    run_key: str
+    idempotency_key: str = ""
+    args_digest: str = ""
+
+
+class StateTransaction(Protocol):
+    """Reads and writes of one Check, committed together."""
+
+    def view(self, scope: DecisionScope | None, now: float) -> StateView:
+        """Kill switches, and (with a scope) idempotency record, run usage and rate bucket."""
+        ...
+
+    def commit(
+        self,
+        scope: DecisionScope,
+        changes: StateChanges,
+        *,
+        decision: Decision,
+        decision_id: str,
+        cost: Decimal,
+        now: float,
+        idempotency_window_seconds: int,
+    ) -> None:
+        """Apply the engine's changes; called at most once, before the transaction ends."""
+        ...
+
+
+class Store(Protocol):
+    """Durable state shared by every sidecar process on the host (or fleet)."""
+
+    def decision(self) -> AbstractContextManager[StateTransaction]:
+        """An exclusive transaction for one Check; rolled back if the block raises.
+
+        Raises:
+            StoreUnavailableError: the store cannot be reached or locked in time.
+        """
+        ...
+
+    def set_kill_switch(self, switch: KillSwitch) -> KillSwitch:
+        """Engage (or update) a switch; returns it as stored."""
+        ...
+
+    def release_kill_switch(self, scope: KillScope, target: str) -> KillSwitch | None:
+        """Release a switch; returns what was released, or None if it was not engaged."""
+        ...
+
+    def kill_switches(self) -> tuple[KillSwitch, ...]:
+        """Every switch engaged through the API, oldest first."""
+        ...
+
+    def prune(self, now: float) -> int:
+        """Drop expired idempotency records and stale run usage; returns rows removed."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,358 @@
+"""Operational controls over real gRPC: rules, idempotency, budgets, rate limits, kill switches,
+dry runs. Each reason code comes from a realistic call sequence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import MappingProxyType
+
+import grpc
+import pytest
+
+from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
+from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
+from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
+from sidecar.app import App
+from tests.conftest import EXAMPLE_POLICIES, INCIDENT_AGENT, Sidecar, make_settings
+from tests.integration.test_check import check, codes, refund
+from tests.integration.test_server import identity, scrape
+from tokens import Grant
+
+ADMIN = "olivia@example.com"
+TOOL_SCOPE = admin_pb.KILL_SWITCH_SCOPE_TOOL
+
+
+def audit_lines(sidecar: Sidecar) -> list[dict[str, object]]:
+    text = sidecar.app.settings.audit_path.read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Callable[[str, str], Path]:
+    """A copy of the example bundle with one file's text replaced, for controls under test."""
+
+    def make(old: str, new: str, file: str = "common.yaml") -> Path:
+        target = tmp_path / "policies"
+        if not target.exists():
+            shutil.copytree(EXAMPLE_POLICIES, target)
+        text = (target / file).read_text()
+        assert old in text, f"{old!r} not in {file}"
+        (target / file).write_text(text.replace(old, new))
+        return target
+
+    return make
+
+
+@pytest.fixture
+async def custom(tmp_path: Path) -> AsyncIterator[Callable[[Path], object]]:
+    """Start sidecars on a given bundle; all are stopped after the test."""
+    started: list[Sidecar] = []
+
+    async def start(policies: Path) -> Sidecar:
+        running = Sidecar.connect(
+            await App.start(make_settings(tmp_path / "state", policies=policies))
+        )
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.close()
+
+
+# ------------------------------------------------------------------ business rules
+
+
+async def test_refund_over_the_amount_due_fails_its_rule(sidecar: Sidecar) -> None:
+    """A refund larger than the invoice's amount due is denied by the rule, named."""
+    context = '{"invoice": {"amount_due": 30, "currency": "USD"}}'
+    response = await check(sidecar, sidecar.token(), "requestRefund", refund("40"), context=context)
+    assert codes(response) == ["RULE_FAILED"]
+    assert "within-amount-due" in response.reasons[0].message
+
+
+async def test_refund_in_another_currency_fails_its_rule(sidecar: Sidecar) -> None:
+    """A refund in a currency other than the invoice's is denied by the second rule."""
+    context = '{"invoice": {"amount_due": 300, "currency": "EUR"}}'
+    response = await check(sidecar, sidecar.token(), "requestRefund", refund("40"), context=context)
+    assert codes(response) == ["RULE_FAILED"]
+    assert "invoice-currency" in response.reasons[0].message
+
+
+async def test_a_rule_that_cannot_be_evaluated_denies(sidecar: Sidecar) -> None:
+    """Without the invoice facts the rule errors, and an erroring rule denies (fail closed)."""
+    response = await check(sidecar, sidecar.token(), "requestRefund", refund("10"), context="")
+    assert response.decision == pb.DECISION_DENY
+    assert codes(response) == ["RULE_FAILED"]
+    assert "could not be evaluated" in response.reasons[0].message
+
+
+# ------------------------------------------------------------------ idempotency
+
+
+async def test_write_tools_need_an_idempotency_key(sidecar: Sidecar) -> None:
+    """A refund without an idempotency key is denied, naming the field."""
+    response = await check(sidecar, sidecar.token(), "requestRefund", refund("10"), key="")
+    assert codes(response) == ["IDEMPOTENCY_KEY_REQUIRED"]
+    assert response.reasons[0].field == "idempotency_key"
+
+
+async def test_same_key_same_call_replays_the_decision(sidecar: Sidecar) -> None:
+    """A retried call returns the original decision id, marked replayed, and is audited."""
+    token = sidecar.token()
+    first = await check(sidecar, token, "requestRefund", refund("10"), key="refund-42")
+    again = await check(sidecar, token, "requestRefund", refund("10.00"), key="refund-42")
+    assert first.decision == again.decision == pb.DECISION_ALLOW
+    assert (first.replayed, again.replayed) == (False, True)
+    assert again.decision_id == first.decision_id
+    records = audit_lines(sidecar)
+    assert [r["replay_of"] for r in records] == ["", first.decision_id]
+
+
+async def test_same_key_other_call_conflicts(sidecar: Sidecar) -> None:
+    """The same key with different arguments is denied as a conflict."""
+    token = sidecar.token()
+    await check(sidecar, token, "requestRefund", refund("10"), key="refund-43")
+    response = await check(sidecar, token, "requestRefund", refund("11"), key="refund-43")
+    assert codes(response) == ["IDEMPOTENCY_CONFLICT"]
+
+
+async def test_keys_are_scoped_per_agent(sidecar: Sidecar) -> None:
+    """Another agent using the same key string does not see the first agent's decision."""
+    await check(sidecar, sidecar.token(), "requestRefund", refund("10"), key="shared")
+    token = sidecar.token(
+        agent=INCIDENT_AGENT, grants=(Grant("openIncident", MappingProxyType({"service": "db"})),)
+    )
+    arguments = '{"service": "db", "severity": "sev3", "title": "slow"}'
+    response = await check(sidecar, token, "openIncident", arguments, key="shared")
+    assert response.decision == pb.DECISION_ALLOW
+    assert not response.replayed
+
+
+async def test_twenty_concurrent_checks_with_one_key_record_one_decision(
+    sidecar: Sidecar,
+) -> None:
+    """Racing retries of one call yield exactly one decision; the others replay it."""
+    token = sidecar.token()
+    responses = await asyncio.gather(
+        *(check(sidecar, token, "requestRefund", refund("10"), key="race") for _ in range(20))
+    )
+    assert len({r.decision_id for r in responses}) == 1
+    assert sum(not r.replayed for r in responses) == 1
+    assert all(r.decision == pb.DECISION_ALLOW for r in responses)
+
+
+# ------------------------------------------------------------------ budgets
+
+
+async def test_run_hits_its_tool_cap_exactly_under_concurrency(sidecar: Sidecar) -> None:
+    """With 8 concurrent clients, a run gets exactly its 20 refunds, then BUDGET_EXCEEDED."""
+    token = sidecar.token()
+    results: list[pb.CheckResponse] = []
+
+    async def client() -> None:
+        for _ in range(5):
+            results.append(
+                await check(sidecar, token, "requestRefund", refund("1"), run_id="run-cap")
+            )
+
+    await asyncio.gather(*(client() for _ in range(8)))
+    outcome = [codes(r)[0] for r in results]
+    assert outcome.count("TIER_ALLOWED") == 20
+    assert outcome.count("BUDGET_EXCEEDED") == 20
+    denied = next(r for r in results if codes(r) == ["BUDGET_EXCEEDED"])
+    assert "20 calls of 'requestRefund'" in denied.reasons[0].message
+
+
+async def test_checks_without_a_run_fall_under_a_per_token_budget(sidecar: Sidecar) -> None:
+    """Without run ids, each token has its own budget."""
+    first, second = sidecar.token(), sidecar.token()
+    for _ in range(20):
+        await check(sidecar, first, "requestRefund", refund("1"), run_id="")
+    spent = await check(sidecar, first, "requestRefund", refund("1"), run_id="")
+    fresh = await check(sidecar, second, "requestRefund", refund("1"), run_id="")
+    assert codes(spent) == ["BUDGET_EXCEEDED"]
+    assert fresh.decision == pb.DECISION_ALLOW
+
+
+async def test_cost_ceiling(bundle: Callable[..., Path], custom: Callable[..., object]) -> None:
+    """The run's cost ceiling counts each tool's cost; the call that would exceed it is denied."""
+    policies = bundle("    max_cost: 50\n", "    max_cost: 2.5\n")
+    sidecar: Sidecar = await custom(policies)  # type: ignore[misc]
+    token = sidecar.token()
+    results = [
+        codes(await check(sidecar, token, "requestRefund", refund("1"), run_id="r"))[0]
+        for _ in range(3)
+    ]
+    assert results == ["TIER_ALLOWED", "TIER_ALLOWED", "BUDGET_EXCEEDED"]
+
+
+async def test_three_invalid_calls_close_the_tool_for_the_run(sidecar: Sidecar) -> None:
+    """After 3 invalid-argument denials in a row the 4th call is RETRY_BUDGET_EXHAUSTED."""
+    token = sidecar.token()
+    bad = refund("10.001")
+    for _ in range(3):
+        response = await check(sidecar, token, "requestRefund", bad, run_id="spin")
+        assert codes(response) == ["INVALID_ARGUMENTS"]
+    closed = await check(sidecar, token, "requestRefund", refund("10"), run_id="spin")
+    assert codes(closed) == ["RETRY_BUDGET_EXHAUSTED"]
+    other_run = await check(sidecar, token, "requestRefund", refund("10"), run_id="other")
+    assert other_run.decision == pb.DECISION_ALLOW
+
+
+async def test_a_valid_call_resets_the_retry_streak(sidecar: Sidecar) -> None:
+    """Only consecutive failures count: a valid call in between resets the streak."""
+    token = sidecar.token()
+    for amount in ("10.001", "10.001", "10", "10.001", "10.001", "10"):
+        response = await check(sidecar, token, "requestRefund", refund(amount), run_id="mixed")
+    assert response.decision == pb.DECISION_ALLOW
+
+
+# ------------------------------------------------------------------ rate limits
+
+
+async def test_rate_limited_agent_gets_retry_after(sidecar: Sidecar) -> None:
+    """The incident assistant's burst of 10 is allowed; the 11th call waits about a second."""
+    token = sidecar.token(
+        agent=INCIDENT_AGENT, grants=(Grant("openIncident", MappingProxyType({"service": "db"})),)
+    )
+    arguments = '{"service": "db", "severity": "sev3", "title": "slow queries"}'
+    responses = [await check(sidecar, token, "openIncident", arguments) for _ in range(11)]
+    assert [r.decision for r in responses[:10]] == [pb.DECISION_ALLOW] * 10
+    limited = responses[10]
+    assert codes(limited) == ["RATE_LIMITED"]
+    assert 0 < limited.retry_after.ToTimedelta().total_seconds() <= 1.0
+
+
+# ------------------------------------------------------------------ kill switches
+
+
+async def set_switch(
+    sidecar: Sidecar, engaged: bool, *, scope: int = TOOL_SCOPE, target: str = "requestRefund"
+) -> admin_pb.SetKillSwitchResponse:
+    stub = admin_grpc.AdminServiceStub(sidecar.channel)
+    request = admin_pb.SetKillSwitchRequest(
+        scope=scope,  # type: ignore[arg-type]
+        target=target,
+        engaged=engaged,
+        reason="refunds misbehaving" if engaged else "",
+    )
+    return await stub.SetKillSwitch(request, metadata=identity(sidecar, ADMIN))
+
+
+async def test_kill_switch_denies_the_next_check_and_survives_restart(
+    custom: Callable[..., object],
+) -> None:
+    """An engaged switch denies at once, is audited and measured, and holds after a restart."""
+    sidecar: Sidecar = await custom(EXAMPLE_POLICIES)  # type: ignore[misc]
+    token = sidecar.token()
+    assert (await check(sidecar, token, "requestRefund", refund("10"))).decision == (
+        pb.DECISION_ALLOW
+    )
+    await set_switch(sidecar, engaged=True)
+    denied = await check(sidecar, token, "requestRefund", refund("10"))
+    assert codes(denied) == ["KILL_SWITCH"]
+    assert "tool:requestRefund" in denied.reasons[0].message
+    assert scrape(sidecar)[("proviso_kill_switches_active", ())] == 1
+    events = [r for r in audit_lines(sidecar) if r["kind"] == "kill_switch"]
+    assert [(e["action"], e["by"]) for e in events] == [("engage", ADMIN)]
+
+    await sidecar.close()
+    restarted: Sidecar = await custom(EXAMPLE_POLICIES)  # type: ignore[misc]
+    again = await check(restarted, token, "requestRefund", refund("10"))
+    assert codes(again) == ["KILL_SWITCH"]
+    await set_switch(restarted, engaged=False)
+    released = await check(restarted, token, "requestRefund", refund("10"))
+    assert released.decision == pb.DECISION_ALLOW
+
+
+async def test_global_kill_switch_denies_even_without_a_token(sidecar: Sidecar) -> None:
+    """The global switch stops everything, before the token is even looked at."""
+    await set_switch(sidecar, engaged=True, scope=admin_pb.KILL_SWITCH_SCOPE_GLOBAL, target="")
+    response = await check(sidecar, "", "requestRefund", refund("10"))
+    assert codes(response) == ["KILL_SWITCH"]
+
+
+async def test_agent_kill_switch_stops_only_that_agent(sidecar: Sidecar) -> None:
+    """A switch on one agent leaves other agents working."""
+    await set_switch(
+        sidecar, engaged=True, scope=admin_pb.KILL_SWITCH_SCOPE_AGENT, target=INCIDENT_AGENT
+    )
+    incident = sidecar.token(
+        agent=INCIDENT_AGENT, grants=(Grant("openIncident", MappingProxyType({"service": "db"})),)
+    )
+    arguments = '{"service": "db", "severity": "sev3", "title": "slow"}'
+    assert codes(await check(sidecar, incident, "openIncident", arguments)) == ["KILL_SWITCH"]
+    billing = await check(sidecar, sidecar.token(), "requestRefund", refund("10"))
+    assert billing.decision == pb.DECISION_ALLOW
+
+
+async def test_only_admins_set_kill_switches(sidecar: Sidecar) -> None:
+    """A non-admin cannot engage a switch; an anonymous caller is unauthenticated."""
+    stub = admin_grpc.AdminServiceStub(sidecar.channel)
+    request = admin_pb.SetKillSwitchRequest(
+        scope=TOOL_SCOPE, target="requestRefund", engaged=True, reason="x"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SetKillSwitch(request, metadata=identity(sidecar, "alice@example.com"))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+        await stub.SetKillSwitch(request)
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_engaging_needs_a_reason(sidecar: Sidecar) -> None:
+    """A switch engaged without a reason is refused, naming the field."""
+    stub = admin_grpc.AdminServiceStub(sidecar.channel)
+    request = admin_pb.SetKillSwitchRequest(scope=TOOL_SCOPE, target="requestRefund", engaged=True)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SetKillSwitch(request, metadata=identity(sidecar, ADMIN))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "reason" in (caught.value.details() or "")
+
+
+async def test_policy_kill_switch(
+    bundle: Callable[..., Path], custom: Callable[..., object]
+) -> None:
+    """A switch shipped in the policy denies and is listed with its source."""
+    policies = bundle(
+        "tools:\n",
+        "kill_switches:\n  no-notes:\n    scope: tool\n    target: addInternalNote\n"
+        "    reason: notes are frozen during the audit\n\ntools:\n",
+    )
+    sidecar: Sidecar = await custom(policies)  # type: ignore[misc]
+    token = sidecar.token(
+        grants=(Grant("addInternalNote", MappingProxyType({"ticket_id": "T-1"})),)
+    )
+    note = '{"ticket_id": "T-1", "body": "hello"}'
+    response = await check(sidecar, token, "addInternalNote", note)
+    assert codes(response) == ["KILL_SWITCH"]
+    assert "notes are frozen" in response.reasons[0].message
+    stub = admin_grpc.AdminServiceStub(sidecar.channel)
+    listed = await stub.ListKillSwitches(
+        admin_pb.ListKillSwitchesRequest(), metadata=identity(sidecar, ADMIN)
+    )
+    assert [(s.target, s.source) for s in listed.kill_switches] == [("addInternalNote", "policy")]
+
+
+# ------------------------------------------------------------------ dry runs
+
+
+async def test_dry_runs_consume_nothing(sidecar: Sidecar) -> None:
+    """Dry runs decide fully but spend no budget and record no idempotency key."""
+    token = sidecar.token()
+    for _ in range(25):
+        response = await check(
+            sidecar, token, "requestRefund", refund("1"), run_id="dry", dry_run=True
+        )
+        assert response.decision == pb.DECISION_ALLOW
+    dry = await check(sidecar, token, "requestRefund", refund("1"), key="k-dry", dry_run=True)
+    real = await check(sidecar, token, "requestRefund", refund("1"), key="k-dry", run_id="dry")
+    assert not real.replayed
+    assert real.decision_id != dry.decision_id
+    assert real.decision == pb.DECISION_ALLOW, "the 25 dry runs did not spend the run's budget"
+    assert [r["dry_run"] for r in audit_lines(sidecar)][-2:] == [True, False]

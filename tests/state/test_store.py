@@ -1,0 +1,219 @@
+"""One behaviour suite for every Store backend, so backends cannot drift (SQLite today)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from sidecar.engine import Decision, Outcome, RateBucket, Reason, ReasonCode, StateChanges
+from sidecar.errors import StoreUnavailableError
+from sidecar.policy.model import KillScope, KillSwitch
+from sidecar.state import DecisionScope, Store
+from sidecar.state.sqlite import SQLiteStore
+
+WINDOW = 3600
+SCOPE = DecisionScope(
+    agent="a@service", tool="t", run_key="run-1", idempotency_key="k", args_digest="sha256:1"
+)
+ALLOW = Decision(
+    Outcome.ALLOW, (Reason(ReasonCode.TIER_ALLOWED, "ok"),), "v1", "auto", agent="a@service"
+)
+
+Backend = Callable[[Path], Store]
+BACKENDS: dict[str, Backend] = {"sqlite": lambda directory: SQLiteStore(directory / "state.db")}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    """Opens stores on one shared location (several opens act like several processes)."""
+    opened: list[Store] = []
+
+    def make() -> Store:
+        store = BACKENDS[request.param](tmp_path)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def commit(
+    store: Store,
+    changes: StateChanges,
+    *,
+    now: float = 1000.0,
+    cost: Decimal = Decimal(1),
+    scope: DecisionScope = SCOPE,
+    decision_id: str = "dec_1",
+) -> None:
+    with store.decision() as transaction:
+        transaction.view(scope, now)
+        transaction.commit(
+            scope,
+            changes,
+            decision=ALLOW,
+            decision_id=decision_id,
+            cost=cost,
+            now=now,
+            idempotency_window_seconds=WINDOW,
+        )
+
+
+def test_a_new_store_is_empty(open_store: Callable[[], Store]) -> None:
+    """A fresh store has no switches, usage, buckets or keys."""
+    with open_store().decision() as transaction:
+        view = transaction.view(SCOPE, 0.0)
+    assert view.kill_switches == ()
+    assert view.idempotent is None
+    assert (view.usage.calls, view.usage.tool_calls, view.usage.failure_streak) == (0, 0, 0)
+    assert view.rate is None
+
+
+def test_reopening_applies_migrations_once(open_store: Callable[[], Store]) -> None:
+    """Opening the same store twice keeps its data (migrations are idempotent)."""
+    commit(open_store(), StateChanges(count_call=True))
+    with open_store().decision() as transaction:
+        assert transaction.view(SCOPE, 0.0).usage.calls == 1
+
+
+def test_counted_calls_and_costs_add_up_exactly(open_store: Callable[[], Store]) -> None:
+    """Calls count per run and per tool; decimal costs sum without float error."""
+    store = open_store()
+    for _ in range(3):
+        commit(store, StateChanges(count_call=True), cost=Decimal("0.1"))
+    other_tool = DecisionScope(agent="a@service", tool="u", run_key="run-1")
+    with store.decision() as transaction:
+        same = transaction.view(SCOPE, 0.0).usage
+        other = transaction.view(other_tool, 0.0).usage
+    assert (same.calls, same.tool_calls, same.cost) == (3, 3, Decimal("0.3"))
+    assert (other.calls, other.tool_calls) == (3, 0)
+
+
+def test_failure_streak_is_set_and_reset(open_store: Callable[[], Store]) -> None:
+    """The retry streak follows what the engine asks, per run and tool."""
+    store = open_store()
+    commit(store, StateChanges(failure_streak=2))
+    with store.decision() as transaction:
+        assert transaction.view(SCOPE, 0.0).usage.failure_streak == 2
+    commit(store, StateChanges(failure_streak=0))
+    with store.decision() as transaction:
+        assert transaction.view(SCOPE, 0.0).usage.failure_streak == 0
+
+
+def test_rate_bucket_round_trips(open_store: Callable[[], Store]) -> None:
+    """A stored bucket comes back as stored."""
+    store = open_store()
+    commit(store, StateChanges(rate=RateBucket(4.5, 1000.0)))
+    with store.decision() as transaction:
+        assert transaction.view(SCOPE, 1001.0).rate == RateBucket(4.5, 1000.0)
+
+
+def test_idempotency_record_round_trips_and_expires(open_store: Callable[[], Store]) -> None:
+    """A remembered decision is returned whole within the window and gone after it."""
+    store = open_store()
+    commit(store, StateChanges(remember=True), now=1000.0, decision_id="dec_orig")
+    with store.decision() as transaction:
+        stored = transaction.view(SCOPE, 1000.0 + WINDOW - 1).idempotent
+        expired = transaction.view(SCOPE, 1000.0 + WINDOW + 1).idempotent
+    assert stored is not None
+    assert (stored.tool, stored.args_digest, stored.decision_id) == ("t", "sha256:1", "dec_orig")
+    assert stored.decision == ALLOW
+    assert expired is None
+    assert store.prune(1000.0 + WINDOW + 1) >= 1
+
+
+def test_an_exception_rolls_the_transaction_back(open_store: Callable[[], Store]) -> None:
+    """If the block fails, nothing it committed stays."""
+    store = open_store()
+    with pytest.raises(AbandonedError):
+        _commit_then_fail(store)
+    with store.decision() as transaction:
+        assert transaction.view(SCOPE, 0.0).usage.calls == 0
+
+
+class AbandonedError(Exception):
+    """Raised inside a decision transaction after its changes were committed."""
+
+
+def _commit_then_fail(store: Store) -> None:
+    with store.decision() as transaction:
+        transaction.view(SCOPE, 0.0)
+        transaction.commit(
+            SCOPE,
+            StateChanges(count_call=True),
+            decision=ALLOW,
+            decision_id="d",
+            cost=Decimal(1),
+            now=0.0,
+            idempotency_window_seconds=WINDOW,
+        )
+        raise AbandonedError
+
+
+def test_kill_switches_engage_list_and_release(open_store: Callable[[], Store]) -> None:
+    """Switches are kept with who and why, listed, seen by decisions, and released."""
+    store = open_store()
+    switch = KillSwitch(KillScope.TOOL, "t", "broken", "api", "olivia@example.com", 5.0)
+    store.set_kill_switch(switch)
+    store.set_kill_switch(KillSwitch(KillScope.GLOBAL, "", "all stop", "api", "o", 6.0))
+    assert [(s.scope, s.target) for s in store.kill_switches()] == [
+        (KillScope.TOOL, "t"),
+        (KillScope.GLOBAL, ""),
+    ]
+    with open_store().decision() as transaction:
+        assert len(transaction.view(None, 0.0).kill_switches) == 2
+    released = store.release_kill_switch(KillScope.TOOL, "t")
+    assert released is not None
+    assert released.engaged_by == "olivia@example.com"
+    assert store.release_kill_switch(KillScope.TOOL, "t") is None
+    assert [s.scope for s in store.kill_switches()] == [KillScope.GLOBAL]
+
+
+def _count(path: str, times: int) -> None:
+    store = SQLiteStore(Path(path) / "state.db")
+    for index in range(times):
+        commit(store, StateChanges(count_call=True), decision_id=f"d{index}")
+    store.close()
+
+
+def test_two_processes_count_exactly(tmp_path: Path) -> None:
+    """Two real processes spending one run's budget at once lose no increment."""
+    SQLiteStore(tmp_path / "state.db").close()
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_count, args=(str(tmp_path), 150)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    store = SQLiteStore(tmp_path / "state.db")
+    with store.decision() as transaction:
+        assert transaction.view(SCOPE, 0.0).usage.calls == 300
+    store.close()
+
+
+def test_a_locked_store_is_unavailable_not_a_hang(tmp_path: Path) -> None:
+    """When another process holds the write lock too long, the decision fails closed."""
+    store = SQLiteStore(tmp_path / "state.db", busy_timeout_seconds=0.1)
+    blocker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailableError), store.decision():
+            pass
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        store.close()
+
+
+def test_an_unopenable_store_is_unavailable(tmp_path: Path) -> None:
+    """A state file that is not a database is reported, not a traceback."""
+    (tmp_path / "state.db").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StoreUnavailableError):
+        SQLiteStore(tmp_path / "state.db")
