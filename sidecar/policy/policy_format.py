@@ -228,9 +228,16 @@ def _unknown_fields(context: _Context) -> _Translated:
 
 
 def _not_allowed(context: _Context) -> _Translated:
-    """A `false` schema: fields only a require_approval tier may have."""
+    """A `false` schema: a field this entry may not have in its present form."""
     path = context.error.path
-    if path and path[-1] in _APPROVAL_ONLY:
+    if not path:
+        return
+    if path[0] == "kill_switches" and len(path) >= 2:
+        target = (*path[:2], "target")
+        message = "a global kill switch takes no 'target'"
+        yield context.at_key(target, Code.FIELD_NOT_ALLOWED, message), None
+        return
+    if path[-1] in _APPROVAL_ONLY:
         path = path[:-1]
     owner = _value_at(context.document.value, path)
     for key in _APPROVAL_ONLY:
