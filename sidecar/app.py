@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health
 
+from sidecar.approvals import ApprovalFeed, Approvals
 from sidecar.audit.writer import AuditLog
 from sidecar.authorizer import Authorizer, PolicyHolder, TokenVerifier
 from sidecar.clock import Clock, SystemClock
@@ -22,7 +23,12 @@ from sidecar.observability.metrics import Metrics
 from sidecar.policy.loader import load_policy
 from sidecar.policy.model import Policy
 from sidecar.server import grpc_server
-from sidecar.server.services import AdminService, AuthorizationService, TokenService
+from sidecar.server.services import (
+    AdminService,
+    ApprovalService,
+    AuthorizationService,
+    TokenService,
+)
 from sidecar.state.sqlite import SQLiteStore
 from sidecar.web.http import HttpApp, HttpServer
 
@@ -47,14 +53,15 @@ def identity_verifier(settings: Settings, dev_idp: DevIdentityProvider | None) -
 PRUNE_INTERVAL_SECONDS = 60.0
 
 
-async def _prune_forever(store: SQLiteStore, clock: Clock) -> None:
-    """Drop expired idempotency keys and stale run counters, off the hot path."""
+async def _prune_forever(store: SQLiteStore, approvals: Approvals, clock: Clock) -> None:
+    """Expire approval requests, drop expired idempotency keys and stale run counters."""
     while True:
         await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
-        with contextlib.suppress(Exception):  # a failed prune is retried next time
+        with contextlib.suppress(Exception):  # a failed sweep is retried next time
+            expired = await approvals.sweep()
             removed = store.prune(clock.now())
-            if removed:
-                log.info("pruned expired state", extra={"rows": removed})
+            if removed or expired:
+                log.info("pruned state", extra={"rows": removed, "expired_approvals": expired})
 
 
 @dataclass
@@ -109,11 +116,19 @@ class App:
             leeway_seconds=settings.leeway_seconds,
         )
         store = SQLiteStore(settings.state_dir / "state.db")
+        approvals = Approvals(store, audit, metrics, clock, ApprovalFeed())
+        approvals.refresh_pending()
         authorizer = Authorizer(
-            holder, tokens=verifier, store=store, audit=audit, metrics=metrics, clock=clock
+            holder,
+            tokens=verifier,
+            store=store,
+            approvals=approvals,
+            audit=audit,
+            metrics=metrics,
+            clock=clock,
         )
         identities = identity_verifier(settings, dev_idp)
-        services: list[AuthorizationService | TokenService | AdminService] = [
+        services: list[AuthorizationService | TokenService | AdminService | ApprovalService] = [
             AuthorizationService(authorizer),
             TokenService(
                 holder,
@@ -132,6 +147,7 @@ class App:
                 metrics=metrics,
                 clock=clock,
             ),
+            ApprovalService(holder, identities=identities, approvals=approvals, clock=clock),
         ]
         http = HttpServer(
             HttpApp(metrics.exposition, lambda: keys.verification_keys().to_jwks()),
@@ -150,7 +166,7 @@ class App:
             store.close()
             raise
         http.start()
-        pruner = asyncio.create_task(_prune_forever(store, clock), name="state-pruner")
+        pruner = asyncio.create_task(_prune_forever(store, approvals, clock), name="pruner")
         return cls(
             settings=settings,
             policy=holder,

@@ -7,23 +7,30 @@ failure to write it raises (the server answers UNAVAILABLE), so no ALLOW is ever
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from decimal import Decimal
 
 from sidecar import strictjson
-from sidecar.audit.record import AuditRecord
+from sidecar.approvals import Approvals
+from sidecar.audit.record import AuditRecord, new_record_id, timestamp
 from sidecar.audit.writer import AuditLog
 from sidecar.clock import Clock
-from sidecar.engine import Decision, ToolCall, decide
+from sidecar.engine import (
+    ApprovalRecord,
+    ApprovalRequirement,
+    ApprovalStatus,
+    Decision,
+    StateChanges,
+    ToolCall,
+    decide,
+)
 from sidecar.errors import AuditWriteError
 from sidecar.observability.metrics import Metrics, bounded
-from sidecar.policy.model import Policy
-from sidecar.state import DecisionScope, Store
+from sidecar.policy.model import Policy, TierAction
+from sidecar.state import DecisionScope, NewApproval, Store
 from tokens import CapabilityClaims, TokenError, VerificationKeys, verify
 
 log = logging.getLogger("proviso.authorizer")
@@ -104,15 +111,8 @@ class TokenVerifier:
 
 
 def new_decision_id(now: float) -> str:
-    """A time-ordered, unguessable id: milliseconds then 64 random bits."""
-    return f"dec_{int(now * 1000):012x}{secrets.token_hex(8)}"
-
-
-def timestamp(now: float) -> str:
-    """RFC 3339 UTC with milliseconds, as every audit line writes time."""
-    return (
-        datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+    """A decision id (the audit record's id)."""
+    return new_record_id(now, "dec")
 
 
 class Authorizer:
@@ -124,6 +124,7 @@ class Authorizer:
         *,
         tokens: TokenVerifier,
         store: Store,
+        approvals: Approvals,
         audit: AuditLog,
         metrics: Metrics,
         clock: Clock,
@@ -132,6 +133,7 @@ class Authorizer:
         self._policy = policy
         self._tokens = tokens
         self._store = store
+        self._approvals = approvals
         self._audit = audit
         self._metrics = metrics
         self._clock = clock
@@ -155,6 +157,7 @@ class Authorizer:
         call = replace(request.call, args_digest=strictjson.digest(request.call.arguments))
         record_id = self._new_id(now)
         scope = None
+        tool = policy.tools.get(call.tool)
         if isinstance(token, CapabilityClaims):
             scope = DecisionScope(
                 agent=token.subject,
@@ -162,20 +165,40 @@ class Authorizer:
                 run_key=call.run_id or f"token:{token.token_id}",
                 idempotency_key=call.idempotency_key,
                 args_digest=call.args_digest,
+                run_id=call.run_id,
+                approval_id=call.approval_id,
+                may_need_approval=tool is not None
+                and any(t.action is TierAction.REQUIRE_APPROVAL for t in tool.tiers),
             )
+        new_approval = None
         with self._store.decision() as transaction:
             view = transaction.view(scope, now)
             evaluation = decide(policy, call, token, view, now)
-            if scope is not None and not call.dry_run and not evaluation.changes.empty:
-                tool = policy.tools.get(call.tool)
+            changes = evaluation.changes
+            if scope is not None and not call.dry_run and not changes.empty:
+                if changes.open_approval is not None:
+                    new_approval = _new_approval(
+                        policy,
+                        call,
+                        scope,
+                        changes.open_approval,
+                        now=now,
+                        token_id=decision_token_id(token),
+                    )
+                    approval_id = new_approval.record.id
+                    evaluation = replace(
+                        evaluation,
+                        decision=replace(evaluation.decision, approval_id=approval_id),
+                    )
                 transaction.commit(
                     scope,
-                    evaluation.changes,
+                    changes,
                     decision=evaluation.decision,
                     decision_id=record_id,
                     cost=tool.cost if tool else Decimal(0),
                     now=now,
                     idempotency_window_seconds=policy.controls.idempotency_window_seconds,
+                    new_approval=new_approval,
                 )
         self._metrics.kill_switches_active.set(len(policy.kill_switches) + len(view.kill_switches))
         decision = evaluation.decision
@@ -190,7 +213,7 @@ class Authorizer:
             run_id=call.run_id,
             step_id=call.step_id,
             idempotency_key=call.idempotency_key,
-            approval_id=call.approval_id,
+            approval_id=decision.approval_id or call.approval_id,
             dry_run=call.dry_run,
             run_metadata=request.run_metadata,
             replay_of=evaluation.replay_of,
@@ -203,6 +226,8 @@ class Authorizer:
             log.error("audit write failed; failing the check closed", extra={"tool": call.tool})
             raise
         finished = time.perf_counter()
+        if not call.dry_run:
+            await self._approval_events(evaluation.changes, new_approval, scope)
         self._metrics.audit_write_duration.observe(finished - write_started)
         self._metrics.check_duration.observe(finished - started)
         code = decision.primary_code
@@ -216,3 +241,56 @@ class Authorizer:
             decision_id=evaluation.replay_of or record_id,
             replayed=bool(evaluation.replay_of),
         )
+
+    async def _approval_events(
+        self, changes: StateChanges, created: NewApproval | None, scope: DecisionScope | None
+    ) -> None:
+        """Audit and announce what this Check did to approval requests."""
+        actor = scope.agent if scope else ""
+        events = [
+            (created.record.id if created else "", "created"),
+            (changes.consume_approval, "consumed"),
+            (changes.expire_approval, "expired"),
+        ]
+        for approval_id, event in events:
+            if approval_id:
+                stored = self._store.get_approval(approval_id)
+                if stored is not None:
+                    await self._approvals.record_event(stored, event, actor)
+
+
+def decision_token_id(token: CapabilityClaims | TokenError | None) -> str:
+    return token.token_id if isinstance(token, CapabilityClaims) else ""
+
+
+def _new_approval(
+    policy: Policy,
+    call: ToolCall,
+    scope: DecisionScope,
+    requirement: ApprovalRequirement,
+    *,
+    now: float,
+    token_id: str,
+) -> NewApproval:
+    """The request a NEEDS_APPROVAL Check opens, bound to this exact call."""
+    tier = policy.tier(call.tool, requirement.tier)
+    record = ApprovalRecord(
+        id=new_record_id(now, "apr"),
+        agent=scope.agent,
+        tool=call.tool,
+        args_digest=call.args_digest,
+        run_id=call.run_id,
+        tier=requirement.tier,
+        approvals_required=requirement.approvals_required,
+        approver_roles=requirement.approver_roles,
+        vetoes=tier.vetoes if tier else 1,
+        status=ApprovalStatus.PENDING,
+        created_at=now,
+        expires_at=now + requirement.ttl_seconds,
+    )
+    return NewApproval(
+        record=record,
+        arguments=strictjson.canonical(call.arguments),
+        token_id=token_id,
+        policy_version=policy.version,
+    )

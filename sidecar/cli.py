@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -326,6 +327,111 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _approval_row(approval: dict[str, Any]) -> str:
+    verdicts: list[dict[str, Any]] = approval.get("verdicts", [])
+    approved = sum(1 for verdict in verdicts if verdict.get("approve"))
+    state = str(approval.get("state", "")).removeprefix("APPROVAL_STATE_").lower()
+    return (
+        f"{approval.get('approval_id', ''):<32} {state:<9} {approval.get('agent', ''):<34} "
+        f"{approval.get('tool', ''):<16} {approval.get('tier', ''):<11} "
+        f"{approved}/{approval.get('approvals_required', 0)}"
+    )
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    """List, show, approve or reject approval requests on a running sidecar."""
+    from sidecar._proto.proviso.v1 import approval_service_pb2 as ap_pb  # noqa: PLC0415
+    from sidecar._proto.proviso.v1 import approval_service_pb2_grpc as ap_grpc  # noqa: PLC0415
+
+    try:
+        metadata = caller_metadata(args)
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    with grpc.insecure_channel(args.target) as channel:
+        stub = ap_grpc.ApprovalServiceStub(channel)
+        try:
+            if args.approvals_command == "list":
+                state = ap_pb.ApprovalState.Value(f"APPROVAL_STATE_{args.state.upper()}")
+                response = stub.ListApprovals(
+                    ap_pb.ListApprovalsRequest(
+                        state=state, agent=args.agent, tool=args.tool, page_size=args.page_size
+                    ),
+                    metadata=metadata,
+                    timeout=args.timeout,
+                )
+                found = list(response.approvals)
+            elif args.approvals_command == "show":
+                found = [
+                    stub.GetApproval(
+                        ap_pb.GetApprovalRequest(approval_id=args.approval_id),
+                        metadata=metadata,
+                        timeout=args.timeout,
+                    ).approval
+                ]
+            else:
+                judge = stub.ApproveApproval if args.approvals_command == "approve" else None
+                if judge is not None:
+                    changed = judge(
+                        ap_pb.ApproveApprovalRequest(
+                            approval_id=args.approval_id, comment=args.comment
+                        ),
+                        metadata=metadata,
+                        timeout=args.timeout,
+                    )
+                else:
+                    changed = stub.RejectApproval(  # type: ignore[assignment]
+                        ap_pb.RejectApprovalRequest(
+                            approval_id=args.approval_id, comment=args.comment
+                        ),
+                        metadata=metadata,
+                        timeout=args.timeout,
+                    )
+                found = [changed.approval]
+                if not changed.counted:
+                    print("proviso: you had already given a verdict; it counts once",
+                          file=sys.stderr)  # fmt: skip
+        except grpc.RpcError as exc:
+            return _fail(f"{exc.code().name}: {exc.details()}")
+    rows = [json_format.MessageToDict(a, preserving_proto_field_name=True) for a in found]
+    if args.format == "json" or args.approvals_command == "show":
+        print(json.dumps(rows if args.approvals_command == "list" else rows[0], indent=2))
+    elif not rows:
+        print("no approval requests")
+    else:
+        print(f"{'ID':<32} {'STATE':<9} {'AGENT':<34} {'TOOL':<16} {'TIER':<11} APPROVALS")
+        for row in rows:
+            print(_approval_row(row))
+    return EXIT_OK
+
+
+def _add_approvals_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    approvals = commands.add_parser(
+        "approvals", help="approval requests (approvers)", description=cmd_approvals.__doc__
+    )
+    sub = approvals.add_subparsers(dest="approvals_command", required=True, metavar="COMMAND")
+    listing = sub.add_parser("list", help="approval requests, newest first")
+    listing.add_argument(
+        "--state",
+        default="pending",
+        choices=("pending", "approved", "rejected", "expired", "consumed", "unspecified"),
+        help="only requests in this state (unspecified: all; default pending)",
+    )
+    listing.add_argument("--agent", default="", metavar="ID")
+    listing.add_argument("--tool", default="", metavar="NAME")
+    listing.add_argument("--page-size", type=int, default=50, metavar="N")
+    show = sub.add_parser("show", help="one request with its arguments and verdicts")
+    show.add_argument("approval_id", metavar="ID")
+    for name in ("approve", "reject"):
+        judge = sub.add_parser(name, help=f"{name} a request (as an eligible approver)")
+        judge.add_argument("approval_id", metavar="ID")
+        judge.add_argument("--comment", default="", metavar="TEXT")
+    for command in (listing, show, *(sub.choices[n] for n in ("approve", "reject"))):
+        _add_caller_options(command)
+        command.set_defaults(handler=cmd_approvals)
+
+
 def _add_caller_options(command: argparse.ArgumentParser) -> None:
     """--target and the caller identity, the same on every command that talks to a server."""
     command.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT")
@@ -422,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check)
 
     _add_kill_commands(commands)
+    _add_approvals_commands(commands)
     return parser
 
 

@@ -11,7 +11,7 @@ import json
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class Identity:
     subject: str
     groups: tuple[str, ...]
     issuer: str
+    claims: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 def bearer_token(metadata: Mapping[str, str]) -> str:
@@ -124,7 +125,7 @@ class IdentityVerifier:
         groups = claims.get(self._groups_claim, [])
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise UnauthenticatedError(f"identity token claim '{self._groups_claim}' is not a list")
-        return Identity(subject=subject, groups=tuple(groups), issuer=self._issuer)
+        return Identity(subject=subject, groups=tuple(groups), issuer=self._issuer, claims=claims)
 
 
 class DevIdentityProvider:
@@ -174,11 +175,17 @@ class DevIdentityProvider:
         )
 
     def mint(
-        self, subject: str, groups: tuple[str, ...], now: float, ttl_seconds: int = 600
+        self,
+        subject: str,
+        groups: tuple[str, ...],
+        now: float,
+        ttl_seconds: int = 600,
+        extra: Mapping[str, Any] | None = None,
     ) -> str:
-        """A short-lived identity JWT for ``subject``."""
+        """A short-lived identity JWT for ``subject`` (``extra`` claims for tests and dev)."""
         issued = int(now)
         claims = {
+            **(extra or {}),
             "iss": DEV_IDP_ISSUER,
             "sub": subject,
             "aud": self.audience,

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sidecar.engine import Decision
+
+
+def new_record_id(now: float, prefix: str = "dec") -> str:
+    """A time-ordered, unguessable id: milliseconds then 64 random bits."""
+    return f"{prefix}_{int(now * 1000):012x}{secrets.token_hex(8)}"
+
+
+def timestamp(now: float) -> str:
+    """RFC 3339 UTC with milliseconds, as every audit line writes time."""
+    moment = datetime.fromtimestamp(now, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,17 +11,22 @@ from sidecar.engine.decision import (
 from sidecar.engine.evaluate import decide, evaluate
 from sidecar.engine.state import (
     NO_STATE,
+    ApprovalRecord,
+    ApprovalStatus,
     Evaluation,
     RateBucket,
     RunUsage,
     StateChanges,
     StateView,
     StoredDecision,
+    Verdict,
 )
 
 __all__ = [
     "NO_STATE",
+    "ApprovalRecord",
     "ApprovalRequirement",
+    "ApprovalStatus",
     "Decision",
     "Evaluation",
     "Outcome",
@@ -33,6 +38,7 @@ __all__ = [
     "StateView",
     "StoredDecision",
     "ToolCall",
+    "Verdict",
     "decide",
     "evaluate",
 ]

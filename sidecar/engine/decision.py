@@ -45,6 +45,12 @@ class ReasonCode(StrEnum):
     BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
     RATE_LIMITED = "RATE_LIMITED"
     RETRY_BUDGET_EXHAUSTED = "RETRY_BUDGET_EXHAUSTED"
+    APPROVAL_NOT_FOUND = "APPROVAL_NOT_FOUND"
+    APPROVAL_MISMATCH = "APPROVAL_MISMATCH"
+    APPROVAL_REJECTED = "APPROVAL_REJECTED"
+    APPROVAL_EXPIRED = "APPROVAL_EXPIRED"
+    APPROVAL_CONSUMED = "APPROVAL_CONSUMED"
+    APPROVAL_GRANTED = "APPROVAL_GRANTED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +102,7 @@ class Decision:
     agent: str = ""
     token_id: str = ""
     retry_after_seconds: float = 0.0
+    approval_id: str = ""
 
     @property
     def primary_code(self) -> ReasonCode | None:

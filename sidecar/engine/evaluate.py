@@ -27,6 +27,7 @@ from sidecar.engine.decision import (
 from sidecar.engine.state import (
     NO_CHANGES,
     NO_STATE,
+    ApprovalStatus,
     Evaluation,
     RateBucket,
     StateChanges,
@@ -117,8 +118,15 @@ def decide(
         )
         return Evaluation(decision, changes)
 
-    decision = _apply_tiers(policy, tool, call, token, bindings)
-    changes = StateChanges(
+    mismatch = _check_approval_binding(call, token, state)
+    if mismatch is not None:
+        changes = StateChanges(failure_streak=streak_reset, rate=bucket)
+        return Evaluation(_decide(policy, Outcome.DENY, (mismatch,), token=token), changes)
+    decision, approval_changes = _apply_approval(
+        policy, call, state, now, _apply_tiers(policy, tool, call, token, bindings)
+    )
+    changes = replace(
+        approval_changes,
         count_call=decision.outcome is Outcome.ALLOW,
         failure_streak=streak_reset,
         rate=bucket,
@@ -282,6 +290,76 @@ def _retry_after(policy: Policy, token: CapabilityClaims, bucket: RateBucket | N
     if bucket is None or limit is None or bucket.tokens >= 1.0:
         return 0.0
     return (1.0 - bucket.tokens) / limit.per_second
+
+
+def _check_approval_binding(
+    call: ToolCall, token: CapabilityClaims, state: StateView
+) -> Reason | None:
+    """An approval id must name a request for exactly this call: agent, tool, arguments, run."""
+    if not call.approval_id:
+        return None
+    record = state.approval
+    if record is None:
+        return Reason(
+            ReasonCode.APPROVAL_NOT_FOUND,
+            f"no approval request '{call.approval_id}'",
+            "approval_id",
+        )
+    bound = (record.agent, record.tool, record.args_digest, record.run_id)
+    if bound != (token.subject, call.tool, call.args_digest, call.run_id):
+        return Reason(
+            ReasonCode.APPROVAL_MISMATCH,
+            "the approval was given for another call (agent, tool, arguments or run differ)",
+            "approval_id",
+        )
+    return None
+
+
+def _apply_approval(
+    policy: Policy, call: ToolCall, state: StateView, now: float, decision: Decision
+) -> tuple[Decision, StateChanges]:
+    """Step 9, approvals: use a presented approval once, or open (or find) a request.
+
+    The approval is judged against the tier the *current* policy requires, so a policy change
+    between request and use still bites.
+    """
+    requirement = decision.approval
+    if decision.outcome is not Outcome.NEEDS_APPROVAL or requirement is None:
+        return decision, NO_CHANGES
+    record = state.approval if call.approval_id else None
+    if record is not None:
+        status = record.status_at(now)
+        if status is ApprovalStatus.EXPIRED:
+            expire = record.id if record.status is not ApprovalStatus.EXPIRED else ""
+            reason = Reason(ReasonCode.APPROVAL_EXPIRED, "the approval request expired")
+            return _deny_for(policy, decision, reason), StateChanges(expire_approval=expire)
+        if status is ApprovalStatus.REJECTED:
+            reason = Reason(ReasonCode.APPROVAL_REJECTED, "the approval request was rejected")
+            return _deny_for(policy, decision, reason), NO_CHANGES
+        if status is ApprovalStatus.CONSUMED:
+            reason = Reason(ReasonCode.APPROVAL_CONSUMED, "the approval was already used")
+            return _deny_for(policy, decision, reason), NO_CHANGES
+        if record.satisfies(requirement):
+            approvers = ", ".join(record.approvers_for(requirement))
+            reason = Reason(ReasonCode.APPROVAL_GRANTED, f"approved by {approvers}")
+            allowed = replace(
+                decision, outcome=Outcome.ALLOW, reasons=(reason,), approval_id=record.id
+            )
+            return allowed, StateChanges(consume_approval=record.id)
+        if status is ApprovalStatus.PENDING and record.tier == requirement.tier:
+            return replace(decision, approval_id=record.id), NO_CHANGES
+    pending = state.open_approval
+    if (
+        pending is not None
+        and pending.tier == requirement.tier
+        and pending.status_at(now) is ApprovalStatus.PENDING
+    ):
+        return replace(decision, approval_id=pending.id), NO_CHANGES
+    return decision, StateChanges(open_approval=requirement)
+
+
+def _deny_for(policy: Policy, decision: Decision, reason: Reason) -> Decision:
+    return replace(decision, outcome=Outcome.DENY, reasons=(reason,), approval=None, approval_id="")
 
 
 def _apply_tiers(

@@ -9,9 +9,72 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from enum import StrEnum
 
-from sidecar.engine.decision import Decision
+from sidecar.engine.decision import ApprovalRequirement, Decision
 from sidecar.policy.model import KillSwitch
+
+
+class ApprovalStatus(StrEnum):
+    """The life of an approval request; only ``pending`` and ``approved`` can move on."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    CONSUMED = "consumed"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One person's approval or rejection, with the approver roles they held then."""
+
+    approver: str
+    approve: bool
+    roles: tuple[str, ...]
+    at: float
+    comment: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRecord:
+    """An approval request bound to one exact call (agent, tool, arguments digest, run)."""
+
+    id: str
+    agent: str
+    tool: str
+    args_digest: str
+    run_id: str
+    tier: str
+    approvals_required: int
+    approver_roles: tuple[str, ...]
+    vetoes: int
+    status: ApprovalStatus
+    created_at: float
+    expires_at: float
+    verdicts: tuple[Verdict, ...] = ()
+
+    def status_at(self, now: float) -> ApprovalStatus:
+        """Pending and approved requests expire; an approval can be used until then too."""
+        open_states = (ApprovalStatus.PENDING, ApprovalStatus.APPROVED)
+        if self.status in open_states and now >= self.expires_at:
+            return ApprovalStatus.EXPIRED
+        return self.status
+
+    def approvers_for(self, requirement: ApprovalRequirement) -> tuple[str, ...]:
+        """Distinct people whose approval counts for ``requirement`` (roles they held)."""
+        roles = set(requirement.approver_roles)
+        return tuple(
+            sorted({v.approver for v in self.verdicts if v.approve and roles & set(v.roles)})
+        )
+
+    def satisfies(self, requirement: ApprovalRequirement) -> bool:
+        """Approved, for this tier, by enough people holding the tier's roles now."""
+        return (
+            self.status is ApprovalStatus.APPROVED
+            and self.tier == requirement.tier
+            and len(self.approvers_for(requirement)) >= requirement.approvals_required
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +113,8 @@ class StateView:
     idempotent: StoredDecision | None = None
     usage: RunUsage = RunUsage()
     rate: RateBucket | None = None
+    approval: ApprovalRecord | None = None
+    open_approval: ApprovalRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +125,17 @@ class StateChanges:
     failure_streak: int | None = None
     rate: RateBucket | None = None
     remember: bool = False
+    open_approval: ApprovalRequirement | None = None
+    consume_approval: str = ""
+    expire_approval: str = ""
 
     @property
     def empty(self) -> bool:
-        return not (self.count_call or self.remember or self.rate) and self.failure_streak is None
+        return (
+            not (self.count_call or self.remember or self.rate or self.open_approval)
+            and not (self.consume_approval or self.expire_approval)
+            and self.failure_streak is None
+        )
 
 
 NO_STATE = StateView()

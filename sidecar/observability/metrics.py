@@ -61,6 +61,24 @@ class Metrics:
             "Kill switches engaged (from the admin API and the policy), as last seen by Check.",
             registry=self.registry,
         )
+        self.approvals = Counter(
+            "proviso_approvals",
+            "Approval request events by outcome: created, approved, rejected, consumed, expired.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.approvals_pending = Gauge(
+            "proviso_approvals_pending",
+            "Approval requests waiting for people, by tier.",
+            ["tier"],
+            registry=self.registry,
+        )
+        self.approval_decision_seconds = Histogram(
+            "proviso_approval_decision_seconds",
+            "Time from an approval request's creation to its approval or rejection.",
+            buckets=(10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600),
+            registry=self.registry,
+        )
         self._policy_labels: tuple[str, str] | None = None
 
     def set_policy(self, version: str, label: str) -> None:

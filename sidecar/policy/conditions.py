@@ -16,9 +16,17 @@ from cel_expr_python import cel
 
 VARIABLES = ("args", "agent", "token", "context")
 
-_ENV = cel.NewEnv(
-    variables={name: cel.Type.Map(cel.Type.STRING, cel.Type.DYN) for name in VARIABLES}
-)
+APPROVER_VARIABLES = ("approver", "request")
+"""Approver conditions see the person (subject, groups, claims) and the request (agent, tool,
+args, run_id, tier)."""
+
+
+def _env(names: tuple[str, ...]) -> Any:
+    return cel.NewEnv(variables={n: cel.Type.Map(cel.Type.STRING, cel.Type.DYN) for n in names})
+
+
+_ENV = _env(VARIABLES)
+_APPROVER_ENV = _env(APPROVER_VARIABLES)
 _POSITION_RE = re.compile(r"<input>:(\d+):(\d+): (.*)")
 
 
@@ -72,20 +80,26 @@ def bind(
     return Bindings(_ENV.Activation(data))
 
 
+def bind_approver(approver: Mapping[str, Any], request: Mapping[str, Any]) -> Bindings:
+    """Bind an approver condition's variables."""
+    data = {"approver": _to_cel(dict(approver)), "request": _to_cel(dict(request))}
+    return Bindings(_APPROVER_ENV.Activation(data))
+
+
 class Condition:
     """A compiled boolean CEL expression."""
 
     __slots__ = ("_expression", "source")
 
-    def __init__(self, source: str) -> None:
-        """Compile ``source``.
+    def __init__(self, source: str, *, approver: bool = False) -> None:
+        """Compile ``source`` over the call's variables (or, with ``approver``, the approver's).
 
         Raises:
             ConditionCompileError: it does not parse, does not type-check, or is not boolean.
         """
         self.source = source
         try:
-            expression = _ENV.compile(source)
+            expression = (_APPROVER_ENV if approver else _ENV).compile(source)
         except RuntimeError as exc:
             raise _compile_error(str(exc)) from None
         result_type = expression.return_type()

@@ -550,6 +550,10 @@ def _compile_tiers(bundle: _Bundle, tool: _Definition) -> None:
             continue
         what = f"condition of tier {label} of tool '{tool.name}'"
         _compile_condition(bundle, tool, ("tiers", index, "when"), what)
+        if "approver_condition" in tier:
+            what = f"approver condition of tier {label} of tool '{tool.name}'"
+            where = ("tiers", index, "approver_condition")
+            _compile_condition(bundle, tool, where, what, approver=True)
 
 
 def _compile_rules(bundle: _Bundle, tool: _Definition) -> None:
@@ -565,7 +569,12 @@ def _compile_rules(bundle: _Bundle, tool: _Definition) -> None:
 
 
 def _compile_condition(
-    bundle: _Bundle, tool: _Definition, where: tuple[str, int, str], what: str
+    bundle: _Bundle,
+    tool: _Definition,
+    where: tuple[str, int, str],
+    what: str,
+    *,
+    approver: bool = False,
 ) -> None:
     """Compile one CEL expression; an error points inside the expression in the file."""
     section, index, key = where
@@ -574,7 +583,10 @@ def _compile_condition(
     if not isinstance(source, str) or not tool.file.usable(path):
         return
     try:
-        bundle.conditions[tool.file.name, tool.name, section, index] = Condition(source)
+        slot = "approver" if approver else section
+        bundle.conditions[tool.file.name, tool.name, slot, index] = Condition(
+            source, approver=approver
+        )
     except ConditionCompileError as exc:
         code = Code.CEL_SYNTAX if exc.message.startswith("Syntax error") else Code.CEL_TYPE
         line, col = tool.file.document.position_in_scalar(path, exc.line, exc.col)
@@ -678,6 +690,10 @@ def _build_tool(bundle: _Bundle, tool: _Definition) -> Tool:
                 if "ttl" in tier
                 else DEFAULT_APPROVAL_TTL_SECONDS,
                 message=tier.get("message", ""),
+                vetoes=int(tier.get("vetoes", 1)),
+                approver_condition=bundle.conditions.get(
+                    (tool.file.name, tool.name, "approver", index)
+                ),
             )
         )
     rules = tuple(

@@ -60,6 +60,8 @@ class Tier:
     approver_roles: tuple[str, ...] = ()
     ttl_seconds: int = DEFAULT_APPROVAL_TTL_SECONDS
     message: str = ""
+    vetoes: int = 1
+    approver_condition: Condition | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +211,18 @@ class Policy:
     dev_directory: Mapping[str, DevSubject] = field(default_factory=_frozen)
     controls: Controls = field(default_factory=Controls)
     kill_switches: tuple[KillSwitch, ...] = ()
+
+    def approver_roles_of(self, groups: tuple[str, ...]) -> tuple[str, ...]:
+        """The approver roles a person with these IdP groups holds, sorted."""
+        held = set(groups)
+        return tuple(
+            sorted(n for n, role in self.approver_roles.items() if held & set(role.groups))
+        )
+
+    def tier(self, tool: str, name: str) -> Tier | None:
+        """A tool's tier by name, if both exist in this policy."""
+        found = self.tools.get(tool)
+        return next((t for t in found.tiers if t.name == name), None) if found else None
 
     def tools_permitted(self, agent_id: str) -> frozenset[str]:
         """The tools the agent's roles permit now; empty for an unknown agent."""

@@ -15,13 +15,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from sidecar import strictjson
 from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
+from sidecar._proto.proviso.v1 import approval_service_pb2 as approval_pb
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
 from sidecar.authorizer import CheckInput, CheckResult
-from sidecar.engine import Outcome, ToolCall
+from sidecar.engine import ApprovalStatus, Outcome, ToolCall
 from sidecar.errors import InvalidRequestError
 from sidecar.minting import MintedToken
 from sidecar.policy.model import KillScope, KillSwitch, Policy
+from sidecar.state import ApprovalEvent, StoredApproval
 from tokens import Grant
 
 MAX_IDENTIFIER_BYTES = 256
@@ -108,6 +110,7 @@ def check_response(result: CheckResult) -> authz_pb.CheckResponse:
         policy_version=decision.policy_version,
         matched_tier=decision.matched_tier,
         replayed=result.replayed,
+        approval_id=decision.approval_id,
     )
     if decision.retry_after_seconds:
         retry_after = Duration()
@@ -201,3 +204,76 @@ def kill_switch(switch: KillSwitch) -> admin_pb.KillSwitch:
     if switch.engaged_at:
         message.engage_time.FromNanoseconds(int(switch.engaged_at * 1e9))
     return message
+
+
+_APPROVAL_STATES = {
+    ApprovalStatus.PENDING: approval_pb.APPROVAL_STATE_PENDING,
+    ApprovalStatus.APPROVED: approval_pb.APPROVAL_STATE_APPROVED,
+    ApprovalStatus.REJECTED: approval_pb.APPROVAL_STATE_REJECTED,
+    ApprovalStatus.EXPIRED: approval_pb.APPROVAL_STATE_EXPIRED,
+    ApprovalStatus.CONSUMED: approval_pb.APPROVAL_STATE_CONSUMED,
+}
+_STATUS_OF = {value: status for status, value in _APPROVAL_STATES.items()}
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def approval(stored: StoredApproval, now: float) -> approval_pb.Approval:
+    """An Approval as people see it now (a request past its time reads as expired)."""
+    record = stored.record
+    return approval_pb.Approval(
+        approval_id=record.id,
+        agent=record.agent,
+        tool=record.tool,
+        arguments_json=stored.arguments,
+        args_digest=record.args_digest,
+        run_id=record.run_id,
+        tier=record.tier,
+        approvals_required=record.approvals_required,
+        approver_roles=list(record.approver_roles),
+        vetoes=record.vetoes,
+        state=_APPROVAL_STATES[record.status_at(now)],
+        create_time=_timestamp(record.created_at),
+        expire_time=_timestamp(record.expires_at),
+        verdicts=[
+            approval_pb.ApprovalVerdict(
+                approver=v.approver,
+                approve=v.approve,
+                roles=list(v.roles),
+                comment=v.comment,
+                time=_timestamp(v.at),
+            )
+            for v in record.verdicts
+        ],
+        policy_version=stored.policy_version,
+    )
+
+
+def approval_id(value: str) -> str:
+    return _identifier("approval_id", value, required=True)
+
+
+def approval_status(state: int) -> ApprovalStatus | None:
+    """The status filter of a ListApprovals request (None: any)."""
+    if state == approval_pb.APPROVAL_STATE_UNSPECIFIED:
+        return None
+    status: ApprovalStatus | None = _STATUS_OF.get(state)  # type: ignore[call-overload]
+    if status is None:
+        raise InvalidRequestError("state", "unknown approval state")
+    return status
+
+
+def watch_response(
+    event: ApprovalEvent, stored: StoredApproval, now: float
+) -> approval_pb.WatchApprovalsResponse:
+    return approval_pb.WatchApprovalsResponse(
+        sequence=event.seq,
+        event=event.event,
+        actor=event.actor,
+        time=_timestamp(event.at),
+        approval=approval(stored, now),
+    )

@@ -7,9 +7,10 @@ goes through status.py to exactly one status.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -18,11 +19,13 @@ from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 
 from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
+from sidecar._proto.proviso.v1 import approval_service_pb2 as approval_pb
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
-from sidecar.audit.record import event_line
+from sidecar.approvals import Approvals
+from sidecar.audit.record import event_line, new_record_id, timestamp
 from sidecar.audit.writer import AuditLog
-from sidecar.authorizer import Authorizer, PolicyHolder, new_decision_id, timestamp
+from sidecar.authorizer import Authorizer, PolicyHolder
 from sidecar.clock import Clock
 from sidecar.errors import InvalidRequestError
 from sidecar.identity import Identity, IdentityVerifier
@@ -79,6 +82,26 @@ def unary(
         raise AssertionError("abort_with_status returned")  # pragma: no cover
 
     return grpc.unary_unary_rpc_method_handler(handle)
+
+
+def server_stream(
+    request_type: type[RequestT],
+    behaviour: Callable[[RequestT, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Message]],
+    method: str,
+) -> grpc.RpcMethodHandler[bytes, bytes]:
+    """A server-streaming handler with the same decoding and status mapping as ``unary``."""
+
+    async def handle(
+        raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for response in behaviour(_decode(request_type, raw), context):
+                yield response.SerializeToString()
+        except Exception as exc:
+            failure = status.from_exception(exc, method)
+            await context.abort_with_status(rpc_status.to_status(failure.rich_status()))
+
+    return grpc.unary_stream_rpc_method_handler(handle)
 
 
 class AuthorizationService:
@@ -217,7 +240,7 @@ class AdminService:
             "was_engaged": switch is not None,
         }
         await self._audit.append(
-            event_line("kill_switch", new_decision_id(now), timestamp(now), fields)
+            event_line("kill_switch", new_record_id(now, "evt"), timestamp(now), fields)
         )
         engaged = self._store.kill_switches()
         self._metrics.kill_switches_active.set(
@@ -267,3 +290,154 @@ class AdminService:
                 ),
             },
         )
+
+
+LIST_DEFAULT_PAGE_SIZE = 50
+LIST_MAX_PAGE_SIZE = 500
+WATCH_POLL_SECONDS = 0.25
+
+
+class ApprovalService:
+    """proviso.v1.ApprovalService: people from the IdP judge calls that need approval."""
+
+    name = "proviso.v1.ApprovalService"
+
+    def __init__(
+        self,
+        policy: PolicyHolder,
+        *,
+        identities: IdentityVerifier,
+        approvals: Approvals,
+        clock: Clock,
+    ) -> None:
+        self._policy = policy
+        self._identities = identities
+        self._approvals = approvals
+        self._clock = clock
+
+    def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+        return caller(context, self._identities, self._clock.now())
+
+    async def get_approval(
+        self, request: approval_pb.GetApprovalRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> approval_pb.GetApprovalResponse:
+        self._caller(context)
+        stored = self._approvals.get(convert.approval_id(request.approval_id))
+        return approval_pb.GetApprovalResponse(approval=convert.approval(stored, self._clock.now()))
+
+    async def list_approvals(
+        self,
+        request: approval_pb.ListApprovalsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> approval_pb.ListApprovalsResponse:
+        self._caller(context)
+        if request.page_size < 0:
+            raise InvalidRequestError("page_size", "must not be negative")
+        size = min(request.page_size or LIST_DEFAULT_PAGE_SIZE, LIST_MAX_PAGE_SIZE)
+        after = _decode_page_token(request.page_token)
+        found = self._approvals.store.list_approvals(
+            status=convert.approval_status(request.state),
+            agent=request.agent,
+            tool=request.tool,
+            limit=size + 1,
+            after=after,
+        )
+        page, more = found[:size], len(found) > size
+        now = self._clock.now()
+        return approval_pb.ListApprovalsResponse(
+            approvals=[convert.approval(a, now) for a in page],
+            next_page_token=_encode_page_token(page[-1].record.id) if more else "",
+        )
+
+    async def _judge(
+        self, approval_id: str, comment: str, context: grpc.aio.ServicerContext[Any, Any], *,
+        approve: bool,
+    ) -> tuple[approval_pb.Approval, bool]:  # fmt: skip
+        person = self._caller(context)
+        change = await self._approvals.judge(
+            convert.approval_id(approval_id),
+            person,
+            self._policy.current,
+            approve=approve,
+            comment=comment,
+        )
+        return convert.approval(change.approval, self._clock.now()), change.counted
+
+    async def approve_approval(
+        self,
+        request: approval_pb.ApproveApprovalRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> approval_pb.ApproveApprovalResponse:
+        shown, counted = await self._judge(
+            request.approval_id, request.comment, context, approve=True
+        )
+        return approval_pb.ApproveApprovalResponse(approval=shown, counted=counted)
+
+    async def reject_approval(
+        self,
+        request: approval_pb.RejectApprovalRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> approval_pb.RejectApprovalResponse:
+        shown, counted = await self._judge(
+            request.approval_id, request.comment, context, approve=False
+        )
+        return approval_pb.RejectApprovalResponse(approval=shown, counted=counted)
+
+    async def watch_approvals(
+        self,
+        request: approval_pb.WatchApprovalsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[approval_pb.WatchApprovalsResponse]:
+        """Every change from now on; polls the store so changes by other processes show too."""
+        self._caller(context)
+        seen = self._approvals.store.last_approval_event()
+        while True:
+            for event in self._approvals.events_after(seen):
+                seen = event.seq
+                stored = self._approvals.store.get_approval(event.approval_id)
+                if stored is not None:
+                    yield convert.watch_response(event, stored, self._clock.now())
+            await self._approvals.feed.wait(WATCH_POLL_SECONDS)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            self.name,
+            {
+                "GetApproval": unary(
+                    approval_pb.GetApprovalRequest, self.get_approval, f"{self.name}/GetApproval"
+                ),
+                "ListApprovals": unary(
+                    approval_pb.ListApprovalsRequest,
+                    self.list_approvals,
+                    f"{self.name}/ListApprovals",
+                ),
+                "ApproveApproval": unary(
+                    approval_pb.ApproveApprovalRequest,
+                    self.approve_approval,
+                    f"{self.name}/ApproveApproval",
+                ),
+                "RejectApproval": unary(
+                    approval_pb.RejectApprovalRequest,
+                    self.reject_approval,
+                    f"{self.name}/RejectApproval",
+                ),
+                "WatchApprovals": server_stream(
+                    approval_pb.WatchApprovalsRequest,
+                    self.watch_approvals,
+                    f"{self.name}/WatchApprovals",
+                ),
+            },
+        )
+
+
+def _encode_page_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequestError("page_token", "not a token from a previous page") from None

@@ -1,5 +1,21 @@
 """Shared state behind one Store interface: SQLite by default, PostgreSQL later."""
 
-from sidecar.state.store import DecisionScope, StateTransaction, Store
+from sidecar.state.store import (
+    ApprovalEvent,
+    ApprovalTransaction,
+    DecisionScope,
+    NewApproval,
+    StateTransaction,
+    Store,
+    StoredApproval,
+)
 
-__all__ = ["DecisionScope", "StateTransaction", "Store"]
+__all__ = [
+    "ApprovalEvent",
+    "ApprovalTransaction",
+    "DecisionScope",
+    "NewApproval",
+    "StateTransaction",
+    "Store",
+    "StoredApproval",
+]

@@ -12,28 +12,37 @@ forgets idempotency keys from the last moments. The audit log (fsynced) is the r
 
 from __future__ import annotations
 
+import json
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from sidecar.engine import (
+    ApprovalRecord,
+    ApprovalStatus,
     Decision,
     RateBucket,
     RunUsage,
     StateChanges,
     StateView,
     StoredDecision,
+    Verdict,
 )
 from sidecar.errors import StoreUnavailableError
 from sidecar.policy.model import KillScope, KillSwitch
 from sidecar.state.codec import decode_decision, encode_decision
-from sidecar.state.store import DecisionScope
+from sidecar.state.store import ApprovalEvent, DecisionScope, NewApproval, StoredApproval
 
 RUN_USAGE_RETENTION_SECONDS = 7 * 24 * 3600
 """Run counters untouched this long are dropped: no agent run lasts a week."""
+
+_COMMENT_RE = re.compile(r"--[^\n]*")
+"""SQL comments, removed before a migration is split into statements at ';'."""
 
 _COST_DIGITS = 6
 """Costs are stored in millionths, so sums are exact integers (tool costs have <= 6 decimals)."""
@@ -85,11 +94,22 @@ class _Transaction:
         bucket = self._db.execute(
             "SELECT tokens, updated_at FROM rate_buckets WHERE agent = ?", (scope.agent,)
         ).fetchone()
+        approval = _approval(self._db, scope.approval_id) if scope.approval_id else None
+        open_approval = None
+        if scope.may_need_approval:
+            row = self._db.execute(
+                "SELECT id FROM approvals WHERE agent = ? AND tool = ? AND args_digest = ? "
+                "AND run_id = ? AND status = 'pending' ORDER BY created_at DESC LIMIT 1",
+                (scope.agent, scope.tool, scope.args_digest, scope.run_id),
+            ).fetchone()
+            open_approval = _approval(self._db, row[0]) if row else None
         return StateView(
             kill_switches=switches,
             idempotent=stored,
             usage=usage,
             rate=RateBucket(bucket[0], bucket[1]) if bucket else None,
+            approval=approval.record if approval else None,
+            open_approval=open_approval.record if open_approval else None,
         )
 
     def commit(
@@ -102,6 +122,7 @@ class _Transaction:
         cost: Decimal,
         now: float,
         idempotency_window_seconds: int,
+        new_approval: NewApproval | None = None,
     ) -> None:
         if self._committed:
             raise RuntimeError("a decision transaction commits once")
@@ -137,6 +158,20 @@ class _Transaction:
                 "updated_at = excluded.updated_at",
                 (scope.agent, changes.rate.tokens, changes.rate.updated_at),
             )
+        if new_approval is not None:
+            _insert_approval(db, new_approval)
+            _event(db, new_approval.record.id, "created", scope.agent, now)
+        if changes.consume_approval:
+            updated = db.execute(
+                "UPDATE approvals SET status = 'consumed', closed_at = ? "
+                "WHERE id = ? AND status = 'approved'",
+                (now, changes.consume_approval),
+            ).rowcount
+            if updated != 1:
+                raise StoreUnavailableError("the approval changed during the decision")
+            _event(db, changes.consume_approval, "consumed", scope.agent, now)
+        if changes.expire_approval:
+            _expire(db, changes.expire_approval, now)
         if changes.remember and scope.idempotency_key:
             db.execute(
                 "INSERT INTO idempotency_keys (agent, key, tool, args_digest, decision, "
@@ -156,6 +191,104 @@ class _Transaction:
                     now + idempotency_window_seconds,
                 ),
             )
+
+
+_APPROVAL_COLUMNS = (
+    "id, agent, tool, args_digest, run_id, tier, approvals_required, approver_roles, vetoes, "
+    "status, created_at, expires_at, arguments, token_id, policy_version, closed_at"
+)
+
+
+def _approval(db: sqlite3.Connection, approval_id: str) -> StoredApproval | None:
+    row = db.execute(
+        f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE id = ?",  # noqa: S608 - fixed columns
+        (approval_id,),
+    ).fetchone()
+    return _stored_approval(db, row) if row else None
+
+
+def _stored_approval(db: sqlite3.Connection, row: tuple[Any, ...]) -> StoredApproval:
+    verdicts = tuple(
+        Verdict(approver, bool(approve), tuple(json.loads(roles)), at, comment)
+        for approver, approve, roles, comment, at in db.execute(
+            "SELECT approver, approve, roles, comment, at FROM approval_verdicts "
+            "WHERE approval_id = ? ORDER BY at, approver",
+            (row[0],),
+        )
+    )
+    record = ApprovalRecord(
+        id=row[0],
+        agent=row[1],
+        tool=row[2],
+        args_digest=row[3],
+        run_id=row[4],
+        tier=row[5],
+        approvals_required=row[6],
+        approver_roles=tuple(json.loads(row[7])),
+        vetoes=row[8],
+        status=ApprovalStatus(row[9]),
+        created_at=row[10],
+        expires_at=row[11],
+        verdicts=verdicts,
+    )
+    return StoredApproval(record, row[12], row[13], row[14], row[15])
+
+
+def _insert_approval(db: sqlite3.Connection, new: NewApproval) -> None:
+    r = new.record
+    db.execute(
+        f"INSERT INTO approvals ({_APPROVAL_COLUMNS}) "  # noqa: S608 - fixed columns
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+        (r.id, r.agent, r.tool, r.args_digest, r.run_id, r.tier, r.approvals_required,
+         json.dumps(list(r.approver_roles)), r.vetoes, r.status.value, r.created_at,
+         r.expires_at, new.arguments, new.token_id, new.policy_version),
+    )  # fmt: skip
+
+
+def _event(db: sqlite3.Connection, approval_id: str, event: str, actor: str, now: float) -> None:
+    db.execute(
+        "INSERT INTO approval_events (approval_id, event, actor, at) VALUES (?, ?, ?, ?)",
+        (approval_id, event, actor, now),
+    )
+
+
+def _expire(db: sqlite3.Connection, approval_id: str, now: float) -> bool:
+    updated = db.execute(
+        "UPDATE approvals SET status = 'expired', closed_at = ? "
+        "WHERE id = ? AND status IN ('pending', 'approved')",
+        (now, approval_id),
+    ).rowcount
+    if updated:
+        _event(db, approval_id, "expired", "proviso", now)
+    return bool(updated)
+
+
+class _ApprovalTransaction:
+    """One approval operation on an open ``BEGIN IMMEDIATE`` transaction."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._db = connection
+
+    def get(self, approval_id: str) -> StoredApproval | None:
+        return _approval(self._db, approval_id)
+
+    def add_verdict(self, approval_id: str, verdict: Verdict) -> None:
+        self._db.execute(
+            "INSERT INTO approval_verdicts (approval_id, approver, approve, roles, comment, at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (approval_id, verdict.approver, int(verdict.approve), json.dumps(list(verdict.roles)),
+             verdict.comment, verdict.at),
+        )  # fmt: skip
+
+    def set_status(self, approval_id: str, status: ApprovalStatus, now: float) -> None:
+        closed = now if status is not ApprovalStatus.PENDING else None
+        self._db.execute(
+            "UPDATE approvals SET status = ?, closed_at = ? WHERE id = ?",
+            (status.value, closed, approval_id),
+        )
+
+    def add_event(self, approval_id: str, event: str, actor: str, now: float) -> None:
+        _event(self._db, approval_id, event, actor, now)
 
 
 def _kill_switches(db: sqlite3.Connection) -> tuple[KillSwitch, ...]:
@@ -198,7 +331,7 @@ class SQLiteStore:
             for version, script in _migrations():
                 if version in applied:
                     continue
-                for statement in filter(str.strip, script.split(";")):
+                for statement in filter(str.strip, _COMMENT_RE.sub("", script).split(";")):
                     db.execute(statement)
                 db.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
             db.execute("COMMIT")
@@ -276,6 +409,88 @@ class SQLiteStore:
                     (stale,),
                 ).rowcount
         return removed
+
+    @contextmanager
+    def approvals(self) -> Iterator[_ApprovalTransaction]:
+        with self.decision():
+            yield _ApprovalTransaction(self._db)
+
+    def get_approval(self, approval_id: str) -> StoredApproval | None:
+        with self._reading():
+            return _approval(self._db, approval_id)
+
+    def list_approvals(
+        self,
+        *,
+        status: ApprovalStatus | None,
+        agent: str,
+        tool: str,
+        limit: int,
+        after: str,
+    ) -> list[StoredApproval]:
+        clauses, values = [], []
+        for column, value in (
+            ("status", status.value if status else ""),
+            ("agent", agent),
+            ("tool", tool),
+        ):
+            if value:
+                clauses.append(f"{column} = ?")
+                values.append(value)
+        if after:
+            clauses.append("(created_at, id) < (SELECT created_at, id FROM approvals WHERE id = ?)")
+            values.append(after)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._reading():
+            rows = self._db.execute(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals {where} "  # noqa: S608 - fixed SQL
+                "ORDER BY created_at DESC, id DESC LIMIT ?",
+                (*values, limit),
+            ).fetchall()
+            return [_stored_approval(self._db, row) for row in rows]
+
+    def approval_events(self, after_seq: int, limit: int) -> list[ApprovalEvent]:
+        with self._reading():
+            rows = self._db.execute(
+                "SELECT seq, approval_id, event, actor, at FROM approval_events "
+                "WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [ApprovalEvent(*row) for row in rows]
+
+    def last_approval_event(self) -> int:
+        with self._reading():
+            row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM approval_events").fetchone()
+        return int(row[0])
+
+    def pending_by_tier(self) -> dict[str, int]:
+        with self._reading():
+            rows = self._db.execute(
+                "SELECT tier, COUNT(*) FROM approvals WHERE status = 'pending' GROUP BY tier"
+            ).fetchall()
+        return {tier: count for tier, count in rows}
+
+    def expire_approvals(self, now: float) -> list[StoredApproval]:
+        with self._write():
+            due = [
+                row[0]
+                for row in self._db.execute(
+                    "SELECT id FROM approvals WHERE status IN ('pending', 'approved') "
+                    "AND expires_at <= ?",
+                    (now,),
+                )
+            ]
+            for approval_id in due:
+                _expire(self._db, approval_id, now)
+            expired = [_approval(self._db, approval_id) for approval_id in due]
+        return [a for a in expired if a is not None]
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
 
     @contextmanager
     def _write(self) -> Iterator[None]:

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
-from sidecar.engine import Decision, StateChanges, StateView
+from sidecar.engine import (
+    ApprovalRecord,
+    ApprovalStatus,
+    Decision,
+    StateChanges,
+    StateView,
+    Verdict,
+)
 from sidecar.policy.model import KillScope, KillSwitch
 
 
@@ -29,6 +36,53 @@ class DecisionScope:
     run_key: str
     idempotency_key: str = ""
     args_digest: str = ""
+    run_id: str = ""
+    approval_id: str = ""
+    may_need_approval: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NewApproval:
+    """An approval request to create with a Check's changes."""
+
+    record: ApprovalRecord
+    arguments: str
+    token_id: str
+    policy_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredApproval:
+    """An approval request as stored, with what approvers need to see."""
+
+    record: ApprovalRecord
+    arguments: str
+    token_id: str
+    policy_version: str
+    closed_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalEvent:
+    """One change of one request, in the order the store saw it."""
+
+    seq: int
+    approval_id: str
+    event: str
+    actor: str
+    at: float
+
+
+class ApprovalTransaction(Protocol):
+    """Reads and writes of one approval operation (a verdict), committed together."""
+
+    def get(self, approval_id: str) -> StoredApproval | None: ...
+
+    def add_verdict(self, approval_id: str, verdict: Verdict) -> None: ...
+
+    def set_status(self, approval_id: str, status: ApprovalStatus, now: float) -> None: ...
+
+    def add_event(self, approval_id: str, event: str, actor: str, now: float) -> None: ...
 
 
 class StateTransaction(Protocol):
@@ -48,6 +102,7 @@ class StateTransaction(Protocol):
         cost: Decimal,
         now: float,
         idempotency_window_seconds: int,
+        new_approval: NewApproval | None = None,
     ) -> None:
         """Apply the engine's changes; called at most once, before the transaction ends."""
         ...
@@ -78,6 +133,34 @@ class Store(Protocol):
 
     def prune(self, now: float) -> int:
         """Drop expired idempotency records and stale run usage; returns rows removed."""
+        ...
+
+    def approvals(self) -> AbstractContextManager[ApprovalTransaction]:
+        """An exclusive transaction for one approval operation."""
+        ...
+
+    def get_approval(self, approval_id: str) -> StoredApproval | None: ...
+
+    def list_approvals(
+        self,
+        *,
+        status: ApprovalStatus | None,
+        agent: str,
+        tool: str,
+        limit: int,
+        after: str,
+    ) -> list[StoredApproval]:
+        """Newest first; ``after`` is the id of the last item of the previous page."""
+        ...
+
+    def approval_events(self, after_seq: int, limit: int) -> list[ApprovalEvent]: ...
+
+    def last_approval_event(self) -> int: ...
+
+    def pending_by_tier(self) -> dict[str, int]: ...
+
+    def expire_approvals(self, now: float) -> list[StoredApproval]:
+        """Mark requests past their expiry as expired (with an event); return them."""
         ...
 
     def close(self) -> None: ...

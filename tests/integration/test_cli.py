@@ -15,7 +15,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
 from tests.conftest import EXAMPLE_POLICIES, ROOT, Sidecar
+from tests.integration.test_check import INVOICE_CONTEXT, check, refund
 
 PROVISO = [sys.executable, "-m", "sidecar.cli"]
 
@@ -39,6 +41,11 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
         ("kill", "engage"),
         ("kill", "release"),
         ("kill", "list"),
+        ("approvals",),
+        ("approvals", "list"),
+        ("approvals", "show"),
+        ("approvals", "approve"),
+        ("approvals", "reject"),
     ],
 )
 def test_every_command_has_help(command: tuple[str, ...]) -> None:
@@ -220,3 +227,35 @@ def test_kill_without_an_identity_is_a_usage_error() -> None:
     result = run("kill", "list")
     assert result.returncode == 2
     assert "--identity-token" in result.stderr
+
+
+async def test_on_call_approves_from_the_cli(sidecar: Sidecar) -> None:
+    """A supervisor lists pending requests, approves one, and the agent's call then passes."""
+    token = sidecar.token()
+    needed = await check(sidecar, token, "requestRefund", refund("120"), key="k-cli")
+    state = str(sidecar.app.settings.state_dir)
+    common = ["--target", sidecar.target, "--state-dir", state, "--as", "alice@example.com"]
+    listed = await asyncio.to_thread(run, "approvals", "list", *common)
+    assert listed.returncode == 0, listed.stderr
+    assert needed.approval_id in listed.stdout
+    assert "supervisor" in listed.stdout
+    shown = await asyncio.to_thread(run, "approvals", "show", needed.approval_id, *common)
+    assert json.loads(json.loads(shown.stdout)["arguments_json"])["amount"] == 120
+    approved = await asyncio.to_thread(
+        run, "approvals", "approve", needed.approval_id, "--comment", "ok", *common
+    )
+    assert approved.returncode == 0, approved.stderr
+    assert "approved" in approved.stdout
+    request = pb.CheckRequest(
+        token=token,
+        tool="requestRefund",
+        arguments_json=refund("120"),
+        context_json=INVOICE_CONTEXT,
+        run_id="run-1",
+        idempotency_key="k-cli-2",
+        approval_id=needed.approval_id,
+    )
+    assert (await sidecar.authz.Check(request)).decision == pb.DECISION_ALLOW
+    again = await asyncio.to_thread(run, "approvals", "reject", needed.approval_id, *common)
+    assert again.returncode == 1
+    assert "FAILED_PRECONDITION" in again.stderr

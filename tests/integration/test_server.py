@@ -50,8 +50,11 @@ async def test_each_decision_is_one_audit_line(sidecar: Sidecar) -> None:
         for amount in ("10", "120", "9000")
     ]
     lines = sidecar.app.settings.audit_path.read_text().splitlines()
-    records = [json.loads(line) for line in lines]
+    every = [json.loads(line) for line in lines]
+    records = [r for r in every if r["kind"] == "decision"]
     assert [r["record_id"] for r in records] == [r.decision_id for r in responses]
+    events = [(r["kind"], r["event"], r["approval_id"]) for r in every if r["kind"] != "decision"]
+    assert events == [("approval", "created", responses[1].approval_id)]
     first = records[0]
     assert first["decision"] == "ALLOW"
     assert first["agent"] == BILLING_AGENT

@@ -1,0 +1,349 @@
+"""Human approvals over real gRPC: N-of-M requests bound to the exact call, single use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
+from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
+from sidecar._proto.proviso.v1 import approval_service_pb2 as ap_pb
+from sidecar._proto.proviso.v1 import approval_service_pb2_grpc as ap_grpc
+from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
+from sidecar.app import App
+from sidecar.clock import FixedClock
+from tests.conftest import BILLING_AGENT, Sidecar, make_settings
+from tests.integration.test_check import codes, refund
+from tests.integration.test_server import identity, scrape
+
+ALICE, FRANK, FIONA = "alice@example.com", "frank@example.com", "fiona@example.com"
+
+
+def stub(sidecar: Sidecar) -> ap_grpc.ApprovalServiceAsyncStub:
+    return ap_grpc.ApprovalServiceStub(sidecar.channel)
+
+
+async def approve(
+    sidecar: Sidecar, approval_id: str, who: str, comment: str = "ok"
+) -> ap_pb.ApproveApprovalResponse:
+    return await stub(sidecar).ApproveApproval(
+        ap_pb.ApproveApprovalRequest(approval_id=approval_id, comment=comment),
+        metadata=identity(sidecar, who),
+    )
+
+
+async def refund_check(
+    sidecar: Sidecar, token: str, amount: str, approval_id: str = "", **kwargs: object
+) -> pb.CheckResponse:
+    """A refund Check, optionally presenting an approval id."""
+    request = pb.CheckRequest(
+        token=token,
+        tool="requestRefund",
+        arguments_json=refund(amount),
+        context_json='{"invoice": {"amount_due": 100000, "currency": "USD"}}',
+        run_id="run-1",
+        idempotency_key=f"k-{time.monotonic_ns()}",
+        approval_id=approval_id,
+    )
+    for name, value in kwargs.items():
+        setattr(request, name, value)
+    return await sidecar.authz.Check(request)
+
+
+async def test_supervisor_approval_allows_the_call_once(sidecar: Sidecar) -> None:
+    """120 needs approval; a supervisor approves; the call with the id is allowed exactly once."""
+    token = sidecar.token()
+    needed = await refund_check(sidecar, token, "120")
+    assert needed.decision == pb.DECISION_NEEDS_APPROVAL
+    assert needed.approval_id.startswith("apr_")
+    again = await refund_check(sidecar, token, "120.00")
+    assert again.approval_id == needed.approval_id, "the same call finds the open request"
+    still = await refund_check(sidecar, token, "120", needed.approval_id)
+    assert still.decision == pb.DECISION_NEEDS_APPROVAL
+    assert still.approval_id == needed.approval_id
+
+    approved = await approve(sidecar, needed.approval_id, ALICE)
+    assert approved.approval.state == ap_pb.APPROVAL_STATE_APPROVED
+    assert [v.approver for v in approved.approval.verdicts] == [ALICE]
+
+    allowed = await refund_check(sidecar, token, "120", needed.approval_id)
+    assert allowed.decision == pb.DECISION_ALLOW
+    assert codes(allowed) == ["APPROVAL_GRANTED"]
+    assert ALICE in allowed.reasons[0].message
+    second = await refund_check(sidecar, token, "120", needed.approval_id)
+    assert codes(second) == ["APPROVAL_CONSUMED"]
+    got = await stub(sidecar).GetApproval(
+        ap_pb.GetApprovalRequest(approval_id=needed.approval_id), metadata=identity(sidecar, ALICE)
+    )
+    assert got.approval.state == ap_pb.APPROVAL_STATE_CONSUMED
+
+
+async def test_approval_for_other_arguments_is_a_mismatch(sidecar: Sidecar) -> None:
+    """An approval for 120 cannot be used for 121."""
+    token = sidecar.token()
+    needed = await refund_check(sidecar, token, "120")
+    await approve(sidecar, needed.approval_id, ALICE)
+    response = await refund_check(sidecar, token, "121", needed.approval_id)
+    assert codes(response) == ["APPROVAL_MISMATCH"]
+    assert response.reasons[0].field == "approval_id"
+    other_run = await refund_check(sidecar, token, "120", needed.approval_id, run_id="run-2")
+    assert codes(other_run) == ["APPROVAL_MISMATCH"]
+    unknown = await refund_check(sidecar, token, "120", "apr_nonexistent")
+    assert codes(unknown) == ["APPROVAL_NOT_FOUND"]
+
+
+async def test_finance_tier_needs_two_distinct_approvers(sidecar: Sidecar) -> None:
+    """900 needs two finance approvers; one person approving twice is still one approval."""
+    token = sidecar.token()
+    needed = await refund_check(sidecar, token, "900")
+    first = await approve(sidecar, needed.approval_id, FRANK)
+    twice = await approve(sidecar, needed.approval_id, FRANK)
+    assert first.counted
+    assert not twice.counted
+    assert twice.approval.state == ap_pb.APPROVAL_STATE_PENDING
+    pending = await refund_check(sidecar, token, "900", needed.approval_id)
+    assert pending.decision == pb.DECISION_NEEDS_APPROVAL
+    done = await approve(sidecar, needed.approval_id, FIONA)
+    assert done.approval.state == ap_pb.APPROVAL_STATE_APPROVED
+    allowed = await refund_check(sidecar, token, "900", needed.approval_id)
+    assert allowed.decision == pb.DECISION_ALLOW
+
+
+async def test_only_the_tiers_roles_may_approve(sidecar: Sidecar) -> None:
+    """A billing supervisor cannot approve the finance tier; an admin cannot approve at all."""
+    needed = await refund_check(sidecar, sidecar.token(), "900")
+    for person in (ALICE, "olivia@example.com"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await approve(sidecar, needed.approval_id, person)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_the_agent_and_its_issuer_can_never_approve(sidecar: Sidecar) -> None:
+    """Even holding the approver group, the agent itself and its token issuer are refused."""
+    needed = await refund_check(sidecar, sidecar.token(), "120")
+    idp = sidecar.app.dev_idp
+    assert idp is not None
+    for subject in (BILLING_AGENT, "orchestrator@service"):
+        jwt = idp.mint(subject, ("billing-supervisors",), time.time())
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub(sidecar).ApproveApproval(
+                ap_pb.ApproveApprovalRequest(approval_id=needed.approval_id),
+                metadata=(("authorization", f"Bearer {jwt}"),),
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_rejection_denies(sidecar: Sidecar) -> None:
+    """One rejection (the default veto count) closes the request; the call is then denied."""
+    token = sidecar.token()
+    needed = await refund_check(sidecar, token, "120")
+    rejected = await stub(sidecar).RejectApproval(
+        ap_pb.RejectApprovalRequest(approval_id=needed.approval_id, comment="not this one"),
+        metadata=identity(sidecar, ALICE),
+    )
+    assert rejected.approval.state == ap_pb.APPROVAL_STATE_REJECTED
+    response = await refund_check(sidecar, token, "120", needed.approval_id)
+    assert codes(response) == ["APPROVAL_REJECTED"]
+    with pytest.raises(grpc.aio.AioRpcError) as closed:
+        await approve(sidecar, needed.approval_id, ALICE)
+    assert closed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_unauthenticated_callers_are_refused(sidecar: Sidecar) -> None:
+    """Every ApprovalService call needs an IdP identity."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub(sidecar).ListApprovals(ap_pb.ListApprovalsRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_expiry_with_an_injected_clock(tmp_path: Path) -> None:
+    """After the tier's 24 h the request is expired: the Check is denied and approving fails."""
+    clock = FixedClock(time.time())
+    sidecar = Sidecar.connect(await App.start(make_settings(tmp_path / "s"), clock=clock))
+    try:
+        needed = await refund_check(sidecar, sidecar.token(now=clock.now()), "120")
+        clock.advance(24 * 3600 + 1)
+        token = sidecar.token(now=clock.now())
+        expired = await refund_check(sidecar, token, "120", needed.approval_id)
+        assert codes(expired) == ["APPROVAL_EXPIRED"]
+        idp = sidecar.app.dev_idp
+        assert idp is not None
+        jwt = idp.mint(ALICE, ("billing-supervisors",), clock.now())
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub(sidecar).ApproveApproval(
+                ap_pb.ApproveApprovalRequest(approval_id=needed.approval_id),
+                metadata=(("authorization", f"Bearer {jwt}"),),
+            )
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        fresh = await refund_check(sidecar, token, "120")
+        assert fresh.approval_id != needed.approval_id, "a new request replaces the expired one"
+    finally:
+        await sidecar.close()
+
+
+async def test_a_policy_change_in_between_still_bites(sidecar: Sidecar) -> None:
+    """An approved call is evaluated again: a kill switch engaged after approval denies it."""
+    token = sidecar.token()
+    needed = await refund_check(sidecar, token, "120")
+    await approve(sidecar, needed.approval_id, ALICE)
+    await admin_grpc.AdminServiceStub(sidecar.channel).SetKillSwitch(
+        admin_pb.SetKillSwitchRequest(
+            scope=admin_pb.KILL_SWITCH_SCOPE_TOOL, target="requestRefund", engaged=True,
+            reason="incident",
+        ),
+        metadata=identity(sidecar, "olivia@example.com"),
+    )  # fmt: skip
+    response = await refund_check(sidecar, token, "120", needed.approval_id)
+    assert codes(response) == ["KILL_SWITCH"]
+
+
+async def watch(sidecar: Sidecar, into: list[ap_pb.WatchApprovalsResponse], count: int) -> None:
+    call = stub(sidecar).WatchApprovals(
+        ap_pb.WatchApprovalsRequest(), metadata=identity(sidecar, ALICE)
+    )
+    async for change in call:
+        into.append(change)
+        if len(into) >= count:
+            call.cancel()
+            return
+
+
+async def test_watch_sees_create_approve_consume(sidecar: Sidecar) -> None:
+    """The Watch stream reports each change of a request, in order."""
+    seen: list[ap_pb.WatchApprovalsResponse] = []
+    watcher = asyncio.create_task(watch(sidecar, seen, 4))
+    await asyncio.sleep(0.3)
+    token = sidecar.token()
+    needed = await refund_check(sidecar, token, "120")
+    await approve(sidecar, needed.approval_id, ALICE)
+    await refund_check(sidecar, token, "120", needed.approval_id)
+    await asyncio.wait_for(watcher, timeout=10)
+    assert [(c.event, c.actor) for c in seen] == [
+        ("created", BILLING_AGENT),
+        ("approve", ALICE),
+        ("approved", ALICE),
+        ("consumed", BILLING_AGENT),
+    ]
+    assert {c.approval.approval_id for c in seen} == {needed.approval_id}
+    assert seen[0].sequence < seen[-1].sequence
+
+
+async def test_list_filters_and_pages(sidecar: Sidecar) -> None:
+    """ListApprovals filters by state and pages with an opaque token."""
+    token = sidecar.token()
+    ids = [(await refund_check(sidecar, token, str(100 + i))).approval_id for i in range(5)]
+    await approve(sidecar, ids[0], ALICE)
+    listing = stub(sidecar)
+    pending = await listing.ListApprovals(
+        ap_pb.ListApprovalsRequest(state=ap_pb.APPROVAL_STATE_PENDING, page_size=2),
+        metadata=identity(sidecar, ALICE),
+    )
+    collected = [a.approval_id for a in pending.approvals]
+    while pending.next_page_token:
+        pending = await listing.ListApprovals(
+            ap_pb.ListApprovalsRequest(
+                state=ap_pb.APPROVAL_STATE_PENDING, page_size=2, page_token=pending.next_page_token
+            ),
+            metadata=identity(sidecar, ALICE),
+        )
+        collected += [a.approval_id for a in pending.approvals]
+    assert collected == list(reversed(ids[1:]))
+    arguments = json.loads(
+        (await listing.GetApproval(
+            ap_pb.GetApprovalRequest(approval_id=ids[1]), metadata=identity(sidecar, ALICE)
+        )).approval.arguments_json
+    )  # fmt: skip
+    assert arguments["amount"] == 101
+    samples = scrape(sidecar)
+    assert samples[("proviso_approvals_pending", (("tier", "supervisor"),))] == 4
+    assert samples[("proviso_approvals_total", (("outcome", "created"),))] == 5
+    assert samples[("proviso_approvals_total", (("outcome", "approved"),))] == 1
+
+
+async def test_state_survives_a_restart(tmp_path: Path) -> None:
+    """Pending requests stay pending and consumed ones stay consumed across a restart."""
+    settings = make_settings(tmp_path / "s")
+    first = Sidecar.connect(await App.start(settings))
+    token = first.token()
+    pending = await refund_check(first, token, "130")
+    used = await refund_check(first, token, "140")
+    await approve(first, used.approval_id, ALICE)
+    assert (await refund_check(first, token, "140", used.approval_id)).decision == (
+        pb.DECISION_ALLOW
+    )
+    await first.close()
+    second = Sidecar.connect(await App.start(settings))
+    try:
+        again = await refund_check(second, token, "130")
+        assert again.approval_id == pending.approval_id
+        reused = await refund_check(second, token, "140", used.approval_id)
+        assert codes(reused) == ["APPROVAL_CONSUMED"]
+    finally:
+        await second.close()
+
+
+async def test_racing_approvers_and_racing_consumers(sidecar: Sidecar) -> None:
+    """Two approvers at once both count; two Checks racing to use one approval: one wins."""
+    token = sidecar.token()
+    needed = await refund_check(sidecar, token, "900")
+    results = await asyncio.gather(
+        approve(sidecar, needed.approval_id, FRANK), approve(sidecar, needed.approval_id, FIONA)
+    )
+    assert all(r.counted for r in results)
+    final = max(results, key=lambda r: len(r.approval.verdicts)).approval
+    assert final.state == ap_pb.APPROVAL_STATE_APPROVED
+    racers = await asyncio.gather(
+        *(refund_check(sidecar, token, "900", needed.approval_id) for _ in range(10))
+    )
+    outcomes = sorted(codes(r)[0] for r in racers)
+    assert outcomes.count("APPROVAL_GRANTED") == 1
+    assert outcomes.count("APPROVAL_CONSUMED") == 9
+
+
+async def test_every_event_is_audited(sidecar: Sidecar) -> None:
+    """Created, each verdict, approved and consumed are audit lines linked by approval id."""
+    token = sidecar.token()
+    needed = await refund_check(sidecar, token, "120")
+    await approve(sidecar, needed.approval_id, ALICE, comment="checked the invoice")
+    await refund_check(sidecar, token, "120", needed.approval_id)
+    lines = [json.loads(x) for x in sidecar.app.settings.audit_path.read_text().splitlines()]
+    events = [
+        (r["event"], r["actor"], r["comment"])
+        for r in lines
+        if r["kind"] == "approval" and r["approval_id"] == needed.approval_id
+    ]
+    assert events == [
+        ("created", BILLING_AGENT, ""),
+        ("approve", ALICE, "checked the invoice"),
+        ("approved", ALICE, ""),
+        ("consumed", BILLING_AGENT, ""),
+    ]
+    assert all(r["run_id"] == "run-1" for r in lines if r["kind"] == "approval")
+
+
+async def test_the_agents_owner_is_not_an_eligible_approver(sidecar: Sidecar) -> None:
+    """The finance tier's approver condition excludes a finance approver who owns the agent."""
+    needed = await refund_check(sidecar, sidecar.token(), "900")
+    idp = sidecar.app.dev_idp
+    assert idp is not None
+    owner = idp.mint(
+        FIONA, ("finance-approvers",), time.time(), extra={"owns_agents": [BILLING_AGENT]}
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub(sidecar).ApproveApproval(
+            ap_pb.ApproveApprovalRequest(approval_id=needed.approval_id),
+            metadata=(("authorization", f"Bearer {owner}"),),
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "approver condition" in (caught.value.details() or "")
+    other = idp.mint(FRANK, ("finance-approvers",), time.time(), extra={"owns_agents": ["x"]})
+    counted = await stub(sidecar).ApproveApproval(
+        ap_pb.ApproveApprovalRequest(approval_id=needed.approval_id),
+        metadata=(("authorization", f"Bearer {other}"),),
+    )
+    assert counted.counted
