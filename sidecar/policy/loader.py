@@ -26,7 +26,7 @@ from typing import Any
 
 from sidecar.errors import PolicyLoadError
 from sidecar.policy.conditions import Condition, ConditionCompileError
-from sidecar.policy.issues import Code, PolicyIssue, Severity, sort_issues
+from sidecar.policy.issues import Code, PolicyIssue, Severity, sort_issues, with_fix_hint
 from sidecar.policy.model import (
     DEFAULT_APPROVAL_TTL_SECONDS,
     Agent,
@@ -178,7 +178,7 @@ def _compile(directory: Path) -> tuple[Policy | None, tuple[PolicyIssue, ...]]:
         _merge(bundle, file)
     _resolve_references(bundle)
     _compile_tools(bundle)
-    issues = sort_issues(bundle.issues)
+    issues = sort_issues(with_fix_hint(issue) for issue in bundle.issues)
     if not contents or any(issue.severity is Severity.ERROR for issue in issues):
         return None, issues
     return _build(bundle, tuple(sorted(contents)), bundle_version(contents)), issues
