@@ -119,6 +119,29 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- test
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """Run the policy unit tests (*_test.yaml) of a bundle; exit 1 if any case fails."""
+    from sidecar import policytests  # noqa: PLC0415 - keep other commands fast to start
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        return _fail(f"{directory} is not a directory", EXIT_USAGE)
+    report = policytests.run_suite(directory)
+    if args.junit:
+        try:
+            Path(args.junit).write_bytes(policytests.to_junit(report))
+        except OSError as exc:
+            return _fail(f"cannot write {args.junit}: {exc.strerror or exc}")
+    if args.format == "json":
+        print(policytests.to_json(report))
+    else:
+        print(policytests.format_text(report))
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
 # ---------------------------------------------------------------- token issue
 
 
@@ -247,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     lint.add_argument("directory", metavar="DIR")
     lint.add_argument("--format", choices=("text", "json"), default="text")
     lint.set_defaults(handler=cmd_lint)
+
+    test = commands.add_parser(
+        "test", help="run a bundle's policy unit tests", description=cmd_test.__doc__
+    )
+    test.add_argument("directory", metavar="DIR", help="the bundle, with its *_test.yaml files")
+    test.add_argument("--format", choices=("text", "json"), default="text")
+    test.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
+    test.set_defaults(handler=cmd_test)
 
     token = commands.add_parser("token", help="capability tokens", description="Tokens.")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")

@@ -82,6 +82,15 @@ def lint_policy(directory: Path) -> tuple[PolicyIssue, ...]:
 
 def policy_files(directory: Path) -> tuple[str, ...]:
     """The bundle's policy files, relative POSIX paths, sorted; hidden files and dirs skipped."""
+    return _yaml_files(directory, tests=False)
+
+
+def policy_test_files(directory: Path) -> tuple[str, ...]:
+    """The bundle's policy unit tests (``*_test.yaml``), found by the same rules as policy."""
+    return _yaml_files(directory, tests=True)
+
+
+def _yaml_files(directory: Path, *, tests: bool) -> tuple[str, ...]:
     found: list[str] = []
     for root, dirnames, filenames in os.walk(directory, followlinks=False):
         dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
@@ -89,10 +98,27 @@ def policy_files(directory: Path) -> tuple[str, ...]:
             lowered = name.lower()
             if name.startswith(".") or not lowered.endswith(POLICY_SUFFIXES):
                 continue
-            if lowered.endswith(TEST_SUFFIXES):
-                continue
-            found.append((Path(root) / name).relative_to(directory).as_posix())
+            if lowered.endswith(TEST_SUFFIXES) is tests:
+                found.append((Path(root) / name).relative_to(directory).as_posix())
     return tuple(sorted(found))
+
+
+def bundle_fingerprint(directory: Path) -> str:
+    """The version the bundle in ``directory`` would load as, from its bytes alone.
+
+    Cheap next to a load (no parsing or compiling), so a watcher can poll it. Unreadable or
+    oversized files hash as empty: the load that follows reports them properly.
+    """
+    contents: dict[str, bytes] = {}
+    for name in policy_files(directory):
+        contents[name] = _read(directory / name, name, []) or b""
+    return bundle_version(contents)
+
+
+def read_text(directory: Path, name: str, issues: list[PolicyIssue]) -> str | None:
+    """One bundle file's text under the policy files' limits (size, UTF-8), or None."""
+    data = _read(directory / name, name, issues)
+    return None if data is None else _decode(data, name, issues)
 
 
 def bundle_version(contents: Mapping[str, bytes]) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "command",
-    [(), ("serve",), ("lint",), ("token",), ("token", "issue"), ("check",)],
+    [(), ("serve",), ("lint",), ("test",), ("token",), ("token", "issue"), ("check",)],
 )
 def test_every_command_has_help(command: tuple[str, ...]) -> None:
     """--help works everywhere and exits 0."""
@@ -41,6 +42,7 @@ def test_usage_errors_exit_2() -> None:
     """A missing required flag is a usage error (exit 2)."""
     assert run("token", "issue").returncode == 2
     assert run("lint", "/no/such/dir").returncode == 2
+    assert run("test", "/no/such/dir").returncode == 2
 
 
 def test_lint_accepts_the_examples() -> None:
@@ -170,3 +172,33 @@ def test_serve_refuses_plaintext_off_loopback(tmp_path: Path) -> None:
     result = run("serve", "--listen", "0.0.0.0:0", "--state-dir", str(tmp_path))
     assert result.returncode == 2
     assert "loopback" in result.stderr
+
+
+def test_policy_tests_pass_on_the_examples(tmp_path: Path) -> None:
+    """`proviso test policies/` passes every shipped case, exits 0, and writes JUnit XML."""
+    junit = tmp_path / "report.xml"
+    result = run("test", str(EXAMPLE_POLICIES), "--junit", str(junit))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r": \d+ passed, 0 failed$", result.stdout.strip()), result.stdout
+    assert "<testsuites" in junit.read_text()
+
+
+def test_policy_tests_fail_readably_on_a_wrong_expectation(tmp_path: Path) -> None:
+    """A deliberately wrong expectation exits 1 with a FAIL row and an expected/got diff."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(EXAMPLE_POLICIES, bundle)
+    billing = bundle / "billing_test.yaml"
+    text = billing.read_text()
+    wrong = "expect: {decision: ALLOW, reason: TIER_ALLOWED, tier: auto}  # wrong on purpose"
+    right = (
+        "expect: {decision: NEEDS_APPROVAL, reason: APPROVAL_REQUIRED, tier: supervisor,"
+        " approvals: 1}"
+    )
+    assert text.count(right) == 2
+    billing.write_text(text.replace(right, wrong, 1))
+    result = run("test", str(bundle))
+    assert result.returncode == 1
+    assert re.search(r"^FAIL  billing_test\.yaml:\d+ +a 50\.01 refund", result.stdout, re.M)
+    assert "decision: expected ALLOW, got NEEDS_APPROVAL" in result.stdout
+    assert "tier:     expected auto, got supervisor" in result.stdout
+    assert result.stdout.strip().endswith("passed, 1 failed")
