@@ -21,7 +21,7 @@ from google.protobuf import json_format
 
 from sidecar import config
 from sidecar.durations import parse_duration
-from sidecar.errors import PolicyLoadError, SidecarError
+from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError, SidecarError
 from sidecar.keystore import load_or_create
 from sidecar.minting import mint
 from sidecar.observability import logging as json_logging
@@ -56,12 +56,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             idp_jwks=args.idp_jwks,
             idp_issuer=args.idp_issuer,
             log_level=args.log_level,
+            shadow_policies=args.shadow_policies,
+            watch_interval=args.watch_interval,
         )
     except config.SettingsError as exc:
         return _fail(str(exc), EXIT_USAGE)
     json_logging.configure(settings.log_level)
     try:
         return asyncio.run(_serve(settings))
+    except ShadowPolicyLoadError as exc:
+        print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
+        return _fail(f"shadow policy bundle {settings.shadow_policies} has errors; not serving")
     except PolicyLoadError as exc:
         print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
         return _fail(f"policy bundle {settings.policies} has errors; not serving")
@@ -78,6 +83,13 @@ async def _serve(settings: config.Settings) -> int:
     print(f"proviso: metrics on http://{settings.metrics_listen}/metrics", flush=True)
     print(f"proviso: policy {settings.policies} version {policy.version}", flush=True)
     print(f"proviso: audit log {settings.audit_path}", flush=True)
+    if app.shadow is not None:
+        shadow = app.shadow.current
+        print(
+            f"proviso: shadow policy {settings.shadow_policies} version {shadow.version} "
+            "(evaluated beside the active one; never decides)",
+            flush=True,
+        )
     if settings.dev_mode:
         print(
             "proviso: WARNING dev mode: no IdP configured; the dev IdP in "
@@ -95,6 +107,15 @@ async def _serve(settings: config.Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload_on_hangup() -> None:
+        for reloader in app.reloaders():
+            task = reloader.request("sighup")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_hangup)
     await stop.wait()
     print("proviso: stopping (finishing calls in flight)", flush=True)
     await app.stop()
@@ -264,6 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--idp-jwks", metavar="FILE", help="the IdP's JWKS; disables dev mode")
     serve.add_argument("--idp-issuer", metavar="ISS", help="the IdP's issuer (iss)")
     serve.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument(
+        "--shadow-policies",
+        metavar="DIR",
+        help="a candidate bundle evaluated beside the active one on every Check; it never "
+        "decides, disagreements are counted and audited",
+    )
+    serve.add_argument(
+        "--watch-interval",
+        metavar="SECONDS",
+        help="poll the policy directories for changes this often (default 1; 0 = off); "
+        "SIGHUP and AdminService.ReloadPolicy reload too",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     lint = commands.add_parser("lint", help="check a policy bundle", description=cmd_lint.__doc__)

@@ -26,6 +26,7 @@ from sidecar.identity import IdentityVerifier
 from sidecar.keystore import KeyRing
 from sidecar.minting import authorize_issuer, mint
 from sidecar.observability.metrics import Metrics, bounded
+from sidecar.reloader import PolicyReloader
 from sidecar.server import convert, status
 from sidecar.server.auth import caller, require_admin
 
@@ -165,10 +166,20 @@ class AdminService:
 
     name = "proviso.v1.AdminService"
 
-    def __init__(self, policy: PolicyHolder, identities: IdentityVerifier, clock: Clock) -> None:
+    def __init__(
+        self,
+        policy: PolicyHolder,
+        identities: IdentityVerifier,
+        clock: Clock,
+        *,
+        reloader: PolicyReloader,
+        shadow: PolicyHolder | None = None,
+    ) -> None:
         self._policy = policy
         self._identities = identities
         self._clock = clock
+        self._reloader = reloader
+        self._shadow = shadow
 
     def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         require_admin(caller(context, self._identities, self._clock.now()), self._policy.current)
@@ -177,8 +188,23 @@ class AdminService:
         self, request: admin_pb.GetPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb.GetPolicyResponse:
         self._admin(context)
-        return admin_pb.GetPolicyResponse(
-            policy=convert.policy_info(self._policy.current, self._policy.loaded_at)
+        loaded = self._policy.snapshot()
+        response = admin_pb.GetPolicyResponse(
+            policy=convert.policy_info(loaded.policy, loaded.loaded_at)
+        )
+        if self._shadow is not None:
+            shadow = self._shadow.snapshot()
+            response.shadow_policy.CopyFrom(convert.policy_info(shadow.policy, shadow.loaded_at))
+        return response
+
+    async def reload_policy(
+        self, request: admin_pb.ReloadPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb.ReloadPolicyResponse:
+        """Reload the active bundle; a bundle with errors raises PolicyLoadError (see proto)."""
+        self._admin(context)
+        loaded, changed = await self._reloader.reload("admin")
+        return admin_pb.ReloadPolicyResponse(
+            policy=convert.policy_info(loaded.policy, loaded.loaded_at), changed=changed
         )
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -187,6 +213,9 @@ class AdminService:
             {
                 "GetPolicy": unary(
                     admin_pb.GetPolicyRequest, self.get_policy, f"{self.name}/GetPolicy"
+                ),
+                "ReloadPolicy": unary(
+                    admin_pb.ReloadPolicyRequest, self.reload_policy, f"{self.name}/ReloadPolicy"
                 ),
             },
         )

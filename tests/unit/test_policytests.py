@@ -9,10 +9,13 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import pytest
+import yaml
+from jsonschema import Draft202012Validator
 
 from sidecar.engine import Outcome
 from sidecar.policy.loader import load_policy
 from sidecar.policytests import (
+    TEST_FORMAT_SCHEMA,
     format_text,
     load_cases,
     run_suite,
@@ -184,3 +187,13 @@ def test_json_and_junit_reports(tmp_path: Path) -> None:
     assert failure.get("message") == "decision: expected DENY, got NEEDS_APPROVAL"
     suites = {suite.get("name"): suite.get("failures") for suite in root.iter("testsuite")}
     assert suites == {"a_test.yaml": "0", "b_test.yaml": "1"}
+
+
+def test_the_test_format_schema_is_valid_and_the_shipped_files_follow_it() -> None:
+    """The test-file schema passes the 2020-12 meta-schema; each shipped file validates."""
+    Draft202012Validator.check_schema(TEST_FORMAT_SCHEMA)
+    files = sorted(EXAMPLE_POLICIES.glob("*_test.yaml"))
+    assert len(files) == 3
+    for path in files:
+        document = yaml.safe_load(path.read_text("utf-8"))
+        assert list(Draft202012Validator(TEST_FORMAT_SCHEMA).iter_errors(document)) == []
