@@ -15,11 +15,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
-from sidecar import config
+from sidecar import cli_identity, config
 from sidecar.durations import parse_duration
 from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError, SidecarError
 from sidecar.keystore import load_or_create
@@ -30,7 +31,7 @@ from sidecar.policy.loader import lint_policy, load_policy
 from tokens import Grant
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
-DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TARGET = cli_identity.DEFAULT_TARGET
 
 
 class UsageError(Exception):
@@ -266,7 +267,100 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if response.decision == authz_pb.DECISION_ALLOW else EXIT_REFUSED
 
 
+# ---------------------------------------------------------------- policy show / reload
+
+
+def _admin_call(args: argparse.Namespace, method: str) -> int:
+    """Call one AdminService policy method and print the result; exit 1 if it failed."""
+    from google.rpc import error_details_pb2  # noqa: PLC0415
+    from grpc_status import rpc_status  # noqa: PLC0415
+
+    from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb  # noqa: PLC0415
+    from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc  # noqa: PLC0415
+
+    try:
+        metadata = cli_identity.metadata(args)
+    except cli_identity.IdentityOptionError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    with grpc.insecure_channel(args.target) as channel:
+        stub = admin_grpc.AdminServiceStub(channel)
+        try:
+            if method == "reload":
+                response: Any = stub.ReloadPolicy(
+                    admin_pb.ReloadPolicyRequest(), metadata=metadata, timeout=args.timeout
+                )
+            else:
+                response = stub.GetPolicy(
+                    admin_pb.GetPolicyRequest(), metadata=metadata, timeout=args.timeout
+                )
+        except grpc.RpcError as exc:
+            status = rpc_status.from_call(exc)
+            for detail in status.details if status is not None else ():
+                failure = error_details_pb2.PreconditionFailure()
+                if detail.Unpack(failure):
+                    for violation in failure.violations:
+                        print(
+                            f"{violation.subject}: error {violation.type}: {violation.description}",
+                            file=sys.stderr,
+                        )
+            return _fail(f"{exc.code().name}: {exc.details()}")
+    if args.format == "json":
+        print(
+            json.dumps(
+                json_format.MessageToDict(response, preserving_proto_field_name=True), indent=2
+            )
+        )
+        return EXIT_OK
+    if method == "reload":
+        state = "reloaded" if response.changed else "unchanged"
+        print(f"{state}: version {response.policy.version} {response.policy.label}".rstrip())
+        return EXIT_OK
+    print(_policy_table(response.policy))
+    if response.HasField("shadow_policy"):
+        print("\nshadow (evaluated beside the active policy; never decides):")
+        print(_policy_table(response.shadow_policy))
+    return EXIT_OK
+
+
+def _policy_table(info: Any) -> str:
+    loaded = info.load_time.ToDatetime().isoformat(timespec="seconds") + "Z"
+    rows = [
+        ("version", info.version),
+        ("label", info.label or "-"),
+        ("loaded", loaded),
+        ("files", ", ".join(info.source_files)),
+        ("tools", ", ".join(info.tools)),
+    ]
+    return "\n".join(f"{name:<8} {value}" for name, value in rows)
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    """Show the policy a running server has in force (and its shadow): admins only."""
+    return _admin_call(args, "show")
+
+
+def cmd_policy_reload(args: argparse.Namespace) -> int:
+    """Make a running server reload its policy directory; print the errors if it refuses."""
+    return _admin_call(args, "reload")
+
+
 # ---------------------------------------------------------------- parser
+
+
+def _add_policy_commands(commands: Any) -> None:
+    """``proviso policy show|reload``: they talk to a running server as an admin."""
+    policy = commands.add_parser(
+        "policy", help="the policy of a running server", description="The server's policy."
+    )
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    for name, handler, summary in (
+        ("show", cmd_policy_show, "show the version in force"),
+        ("reload", cmd_policy_reload, "reload the policy directory now"),
+    ):
+        sub = policy_commands.add_parser(name, help=summary, description=handler.__doc__)
+        cli_identity.add_arguments(sub)
+        sub.add_argument("--format", choices=("text", "json"), default="text")
+        sub.set_defaults(handler=handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--format", choices=("text", "json"), default="text")
     test.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
     test.set_defaults(handler=cmd_test)
+
+    _add_policy_commands(commands)
 
     token = commands.add_parser("token", help="capability tokens", description="Tokens.")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")

@@ -127,6 +127,11 @@ class IdentityVerifier:
         return Identity(subject=subject, groups=tuple(groups), issuer=self._issuer)
 
 
+def dev_idp_key_path(state_dir: Path) -> Path:
+    """Where the dev IdP's private key lives in a state directory."""
+    return state_dir / "dev-idp" / "signing-key.pem"
+
+
 class DevIdentityProvider:
     """A local IdP for dev mode: its key lives in ``STATE_DIR/dev-idp/``.
 
@@ -144,12 +149,22 @@ class DevIdentityProvider:
 
     @classmethod
     def load_or_create(cls, state_dir: Path, audience: str) -> DevIdentityProvider:
-        path = state_dir / "dev-idp" / "signing-key.pem"
+        path = dev_idp_key_path(state_dir)
         if path.exists():
             return cls(SigningKey.from_pem(path.read_bytes(), kid="dev-idp"), audience)
         key = SigningKey.generate(kid="dev-idp")
         write_private(path, key.to_pem())
         return cls(key, audience)
+
+    @classmethod
+    def load(cls, state_dir: Path, audience: str) -> DevIdentityProvider:
+        """The dev IdP a dev-mode server created in ``state_dir`` (never creates one).
+
+        Raises:
+            FileNotFoundError: there is no dev IdP key in ``state_dir``.
+        """
+        path = dev_idp_key_path(state_dir)
+        return cls(SigningKey.from_pem(path.read_bytes(), kid="dev-idp"), audience)
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [self._key.public_jwk()]}

@@ -29,7 +29,18 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "command",
-    [(), ("serve",), ("lint",), ("test",), ("token",), ("token", "issue"), ("check",)],
+    [
+        (),
+        ("serve",),
+        ("lint",),
+        ("test",),
+        ("token",),
+        ("token", "issue"),
+        ("check",),
+        ("policy",),
+        ("policy", "show"),
+        ("policy", "reload"),
+    ],
 )
 def test_every_command_has_help(command: tuple[str, ...]) -> None:
     """--help works everywhere and exits 0."""
