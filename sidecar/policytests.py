@@ -431,8 +431,8 @@ def _got(decision: Decision) -> str:
 
 
 def format_text(report: SuiteReport) -> str:
-    """A table of every case (PASS/FAIL), each failure's diff, then the totals."""
-    lines = [str(issue) for issue in report.issues]
+    """A table of every case (PASS/FAIL) with each failure's diff, file errors, the totals."""
+    lines: list[str] = []
     rows = [
         _Row(
             "PASS" if r.passed else "FAIL",
@@ -446,11 +446,13 @@ def format_text(report: SuiteReport) -> str:
     if rows:
         where = max(len(row.where) for row in rows)
         name = max(len(row.name) for row in rows)
-        if lines:
-            lines.append("")
         for row in rows:
             lines.append(f"{row.status}  {row.where:<{where}}  {row.name:<{name}}  {row.got}")
             lines.extend(" " * 6 + detail for detail in row.details)
+    if report.issues:  # last, next to the summary, where they are seen
+        if lines:
+            lines.append("")
+        lines.extend(str(issue) for issue in report.issues)
     summary = f"{len(report.results) - len(report.failed)} passed, {len(report.failed)} failed"
     if report.errors:
         summary += f", {len(report.errors)} error(s) in the files"
