@@ -76,6 +76,11 @@ class App:
     ) -> App:
         """Load the policy and keys, open the audit log, and start both listeners.
 
+        ``policy`` and ``shadow_policy`` stand in for loading the directories (tests); the
+        watcher still follows ``settings.policies``, so pass ``watch_interval_seconds=0`` with
+        a ``policy`` that differs from it. A ``shadow_policy`` without a directory is never
+        reloaded.
+
         Raises:
             PolicyLoadError: the policy bundle has errors (nothing is started).
             ShadowPolicyLoadError: the shadow bundle has errors (nothing is started).
@@ -111,8 +116,9 @@ class App:
         shadow_reloader: PolicyReloader | None = None
         if shadow is not None:
             metrics.set_shadow_policy(shadow.current.version, shadow.current.label)
+        if shadow is not None and settings.shadow_policies is not None:
             shadow_reloader = PolicyReloader(
-                settings.shadow_policies or settings.policies,
+                settings.shadow_policies,
                 shadow,
                 metrics,
                 clock,
