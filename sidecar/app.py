@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health
@@ -17,11 +17,13 @@ from sidecar.audit.writer import AuditLog
 from sidecar.authorizer import Authorizer, PolicyHolder, TokenVerifier
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Settings
+from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError
 from sidecar.identity import DevIdentityProvider, IdentityVerifier
 from sidecar.keystore import KeyRing, load_or_create
 from sidecar.observability.metrics import Metrics
 from sidecar.policy.loader import load_policy
 from sidecar.policy.model import Policy
+from sidecar.reloader import PolicyReloader
 from sidecar.server import grpc_server
 from sidecar.server.services import (
     AdminService,
@@ -80,6 +82,10 @@ class App:
     dev_idp: DevIdentityProvider | None
     store: SQLiteStore
     pruner: asyncio.Task[None]
+    reloader: PolicyReloader
+    shadow: PolicyHolder | None = None
+    shadow_reloader: PolicyReloader | None = None
+    watchers: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     async def start(
@@ -88,17 +94,32 @@ class App:
         *,
         clock: Clock | None = None,
         policy: Policy | None = None,
+        shadow_policy: Policy | None = None,
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     ) -> App:
         """Load the policy and keys, open the audit log, and start both listeners.
 
+        ``policy`` and ``shadow_policy`` stand in for loading the directories (tests); the
+        watcher still follows ``settings.policies``, so pass ``watch_interval_seconds=0`` with
+        a ``policy`` that differs from it. A ``shadow_policy`` without a directory is never
+        reloaded.
+
         Raises:
             PolicyLoadError: the policy bundle has errors (nothing is started).
+            ShadowPolicyLoadError: the shadow bundle has errors (nothing is started).
         """
         clock = clock or SystemClock()
         holder = PolicyHolder(
             policy if policy is not None else load_policy(settings.policies), clock.now()
         )
+        shadow: PolicyHolder | None = None
+        if shadow_policy is None and settings.shadow_policies is not None:
+            try:
+                shadow_policy = load_policy(settings.shadow_policies)
+            except PolicyLoadError as exc:
+                raise ShadowPolicyLoadError(exc.issues) from None
+        if shadow_policy is not None:
+            shadow = PolicyHolder(shadow_policy, clock.now())
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         keys = load_or_create(settings.state_dir)
         dev_idp = (
@@ -108,6 +129,25 @@ class App:
         )
         metrics = Metrics()
         metrics.set_policy(holder.current.version, holder.current.label)
+        reloader = PolicyReloader(
+            settings.policies,
+            holder,
+            metrics,
+            clock,
+            on_swap=lambda p: metrics.set_policy(p.version, p.label),
+        )
+        shadow_reloader: PolicyReloader | None = None
+        if shadow is not None:
+            metrics.set_shadow_policy(shadow.current.version, shadow.current.label)
+        if shadow is not None and settings.shadow_policies is not None:
+            shadow_reloader = PolicyReloader(
+                settings.shadow_policies,
+                shadow,
+                metrics,
+                clock,
+                bundle="shadow",
+                on_swap=lambda p: metrics.set_shadow_policy(p.version, p.label),
+            )
         audit = AuditLog(settings.audit_path)
         verifier = TokenVerifier(
             keys.verification_keys(),
@@ -126,6 +166,7 @@ class App:
             audit=audit,
             metrics=metrics,
             clock=clock,
+            shadow=shadow,
         )
         identities = identity_verifier(settings, dev_idp)
         services: list[AuthorizationService | TokenService | AdminService | ApprovalService] = [
@@ -146,6 +187,8 @@ class App:
                 audit=audit,
                 metrics=metrics,
                 clock=clock,
+                reloader=reloader,
+                shadow=shadow,
             ),
             ApprovalService(holder, identities=identities, approvals=approvals, clock=clock),
         ]
@@ -167,7 +210,7 @@ class App:
             raise
         http.start()
         pruner = asyncio.create_task(_prune_forever(store, approvals, clock), name="pruner")
-        return cls(
+        app = cls(
             settings=settings,
             policy=holder,
             keys=keys,
@@ -180,10 +223,28 @@ class App:
             dev_idp=dev_idp,
             store=store,
             pruner=pruner,
+            reloader=reloader,
+            shadow=shadow,
+            shadow_reloader=shadow_reloader,
         )
+        if settings.watch_interval_seconds > 0:
+            for watched in app.reloaders():
+                app.watchers.append(
+                    asyncio.create_task(watched.watch(settings.watch_interval_seconds))
+                )
+        return app
+
+    def reloaders(self) -> list[PolicyReloader]:
+        """The active bundle's reloader, then the shadow's if there is one."""
+        return [self.reloader] + ([self.shadow_reloader] if self.shadow_reloader else [])
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
         """Stop taking calls, finish those in flight, then flush and close the audit log."""
+        for watcher in self.watchers:
+            watcher.cancel()
+        for watcher in self.watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace_seconds)
         self.pruner.cancel()

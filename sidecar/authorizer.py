@@ -15,7 +15,7 @@ from decimal import Decimal
 
 from sidecar import strictjson
 from sidecar.approvals import Approvals
-from sidecar.audit.record import AuditRecord, new_record_id, timestamp
+from sidecar.audit.record import AuditRecord, ShadowResult, new_record_id, timestamp
 from sidecar.audit.writer import AuditLog
 from sidecar.clock import Clock
 from sidecar.engine import (
@@ -26,6 +26,7 @@ from sidecar.engine import (
     StateChanges,
     ToolCall,
     decide,
+    evaluate,
 )
 from sidecar.errors import AuditWriteError
 from sidecar.observability.metrics import Metrics, bounded
@@ -54,12 +55,39 @@ class CheckResult:
     replayed: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedPolicy:
+    """A compiled policy and when it was swapped in: one value, so the two never disagree."""
+
+    policy: Policy
+    loaded_at: float
+
+
 class PolicyHolder:
-    """The policy in force. Readers take one reference per Check; a reload swaps it whole."""
+    """The policy in force. Readers take one reference per Check; a reload swaps it whole.
+
+    The swap is one attribute assignment (atomic in CPython), of a policy that was fully loaded,
+    validated and compiled beforehand: no reader ever sees half of one version.
+    """
 
     def __init__(self, policy: Policy, loaded_at: float) -> None:
-        self.current = policy
-        self.loaded_at = loaded_at
+        self._loaded = LoadedPolicy(policy, loaded_at)
+
+    @property
+    def current(self) -> Policy:
+        return self._loaded.policy
+
+    @property
+    def loaded_at(self) -> float:
+        return self._loaded.loaded_at
+
+    def snapshot(self) -> LoadedPolicy:
+        """The policy and its load time, read together."""
+        return self._loaded
+
+    def swap(self, policy: Policy, loaded_at: float) -> None:
+        """Put ``policy`` in force for every Check that starts from now on."""
+        self._loaded = LoadedPolicy(policy, loaded_at)
 
 
 class TokenVerifier:
@@ -129,8 +157,10 @@ class Authorizer:
         metrics: Metrics,
         clock: Clock,
         new_id: Callable[[float], str] = new_decision_id,
+        shadow: PolicyHolder | None = None,
     ) -> None:
         self._policy = policy
+        self._shadow = shadow
         self._tokens = tokens
         self._store = store
         self._approvals = approvals
@@ -202,6 +232,7 @@ class Authorizer:
                 )
         self._metrics.kill_switches_active.set(len(policy.kill_switches) + len(view.kill_switches))
         decision = evaluation.decision
+        shadow = self._evaluate_shadow(policy, call, token, decision)
         record = AuditRecord(
             record_id=record_id,
             time=timestamp(now),
@@ -217,6 +248,7 @@ class Authorizer:
             dry_run=call.dry_run,
             run_metadata=request.run_metadata,
             replay_of=evaluation.replay_of,
+            shadow=shadow,
         )
         write_started = time.perf_counter()
         try:
@@ -257,6 +289,49 @@ class Authorizer:
                 stored = self._store.get_approval(approval_id)
                 if stored is not None:
                     await self._approvals.record_event(stored, event, actor)
+
+    def _evaluate_shadow(
+        self,
+        active_policy: Policy,
+        call: ToolCall,
+        token: CapabilityClaims | TokenError | None,
+        active: Decision,
+    ) -> ShadowResult | None:
+        """What the candidate policy would decide, for the record only: it never decides.
+
+        Same inputs as the active evaluation, after it. Any failure here is logged and counted,
+        and the Check goes on with the active decision.
+        """
+        if self._shadow is None:
+            return None
+        policy = self._shadow.current
+        try:
+            decision = evaluate(policy, call, token)
+            agrees = (
+                decision.outcome is active.outcome and decision.matched_tier == active.matched_tier
+            )
+            if not agrees:
+                self._metrics.shadow_disagreements.labels(
+                    bounded(call.tool, active_policy.tools.keys() | policy.tools.keys()),
+                    active.outcome.value,
+                    decision.outcome.value,
+                ).inc()
+            code = decision.primary_code
+            return ShadowResult(
+                policy_version=policy.version,
+                decision=decision.outcome.value,
+                reason=code.value if code else "",
+                tier=decision.matched_tier,
+                agrees=agrees,
+            )
+        except Exception as exc:  # the shadow must never fail a Check
+            self._metrics.shadow_errors.inc()
+            log.warning(
+                "shadow evaluation failed; answered by the active policy",
+                exc_info=exc,
+                extra={"tool": call.tool, "shadow_version": policy.version},
+            )
+            return ShadowResult(policy_version=policy.version, error=type(exc).__name__)
 
 
 def decision_token_id(token: CapabilityClaims | TokenError | None) -> str:

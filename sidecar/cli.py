@@ -20,9 +20,9 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from sidecar import config
+from sidecar import cli_identity, config
 from sidecar.durations import parse_duration
-from sidecar.errors import PolicyLoadError, SidecarError
+from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError, SidecarError
 from sidecar.keystore import load_or_create
 from sidecar.minting import mint
 from sidecar.observability import logging as json_logging
@@ -31,7 +31,7 @@ from sidecar.policy.loader import lint_policy, load_policy
 from tokens import Grant
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
-DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TARGET = cli_identity.DEFAULT_TARGET
 
 
 class UsageError(Exception):
@@ -57,12 +57,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             idp_jwks=args.idp_jwks,
             idp_issuer=args.idp_issuer,
             log_level=args.log_level,
+            shadow_policies=args.shadow_policies,
+            watch_interval=args.watch_interval,
         )
     except config.SettingsError as exc:
         return _fail(str(exc), EXIT_USAGE)
     json_logging.configure(settings.log_level)
     try:
         return asyncio.run(_serve(settings))
+    except ShadowPolicyLoadError as exc:
+        print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
+        return _fail(f"shadow policy bundle {settings.shadow_policies} has errors; not serving")
     except PolicyLoadError as exc:
         print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
         return _fail(f"policy bundle {settings.policies} has errors; not serving")
@@ -79,6 +84,13 @@ async def _serve(settings: config.Settings) -> int:
     print(f"proviso: metrics on http://{settings.metrics_listen}/metrics", flush=True)
     print(f"proviso: policy {settings.policies} version {policy.version}", flush=True)
     print(f"proviso: audit log {settings.audit_path}", flush=True)
+    if app.shadow is not None:
+        shadow = app.shadow.current
+        print(
+            f"proviso: shadow policy {settings.shadow_policies} version {shadow.version} "
+            "(evaluated beside the active one; never decides)",
+            flush=True,
+        )
     if settings.dev_mode:
         print(
             "proviso: WARNING dev mode: no IdP configured; the dev IdP in "
@@ -96,6 +108,15 @@ async def _serve(settings: config.Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload_on_hangup() -> None:
+        for reloader in app.reloaders():
+            task = reloader.request("sighup")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_hangup)
     await stop.wait()
     print("proviso: stopping (finishing calls in flight)", flush=True)
     await app.stop()
@@ -118,6 +139,29 @@ def cmd_lint(args: argparse.Namespace) -> int:
     if args.format == "text":
         print(f"{directory}: ok", file=sys.stderr)
     return EXIT_OK
+
+
+# ---------------------------------------------------------------- test
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """Run the policy unit tests (*_test.yaml) of a bundle; exit 1 if any case fails."""
+    from sidecar import policytests  # noqa: PLC0415 - keep other commands fast to start
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        return _fail(f"{directory} is not a directory", EXIT_USAGE)
+    report = policytests.run_suite(directory)
+    if args.junit:
+        try:
+            Path(args.junit).write_bytes(policytests.to_junit(report))
+        except OSError as exc:
+            return _fail(f"cannot write {args.junit}: {exc.strerror or exc}")
+    if args.format == "json":
+        print(policytests.to_json(report))
+    else:
+        print(policytests.format_text(report))
+    return EXIT_OK if report.ok else EXIT_REFUSED
 
 
 # ---------------------------------------------------------------- token issue
@@ -226,39 +270,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- callers and kill switches
 
 
-def caller_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    """The caller's identity for a server command: ``--identity-token``, or dev-mode ``--as``.
-
-    ``--as SUBJECT`` mints a short-lived identity token from the dev IdP key in
-    ``--state-dir``, with the subject's groups from the policy's dev directory.
-
-    Raises:
-        UsageError: neither is given, or ``--as`` cannot be honoured.
-    """
-    if args.identity_token:
-        return (("authorization", f"Bearer {args.identity_token}"),)
-    if not args.as_subject:
-        raise UsageError("say who you are: --identity-token JWT, or --as SUBJECT in dev mode")
-    from sidecar.identity import DevIdentityProvider  # noqa: PLC0415
-
-    try:
-        idp = DevIdentityProvider.load(Path(args.state_dir), config.DEFAULT_AUDIENCE)
-    except FileNotFoundError:
-        raise UsageError(
-            f"--as needs the dev IdP of a dev-mode server; none in {args.state_dir} "
-            "(pass the server's --state-dir)"
-        ) from None
-    try:
-        policy = load_policy(Path(args.policies))
-    except PolicyLoadError as exc:
-        raise UsageError(f"policy bundle {args.policies} has errors: {exc}") from None
-    subject = policy.dev_directory.get(args.as_subject)
-    if subject is None:
-        raise UsageError(f"--as {args.as_subject}: not in the policy's dev_directory")
-    token = idp.mint(subject.subject, subject.groups, time.time())
-    return (("authorization", f"Bearer {token}"),)
-
-
 def _kill_request(args: argparse.Namespace, engaged: bool) -> object:
     from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb  # noqa: PLC0415
 
@@ -301,13 +312,13 @@ def cmd_kill(args: argparse.Namespace) -> int:
     from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc  # noqa: PLC0415
 
     try:
-        metadata = caller_metadata(args)
+        metadata = cli_identity.metadata(args)
         request = (
             None
             if args.kill_command == "list"
             else _kill_request(args, engaged=args.kill_command == "engage")
         )
-    except UsageError as exc:
+    except (UsageError, cli_identity.IdentityOptionError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     with grpc.insecure_channel(args.target) as channel:
         stub = admin_grpc.AdminServiceStub(channel)
@@ -344,8 +355,8 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     from sidecar._proto.proviso.v1 import approval_service_pb2_grpc as ap_grpc  # noqa: PLC0415
 
     try:
-        metadata = caller_metadata(args)
-    except UsageError as exc:
+        metadata = cli_identity.metadata(args)
+    except cli_identity.IdentityOptionError as exc:
         return _fail(str(exc), EXIT_USAGE)
     with grpc.insecure_channel(args.target) as channel:
         stub = ap_grpc.ApprovalServiceStub(channel)
@@ -434,20 +445,104 @@ def _add_approvals_commands(
 
 def _add_caller_options(command: argparse.ArgumentParser) -> None:
     """--target and the caller identity, the same on every command that talks to a server."""
-    command.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT")
-    command.add_argument("--identity-token", metavar="JWT", help="an IdP identity token")
-    command.add_argument(
-        "--as", dest="as_subject", metavar="SUBJECT", help="dev mode: act as this dev subject"
-    )
-    command.add_argument(
-        "--state-dir", default=config.DEFAULT_STATE_DIR, metavar="DIR", help="for --as"
-    )
-    command.add_argument("--policies", default="policies", metavar="DIR", help="for --as")
-    command.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    cli_identity.add_arguments(command)
     command.add_argument("--format", choices=("text", "json"), default="text")
 
 
+# ---------------------------------------------------------------- policy show / reload
+
+
+def _admin_call(args: argparse.Namespace, method: str) -> int:
+    """Call one AdminService policy method and print the result; exit 1 if it failed."""
+    from google.rpc import error_details_pb2  # noqa: PLC0415
+    from grpc_status import rpc_status  # noqa: PLC0415
+
+    from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb  # noqa: PLC0415
+    from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc  # noqa: PLC0415
+
+    try:
+        metadata = cli_identity.metadata(args)
+    except cli_identity.IdentityOptionError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    with grpc.insecure_channel(args.target) as channel:
+        stub = admin_grpc.AdminServiceStub(channel)
+        try:
+            if method == "reload":
+                response: Any = stub.ReloadPolicy(
+                    admin_pb.ReloadPolicyRequest(), metadata=metadata, timeout=args.timeout
+                )
+            else:
+                response = stub.GetPolicy(
+                    admin_pb.GetPolicyRequest(), metadata=metadata, timeout=args.timeout
+                )
+        except grpc.RpcError as exc:
+            status = rpc_status.from_call(exc)
+            for detail in status.details if status is not None else ():
+                failure = error_details_pb2.PreconditionFailure()
+                if detail.Unpack(failure):
+                    for violation in failure.violations:
+                        print(
+                            f"{violation.subject}: error {violation.type}: {violation.description}",
+                            file=sys.stderr,
+                        )
+            return _fail(f"{exc.code().name}: {exc.details()}")
+    if args.format == "json":
+        print(
+            json.dumps(
+                json_format.MessageToDict(response, preserving_proto_field_name=True), indent=2
+            )
+        )
+        return EXIT_OK
+    if method == "reload":
+        state = "reloaded" if response.changed else "unchanged"
+        print(f"{state}: version {response.policy.version} {response.policy.label}".rstrip())
+        return EXIT_OK
+    print(_policy_table(response.policy))
+    if response.HasField("shadow_policy"):
+        print("\nshadow (evaluated beside the active policy; never decides):")
+        print(_policy_table(response.shadow_policy))
+    return EXIT_OK
+
+
+def _policy_table(info: Any) -> str:
+    loaded = info.load_time.ToDatetime().isoformat(timespec="seconds") + "Z"
+    rows = [
+        ("version", info.version),
+        ("label", info.label or "-"),
+        ("loaded", loaded),
+        ("files", ", ".join(info.source_files)),
+        ("tools", ", ".join(info.tools)),
+    ]
+    return "\n".join(f"{name:<8} {value}" for name, value in rows)
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    """Show the policy a running server has in force (and its shadow): admins only."""
+    return _admin_call(args, "show")
+
+
+def cmd_policy_reload(args: argparse.Namespace) -> int:
+    """Make a running server reload its policy directory; print the errors if it refuses."""
+    return _admin_call(args, "reload")
+
+
 # ---------------------------------------------------------------- parser
+
+
+def _add_policy_commands(commands: Any) -> None:
+    """``proviso policy show|reload``: they talk to a running server as an admin."""
+    policy = commands.add_parser(
+        "policy", help="the policy of a running server", description="The server's policy."
+    )
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    for name, handler, summary in (
+        ("show", cmd_policy_show, "show the version in force"),
+        ("reload", cmd_policy_reload, "reload the policy directory now"),
+    ):
+        sub = policy_commands.add_parser(name, help=summary, description=handler.__doc__)
+        cli_identity.add_arguments(sub)
+        sub.add_argument("--format", choices=("text", "json"), default="text")
+        sub.set_defaults(handler=handler)
 
 
 def _add_kill_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -468,6 +563,16 @@ def _add_kill_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         sub.set_defaults(handler=cmd_kill)
 
 
+def _add_test_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    test = commands.add_parser(
+        "test", help="run a bundle's policy unit tests", description=cmd_test.__doc__
+    )
+    test.add_argument("directory", metavar="DIR", help="the bundle, with its *_test.yaml files")
+    test.add_argument("--format", choices=("text", "json"), default="text")
+    test.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
+    test.set_defaults(handler=cmd_test)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="proviso", description="Policy-as-code authorization sidecar for AI agents."
@@ -484,12 +589,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--idp-jwks", metavar="FILE", help="the IdP's JWKS; disables dev mode")
     serve.add_argument("--idp-issuer", metavar="ISS", help="the IdP's issuer (iss)")
     serve.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument(
+        "--shadow-policies",
+        metavar="DIR",
+        help="a candidate bundle evaluated beside the active one on every Check; it never "
+        "decides, disagreements are counted and audited",
+    )
+    serve.add_argument(
+        "--watch-interval",
+        metavar="SECONDS",
+        help="poll the policy directories for changes this often (default 1; 0 = off); "
+        "SIGHUP and AdminService.ReloadPolicy reload too",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     lint = commands.add_parser("lint", help="check a policy bundle", description=cmd_lint.__doc__)
     lint.add_argument("directory", metavar="DIR")
     lint.add_argument("--format", choices=("text", "json"), default="text")
     lint.set_defaults(handler=cmd_lint)
+
+    _add_test_command(commands)
+    _add_policy_commands(commands)
 
     token = commands.add_parser("token", help="capability tokens", description="Tokens.")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")

@@ -63,6 +63,10 @@ class Settings:
     groups_claim: str = "groups"
     log_level: str = "INFO"
     audit_log: Path | None = None
+    shadow_policies: Path | None = None
+    """A candidate bundle evaluated beside the active one on every Check; it never decides."""
+    watch_interval_seconds: float = 1.0
+    """How often the policy directories are polled for changes; 0 turns the watcher off."""
 
     @property
     def dev_mode(self) -> bool:
@@ -91,6 +95,8 @@ def build(
     idp_jwks: str | None = None,
     idp_issuer: str | None = None,
     log_level: str | None = None,
+    shadow_policies: str | None = None,
+    watch_interval: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Settings from flags and the environment.
@@ -101,6 +107,16 @@ def build(
     """
     env = os.environ if env is None else env
     jwks = setting(idp_jwks, "IDP_JWKS", "", env)
+    shadow = setting(shadow_policies, "SHADOW_POLICIES", "", env)
+    interval_text = setting(watch_interval, "WATCH_INTERVAL", "1", env)
+    try:
+        interval = float(interval_text)
+    except ValueError:
+        interval = -1.0
+    if not 0 <= interval <= 3600:
+        raise SettingsError(
+            f"--watch-interval: expected seconds between 0 (off) and 3600, got {interval_text!r}"
+        )
     settings = Settings(
         policies=Path(setting(policies, "POLICIES", "policies", env)),
         listen=Address.parse(setting(listen, "LISTEN", DEFAULT_LISTEN, env), "--listen"),
@@ -112,6 +128,8 @@ def build(
         idp_jwks=Path(jwks) if jwks else None,
         idp_issuer=setting(idp_issuer, "IDP_ISSUER", "", env),
         log_level=setting(log_level, "LOG_LEVEL", "INFO", env),
+        shadow_policies=Path(shadow) if shadow else None,
+        watch_interval_seconds=interval,
     )
     for name, address in (
         ("--listen", settings.listen),

@@ -48,3 +48,7 @@ class PolicyLoadError(SidecarError):
         first = str(issues[0]) if issues else "unknown problem"
         more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""
         super().__init__(f"{first}{more}")
+
+
+class ShadowPolicyLoadError(PolicyLoadError):
+    """The shadow (candidate) bundle could not be loaded at start."""

@@ -128,6 +128,11 @@ class IdentityVerifier:
         return Identity(subject=subject, groups=tuple(groups), issuer=self._issuer, claims=claims)
 
 
+def dev_idp_key_path(state_dir: Path) -> Path:
+    """Where the dev IdP's private key lives in a state directory."""
+    return state_dir / "dev-idp" / "signing-key.pem"
+
+
 class DevIdentityProvider:
     """A local IdP for dev mode: its key lives in ``STATE_DIR/dev-idp/``.
 
@@ -143,10 +148,6 @@ class DevIdentityProvider:
         self._private = private
         self.audience = audience
 
-    @staticmethod
-    def key_path(state_dir: Path) -> Path:
-        return state_dir / "dev-idp" / "signing-key.pem"
-
     @classmethod
     def load(cls, state_dir: Path, audience: str) -> DevIdentityProvider:
         """The dev IdP a dev-mode server created in ``state_dir``.
@@ -154,12 +155,12 @@ class DevIdentityProvider:
         Raises:
             FileNotFoundError: there is none (the server is not in dev mode there).
         """
-        path = cls.key_path(state_dir)
+        path = dev_idp_key_path(state_dir)
         return cls(SigningKey.from_pem(path.read_bytes(), kid="dev-idp"), audience)
 
     @classmethod
     def load_or_create(cls, state_dir: Path, audience: str) -> DevIdentityProvider:
-        path = cls.key_path(state_dir)
+        path = dev_idp_key_path(state_dir)
         if path.exists():
             return cls.load(state_dir, audience)
         key = SigningKey.generate(kid="dev-idp")

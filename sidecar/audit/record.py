@@ -24,6 +24,32 @@ def timestamp(now: float) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowResult:
+    """What the shadow (candidate) policy would have decided for the same call.
+
+    ``error`` is set, and the decision fields empty, when the shadow could not be evaluated.
+    """
+
+    policy_version: str
+    decision: str = ""
+    reason: str = ""
+    tier: str = ""
+    agrees: bool = True
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        if self.error:
+            return {"policy_version": self.policy_version, "error": self.error}
+        return {
+            "policy_version": self.policy_version,
+            "decision": self.decision,
+            "reason": self.reason,
+            "tier": self.tier,
+            "agrees": self.agrees,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class AuditRecord:
     """Everything needed to explain (and later replay) one decision.
 
@@ -45,6 +71,7 @@ class AuditRecord:
     dry_run: bool = False
     run_metadata: Mapping[str, str] = field(default_factory=dict)
     replay_of: str = ""
+    shadow: ShadowResult | None = None
 
     def to_json_line(self) -> bytes:
         """One line of JSON ending in a newline: keys sorted, then ``arguments`` last."""
@@ -81,6 +108,8 @@ class AuditRecord:
                 "approver_roles": list(d.approval.approver_roles),
                 "ttl_seconds": d.approval.ttl_seconds,
             }
+        if self.shadow is not None:
+            body["shadow"] = self.shadow.to_json()
         text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         # Splice the canonical arguments in as JSON so decimals keep their exact digits.
         return (text[:-1] + ',"arguments":' + self.arguments_canonical + "}\n").encode()

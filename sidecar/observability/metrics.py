@@ -79,7 +79,33 @@ class Metrics:
             buckets=(10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600),
             registry=self.registry,
         )
+        self.policy_reloads = Counter(
+            "proviso_policy_reload",
+            "Policy reloads by bundle (active, shadow) and result (success, unchanged, error);"
+            " after an error the previous version keeps serving.",
+            ["bundle", "result"],
+            registry=self.registry,
+        )
+        self.shadow_policy_info = Gauge(
+            "proviso_shadow_policy_info",
+            "The candidate policy evaluated in shadow beside the active one: 1 for its version.",
+            ["version", "label"],
+            registry=self.registry,
+        )
+        self.shadow_disagreements = Counter(
+            "proviso_shadow_disagreements",
+            "Checks where the shadow policy's decision (or tier) differed from the active one's,"
+            " by tool and both decisions.",
+            ["tool", "active", "shadow"],
+            registry=self.registry,
+        )
+        self.shadow_errors = Counter(
+            "proviso_shadow_errors",
+            "Shadow evaluations that failed; the Check was answered by the active policy anyway.",
+            registry=self.registry,
+        )
         self._policy_labels: tuple[str, str] | None = None
+        self._shadow_labels: tuple[str, str] | None = None
 
     def set_policy(self, version: str, label: str) -> None:
         """Mark ``version`` as the one in force (and the previous one as gone)."""
@@ -87,6 +113,13 @@ class Metrics:
             self.policy_info.remove(*self._policy_labels)
         self._policy_labels = (version, label)
         self.policy_info.labels(version, label).set(1)
+
+    def set_shadow_policy(self, version: str, label: str) -> None:
+        """Mark ``version`` as the shadow candidate (and the previous one as gone)."""
+        if self._shadow_labels is not None:
+            self.shadow_policy_info.remove(*self._shadow_labels)
+        self._shadow_labels = (version, label)
+        self.shadow_policy_info.labels(version, label).set(1)
 
     def exposition(self) -> bytes:
         """The text exposition format of every instrument."""

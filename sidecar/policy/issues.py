@@ -8,8 +8,8 @@ of the interface (scripts and tests match on them); messages are for people and 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Literal
 
@@ -91,6 +91,50 @@ class PolicyIssue:
     def __str__(self) -> str:
         hint = f" (hint: {self.hint})" if self.hint else ""
         return f"{self.location}: {self.severity} {self.code}: {self.message}{hint}"
+
+
+FIX_HINTS: Mapping[str, str] = {
+    Code.NO_POLICY_FILES: "point at the directory that holds the bundle's *.yaml files",
+    Code.READ_ERROR: "check that the path exists and the sidecar's user can read it",
+    Code.FILE_TOO_LARGE: "split it into smaller files: a policy file is at most 1 MiB",
+    Code.INVALID_ENCODING: "save the file as UTF-8",
+    Code.YAML_SYNTAX: "fix the YAML here: indentation, a missing ':' or an unclosed bracket",
+    Code.MULTIPLE_DOCUMENTS: "split it into separate files",
+    Code.DUPLICATE_KEY: "remove or rename one of the two keys",
+    Code.INVALID_KEY: "quote the key",
+    Code.YAML_ANCHOR: "write the value out in full where it applies",
+    Code.YAML_ALIAS: "write the value out in full where it applies",
+    Code.YAML_TAG: "remove the tag and write a plain value",
+    Code.TOO_DEEP: "flatten the structure",
+    Code.UNKNOWN_FIELD: "remove the field or correct its name",
+    Code.WRONG_TYPE: "write a value of the type the message names",
+    Code.MISSING_FIELD: "add the field the message names",
+    Code.FIELD_NOT_ALLOWED: "remove the field, or make the tier's action require_approval",
+    Code.INVALID_VALUE: "use a value the message allows",
+    Code.INVALID_NAME: "rename it as the message says",
+    Code.INVALID_DURATION: "a positive whole number then s, m or h, e.g. 30s, 15m, 24h",
+    Code.DUPLICATE_ITEM: "remove the repeated item",
+    Code.DUPLICATE_DEFINITION: "keep one definition and remove or rename the other",
+    Code.DUPLICATE_LABEL: "set 'label' in one file only",
+    Code.UNDEFINED_ROLE: "define the role under 'roles', or correct the name",
+    Code.UNDEFINED_TOOL: "define the tool under 'tools', or correct the name",
+    Code.UNDEFINED_APPROVER_ROLE: "define it under 'approver_roles', or correct the name",
+    Code.UNDEFINED_AGENT: "define the agent under 'agents', or correct the name",
+    Code.CEL_SYNTAX: "fix the expression at this position (CEL syntax: see policies/README.md)",
+    Code.CEL_TYPE: "use args, agent, token or context, and make the condition boolean",
+    Code.INVALID_SCHEMA: "fix the schema: JSON Schema 2020-12, with $ref only to '#/...'",
+    Code.PIN_NOT_IN_SCHEMA: "add it to the arguments as a string property, or remove the pin",
+    Code.UNREACHABLE_TIER: "move the unconditional tier last, or give it a 'when'",
+    Code.WRITE_TOOL_WITHOUT_PINS: "add 'pins' naming the argument that identifies the resource",
+}
+"""A one-line fix for each code, used when the check that found an issue has no better one."""
+
+
+def with_fix_hint(issue: PolicyIssue) -> PolicyIssue:
+    """``issue`` with a hint: its own if it has one (a "did you mean"), else its code's."""
+    if issue.hint:
+        return issue
+    return replace(issue, hint=FIX_HINTS.get(issue.code, ""))
 
 
 def sort_issues(issues: Iterable[PolicyIssue]) -> tuple[PolicyIssue, ...]:

@@ -27,7 +27,7 @@ from typing import Any
 
 from sidecar.errors import PolicyLoadError
 from sidecar.policy.conditions import Condition, ConditionCompileError
-from sidecar.policy.issues import Code, PolicyIssue, Severity, sort_issues
+from sidecar.policy.issues import Code, PolicyIssue, Severity, sort_issues, with_fix_hint
 from sidecar.policy.model import (
     DEFAULT_APPROVAL_TTL_SECONDS,
     Agent,
@@ -88,6 +88,15 @@ def lint_policy(directory: Path) -> tuple[PolicyIssue, ...]:
 
 def policy_files(directory: Path) -> tuple[str, ...]:
     """The bundle's policy files, relative POSIX paths, sorted; hidden files and dirs skipped."""
+    return _yaml_files(directory, tests=False)
+
+
+def policy_test_files(directory: Path) -> tuple[str, ...]:
+    """The bundle's policy unit tests (``*_test.yaml``), found by the same rules as policy."""
+    return _yaml_files(directory, tests=True)
+
+
+def _yaml_files(directory: Path, *, tests: bool) -> tuple[str, ...]:
     found: list[str] = []
     for root, dirnames, filenames in os.walk(directory, followlinks=False):
         dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
@@ -95,10 +104,27 @@ def policy_files(directory: Path) -> tuple[str, ...]:
             lowered = name.lower()
             if name.startswith(".") or not lowered.endswith(POLICY_SUFFIXES):
                 continue
-            if lowered.endswith(TEST_SUFFIXES):
-                continue
-            found.append((Path(root) / name).relative_to(directory).as_posix())
+            if lowered.endswith(TEST_SUFFIXES) is tests:
+                found.append((Path(root) / name).relative_to(directory).as_posix())
     return tuple(sorted(found))
+
+
+def bundle_fingerprint(directory: Path) -> str:
+    """The version the bundle in ``directory`` would load as, from its bytes alone.
+
+    Cheap next to a load (no parsing or compiling), so a watcher can poll it. Unreadable or
+    oversized files hash as empty: the load that follows reports them properly.
+    """
+    contents: dict[str, bytes] = {}
+    for name in policy_files(directory):
+        contents[name] = _read(directory / name, name, []) or b""
+    return bundle_version(contents)
+
+
+def read_text(directory: Path, name: str, issues: list[PolicyIssue]) -> str | None:
+    """One bundle file's text under the policy files' limits (size, UTF-8), or None."""
+    data = _read(directory / name, name, issues)
+    return None if data is None else _decode(data, name, issues)
 
 
 def bundle_version(contents: Mapping[str, bytes]) -> str:
@@ -185,7 +211,7 @@ def _compile(directory: Path) -> tuple[Policy | None, tuple[PolicyIssue, ...]]:
         _merge(bundle, file)
     _resolve_references(bundle)
     _compile_tools(bundle)
-    issues = sort_issues(bundle.issues)
+    issues = sort_issues(with_fix_hint(issue) for issue in bundle.issues)
     if not contents or any(issue.severity is Severity.ERROR for issue in issues):
         return None, issues
     return _build(bundle, tuple(sorted(contents)), bundle_version(contents)), issues

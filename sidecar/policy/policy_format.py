@@ -75,8 +75,14 @@ class FormatCheck:
         return not any(path[: len(bad)] == bad or bad[: len(path)] == path for bad in self.blocked)
 
 
-def check_format(document: YamlDocument, file: str) -> FormatCheck:
-    """Validate a parsed file against the policy format."""
+def format_validator(schema: dict[str, Any]) -> Any:
+    """A validator for another YAML format of ours (policy tests), reporting like this one."""
+    return _Validator(schema)
+
+
+def check_format(document: YamlDocument, file: str, validator: Any = None) -> FormatCheck:
+    """Validate a parsed file against the policy format (or the format ``validator`` checks)."""
+    validator = _VALIDATOR if validator is None else validator
     if not isinstance(document.value, dict):
         found = _kind(document.value)
         issue = PolicyIssue(
@@ -89,7 +95,7 @@ def check_format(document: YamlDocument, file: str) -> FormatCheck:
         return FormatCheck((issue,), frozenset({()}))
     issues: list[PolicyIssue] = []
     blocked: set[Path] = set(document.damaged)
-    for error in _VALIDATOR.iter_errors(document.value):
+    for error in validator.iter_errors(document.value):
         path = tuple(error.absolute_path)
         if any(path[: len(bad)] == bad for bad in document.damaged):
             continue  # the YAML stage already reported this value
@@ -111,12 +117,24 @@ def describe(path: Path) -> str:
     if not path:
         return "the policy file"
     section = path[0]
+    if section == "cases" and len(path) >= 2 and isinstance(path[1], int):
+        return _describe_case(path)
     if len(path) == 1 or section not in SECTION_NOUNS:
         return f"'{section}'"
     thing = f"{SECTION_NOUNS[str(section)]} '{path[1]}'"
     if section == "tools" and len(path) >= 4 and path[2] == "tiers" and isinstance(path[3], int):
         return f"tier {path[3] + 1} of {thing}"
     return thing
+
+
+def _describe_case(path: Path) -> str:
+    """Parts of a policy test file: "test case 3", "'expect' of test case 3"."""
+    case = f"test case {int(path[1]) + 1}"
+    if len(path) == 2:
+        return case
+    if len(path) >= 4 and path[2] == "grants" and isinstance(path[3], int):
+        return f"grant {path[3] + 1} of {case}"
+    return f"'{path[2]}' of {case}"
 
 
 def _field(path: Path) -> str:

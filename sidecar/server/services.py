@@ -33,6 +33,7 @@ from sidecar.keystore import KeyRing
 from sidecar.minting import authorize_issuer, mint
 from sidecar.observability.metrics import Metrics, bounded
 from sidecar.policy.model import KillSwitch
+from sidecar.reloader import PolicyReloader
 from sidecar.server import convert, status
 from sidecar.server.auth import caller, require_admin
 from sidecar.state import Store
@@ -203,6 +204,8 @@ class AdminService:
         audit: AuditLog,
         metrics: Metrics,
         clock: Clock,
+        reloader: PolicyReloader,
+        shadow: PolicyHolder | None = None,
     ) -> None:
         self._policy = policy
         self._identities = identities
@@ -210,6 +213,8 @@ class AdminService:
         self._audit = audit
         self._metrics = metrics
         self._clock = clock
+        self._reloader = reloader
+        self._shadow = shadow
 
     def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
         return require_admin(
@@ -267,8 +272,23 @@ class AdminService:
         self, request: admin_pb.GetPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb.GetPolicyResponse:
         self._admin(context)
-        return admin_pb.GetPolicyResponse(
-            policy=convert.policy_info(self._policy.current, self._policy.loaded_at)
+        loaded = self._policy.snapshot()
+        response = admin_pb.GetPolicyResponse(
+            policy=convert.policy_info(loaded.policy, loaded.loaded_at)
+        )
+        if self._shadow is not None:
+            shadow = self._shadow.snapshot()
+            response.shadow_policy.CopyFrom(convert.policy_info(shadow.policy, shadow.loaded_at))
+        return response
+
+    async def reload_policy(
+        self, request: admin_pb.ReloadPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb.ReloadPolicyResponse:
+        """Reload the active bundle; a bundle with errors raises PolicyLoadError (see proto)."""
+        self._admin(context)
+        loaded, changed = await self._reloader.reload("admin")
+        return admin_pb.ReloadPolicyResponse(
+            policy=convert.policy_info(loaded.policy, loaded.loaded_at), changed=changed
         )
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -287,6 +307,9 @@ class AdminService:
                     admin_pb.ListKillSwitchesRequest,
                     self.list_kill_switches,
                     f"{self.name}/ListKillSwitches",
+                ),
+                "ReloadPolicy": unary(
+                    admin_pb.ReloadPolicyRequest, self.reload_policy, f"{self.name}/ReloadPolicy"
                 ),
             },
         )

@@ -22,10 +22,24 @@ class RpcError:
     code: grpc.StatusCode
     message: str
     field: str = ""
+    preconditions: tuple[tuple[str, str, str], ...] = ()
+    """(type, subject, description) of each failed precondition, e.g. a policy error."""
 
     def rich_status(self) -> status_pb2.Status:
         """A ``google.rpc.Status`` carrying a BadRequest field violation where one applies."""
         status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        if self.preconditions:
+            failure = error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type=kind, subject=subject, description=description
+                    )
+                    for kind, subject, description in self.preconditions
+                ]
+            )
+            detail = any_pb2.Any()
+            detail.Pack(failure)
+            status.details.append(detail)
         if self.field:
             bad_request = error_details_pb2.BadRequest(
                 field_violations=[
@@ -57,9 +71,28 @@ def from_exception(exc: BaseException, method: str) -> RpcError:
         return RpcError(
             grpc.StatusCode.UNAVAILABLE, "could not decide safely; treat this call as denied"
         )
+    if isinstance(exc, errors.PolicyLoadError):
+        return _policy_refused(exc)
     for kind, code in _SIMPLE:
         if isinstance(exc, kind):
             return RpcError(code, str(exc))
     error_id = "err_" + secrets.token_hex(6)
     log.error("unexpected error", exc_info=exc, extra={"method": method, "error_id": error_id})
     return RpcError(grpc.StatusCode.INTERNAL, f"internal error (id {error_id})")
+
+
+def _policy_refused(exc: errors.PolicyLoadError) -> RpcError:
+    """A bundle with errors: each one as a violation (code, file:line:col, message + hint)."""
+    violations = []
+    for issue in exc.issues:
+        code = str(getattr(issue, "code", "POLICY_ERROR"))
+        location = str(getattr(issue, "location", "."))
+        message = str(getattr(issue, "message", issue))
+        hint = str(getattr(issue, "hint", ""))
+        violations.append((code, location, f"{message} (hint: {hint})" if hint else message))
+    count = len(exc.issues)
+    return RpcError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"the policy bundle has {count} error(s); the version in force keeps serving",
+        preconditions=tuple(violations),
+    )

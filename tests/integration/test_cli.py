@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
         (),
         ("serve",),
         ("lint",),
+        ("test",),
         ("token",),
         ("token", "issue"),
         ("check",),
@@ -46,6 +48,9 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
         ("approvals", "show"),
         ("approvals", "approve"),
         ("approvals", "reject"),
+        ("policy",),
+        ("policy", "show"),
+        ("policy", "reload"),
     ],
 )
 def test_every_command_has_help(command: tuple[str, ...]) -> None:
@@ -59,6 +64,7 @@ def test_usage_errors_exit_2() -> None:
     """A missing required flag is a usage error (exit 2)."""
     assert run("token", "issue").returncode == 2
     assert run("lint", "/no/such/dir").returncode == 2
+    assert run("test", "/no/such/dir").returncode == 2
 
 
 def test_lint_accepts_the_examples() -> None:
@@ -259,3 +265,33 @@ async def test_on_call_approves_from_the_cli(sidecar: Sidecar) -> None:
     again = await asyncio.to_thread(run, "approvals", "reject", needed.approval_id, *common)
     assert again.returncode == 1
     assert "FAILED_PRECONDITION" in again.stderr
+
+
+def test_policy_tests_pass_on_the_examples(tmp_path: Path) -> None:
+    """`proviso test policies/` passes every shipped case, exits 0, and writes JUnit XML."""
+    junit = tmp_path / "report.xml"
+    result = run("test", str(EXAMPLE_POLICIES), "--junit", str(junit))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r": \d+ passed, 0 failed$", result.stdout.strip()), result.stdout
+    assert "<testsuites" in junit.read_text()
+
+
+def test_policy_tests_fail_readably_on_a_wrong_expectation(tmp_path: Path) -> None:
+    """A deliberately wrong expectation exits 1 with a FAIL row and an expected/got diff."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(EXAMPLE_POLICIES, bundle)
+    billing = bundle / "billing_test.yaml"
+    text = billing.read_text()
+    wrong = "expect: {decision: ALLOW, reason: TIER_ALLOWED, tier: auto}  # wrong on purpose"
+    right = (
+        "expect: {decision: NEEDS_APPROVAL, reason: APPROVAL_REQUIRED, tier: supervisor,"
+        " approvals: 1}"
+    )
+    assert text.count(right) == 2
+    billing.write_text(text.replace(right, wrong, 1))
+    result = run("test", str(bundle))
+    assert result.returncode == 1
+    assert re.search(r"^FAIL  billing_test\.yaml:\d+ +a 50\.01 refund", result.stdout, re.M)
+    assert "decision: expected ALLOW, got NEEDS_APPROVAL" in result.stdout
+    assert "tier:     expected auto, got supervisor" in result.stdout
+    assert result.stdout.strip().endswith("passed, 1 failed")

@@ -78,7 +78,6 @@ def test_storage_failures_are_unavailable_without_details(
         RuntimeError("password=hunter2 at db.internal:5432"),
         KeyError("hunter2"),
         ValueError("hunter2"),
-        errors.PolicyLoadError(("hunter2",)),
     ],
 )
 def test_an_unexpected_exception_is_internal_with_an_opaque_id(

@@ -80,3 +80,11 @@ def test_every_issue_code_has_a_golden_case() -> None:
     """Adding an issue code without a golden case (or a named test) fails here."""
     seen = {line.split()[-1] for case in CASES for line, _ in expected_issues(case)}
     assert set(Code) - CODES_TESTED_ELSEWHERE == {Code(code) for code in seen}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_issue_has_a_one_line_fix_hint(case: str) -> None:
+    """Every issue lint reports carries a non-empty, single-line hint on how to fix it."""
+    for issue in lint_policy(TESTDATA / case):
+        assert issue.hint, f"{head(issue)} has no hint"
+        assert "\n" not in issue.hint, f"{head(issue)}: the hint is not one line"

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import json
 
-from sidecar.policy.issues import Code, PolicyIssue, Severity, format_issues, sort_issues
+from sidecar.policy.issues import (
+    FIX_HINTS,
+    Code,
+    PolicyIssue,
+    Severity,
+    format_issues,
+    sort_issues,
+    with_fix_hint,
+)
 
 UNKNOWN = PolicyIssue(
     "common.yaml",
@@ -91,3 +99,15 @@ def test_codes_are_their_own_names() -> None:
     for code in Code:
         assert code.value == code.name
         assert code.value.isupper()
+
+
+def test_every_code_has_a_fix_hint() -> None:
+    """Each stable code has a one-line default fix hint, so no issue reaches an author bare."""
+    assert set(FIX_HINTS) == set(Code)
+    assert all(hint and "\n" not in hint for hint in FIX_HINTS.values())
+
+
+def test_a_specific_hint_wins_over_the_default() -> None:
+    """A check's own hint (a "did you mean") is kept; a bare issue gets its code's hint."""
+    assert with_fix_hint(UNKNOWN).hint == "did you mean 'groups'?"
+    assert with_fix_hint(CEL).hint == FIX_HINTS[Code.CEL_SYNTAX]

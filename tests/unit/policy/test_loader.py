@@ -9,7 +9,13 @@ import pytest
 
 from sidecar.errors import PolicyLoadError
 from sidecar.policy.issues import Code, PolicyIssue, Severity
-from sidecar.policy.loader import MAX_FILE_BYTES, lint_policy, load_policy, policy_files
+from sidecar.policy.loader import (
+    MAX_FILE_BYTES,
+    bundle_fingerprint,
+    lint_policy,
+    load_policy,
+    policy_files,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "policies"
 TESTDATA = Path(__file__).parent / "testdata"
@@ -162,3 +168,16 @@ def test_issues_are_collected_across_all_stages(tmp_path: Path) -> None:
         Code.CEL_SYNTAX,
         Code.WRITE_TOOL_WITHOUT_PINS,
     } <= codes
+
+
+def test_the_fingerprint_is_the_version_a_load_would_give(tmp_path: Path) -> None:
+    """The watcher's cheap hash equals the loaded version, and moves with any edit."""
+    bundle = copy_examples(tmp_path / "bundle")
+    assert bundle_fingerprint(bundle) == load_policy(bundle).version
+    before = bundle_fingerprint(bundle)
+    (bundle / "billing_test.yaml").write_text("tests do not count\n")
+    assert bundle_fingerprint(bundle) == before
+    with (bundle / "billing.yaml").open("a") as stream:
+        stream.write("# a comment is a change\n")
+    assert bundle_fingerprint(bundle) != before
+    assert bundle_fingerprint(bundle) == load_policy(bundle).version

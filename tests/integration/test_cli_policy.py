@@ -1,0 +1,113 @@
+"""`proviso serve` reloading on SIGHUP, and `proviso policy show|reload` as an admin would."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.integration.test_cli import PROVISO, run
+from tests.integration.test_reload import copy_bundle, set_variant, write
+
+
+@dataclass
+class Served:
+    """A `proviso serve` process on a private bundle and state directory."""
+
+    process: subprocess.Popen[str]
+    target: str
+    bundle: Path
+    state: Path
+
+    def policy(
+        self, *args: str, identity: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `proviso policy ARGS` against this server, as the admin by default."""
+        who = identity or ("--as", "olivia@example.com")
+        return run(
+            "policy", *args, "--target", self.target, *who,
+            "--state-dir", str(self.state), "--policies", str(self.bundle),
+        )  # fmt: skip
+
+    def version(self) -> str:
+        shown = self.policy("show", "--format", "json")
+        assert shown.returncode == 0, shown.stderr
+        version: str = json.loads(shown.stdout)["policy"]["version"]
+        return version
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    """`proviso serve` with the watcher off, so only SIGHUP or ReloadPolicy reload."""
+    bundle = copy_bundle(tmp_path / "bundle")
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [
+            *PROVISO, "serve", "--policies", str(bundle), "--listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0", "--state-dir", str(state),
+            "--watch-interval", "0",
+        ],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        match = re.search(r"serving gRPC on 127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        yield Served(process, f"127.0.0.1:{match.group(1)}", bundle, state)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=20)
+
+
+def test_policy_show_names_the_version_in_force(served: Served) -> None:
+    """`proviso policy show --as` an admin prints the version, label, files and tools."""
+    shown = served.policy("show")
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^version  [0-9a-f]{16}$", shown.stdout, re.M), shown.stdout
+    assert "label    examples-2026-11" in shown.stdout
+    assert "requestRefund" in shown.stdout
+    denied = served.policy("show", identity=("--as", "alice@example.com"))
+    assert denied.returncode == 1
+    assert "PERMISSION_DENIED" in denied.stderr
+    nobody = served.policy("show", identity=("--as", "mallory@example.com"))
+    assert nobody.returncode == 2
+    assert "not in the dev_directory" in nobody.stderr
+
+
+def test_sighup_reloads_the_policy(served: Served) -> None:
+    """After an edit, SIGHUP makes the server load the new version."""
+    before = served.version()
+    set_variant(served.bundle, auto_limit=100, label="after-sighup")
+    served.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while served.version() == before:
+        assert time.monotonic() < deadline, "SIGHUP did not reload"
+        time.sleep(0.1)
+    assert "label    after-sighup" in served.policy("show").stdout
+
+
+def test_policy_reload_reports_errors_with_file_and_line(served: Served) -> None:
+    """`proviso policy reload` on a broken edit exits 1 with file:line; the old version stays."""
+    before = served.version()
+    billing = served.bundle / "billing.yaml"
+    write(billing, billing.read_text().replace("    roles: [billing-resolution]", "    rolez: []"))
+    refused = served.policy("reload")
+    assert refused.returncode == 1
+    assert "billing.yaml:4:5: error UNKNOWN_FIELD" in refused.stderr
+    assert "FAILED_PRECONDITION" in refused.stderr
+    assert served.version() == before
+    write(billing, billing.read_text().replace("    rolez: []", "    roles: [billing-resolution]"))
+    fixed = served.policy("reload")
+    assert fixed.returncode == 0, fixed.stderr
+    assert fixed.stdout.startswith("unchanged: version " + before)
