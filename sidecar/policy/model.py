@@ -59,7 +59,10 @@ class Tier:
 
 @dataclass(frozen=True, slots=True)
 class Tool:
-    """A tool agents may call: its argument schema, resource pins and approval tiers."""
+    """A tool agents may call: its argument schema, resource pins and approval tiers.
+
+    ``redact`` names the arguments whose values the audit log replaces by a keyed hash.
+    """
 
     name: str
     arguments: ArgumentSchema
@@ -68,6 +71,7 @@ class Tool:
     description: str = ""
     writes: bool = False
     pins: tuple[str, ...] = ()
+    redact: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
