@@ -10,12 +10,14 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health
 
+from sidecar.audit.redaction import Redactor
 from sidecar.audit.writer import AuditLog
 from sidecar.authorizer import Authorizer, PolicyHolder, TokenVerifier
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Settings
 from sidecar.identity import DevIdentityProvider, IdentityVerifier
 from sidecar.keystore import KeyRing, load_or_create
+from sidecar.observability import tracing
 from sidecar.observability.metrics import Metrics
 from sidecar.policy.loader import load_policy
 from sidecar.policy.model import Policy
@@ -55,6 +57,7 @@ class App:
     health: health.aio.HealthServicer
     http: HttpServer
     dev_idp: DevIdentityProvider | None
+    traces: tracing.Tracing | None = None
 
     @classmethod
     async def start(
@@ -64,11 +67,16 @@ class App:
         clock: Clock | None = None,
         policy: Policy | None = None,
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+        traces: tracing.Tracing | None = None,
     ) -> App:
         """Load the policy and keys, open the audit log, and start both listeners.
 
+        ``traces`` replaces the tracing the settings ask for (tests pass an in-memory one).
+
         Raises:
             PolicyLoadError: the policy bundle has errors (nothing is started).
+            AuditLogCorruptError: the existing audit log does not verify at its end.
+            TracingConfigError: tracing is asked for but cannot be set up.
         """
         clock = clock or SystemClock()
         holder = PolicyHolder(
@@ -83,14 +91,38 @@ class App:
         )
         metrics = Metrics()
         metrics.set_policy(holder.current.version, holder.current.label)
-        audit = AuditLog(settings.audit_path)
+        audit = AuditLog(
+            settings.audit_path,
+            signer=keys.active,
+            keys=keys.verification_keys(),
+            clock=clock,
+            checkpoint_every=settings.audit_checkpoint_every,
+            checkpoint_seconds=settings.audit_checkpoint_seconds,
+            max_file_bytes=settings.audit_max_file_bytes,
+            on_commit=metrics.audit_committed,
+        )
+        try:
+            traces = traces or tracing.start(
+                settings.trace_exporters, service_name=settings.trace_service_name
+            )
+        except BaseException:
+            audit.close()
+            raise
         verifier = TokenVerifier(
             keys.verification_keys(),
             audience=settings.audience,
             issuer=settings.token_issuer,
             leeway_seconds=settings.leeway_seconds,
         )
-        authorizer = Authorizer(holder, verifier, audit, metrics, clock)
+        authorizer = Authorizer(
+            holder,
+            verifier,
+            audit,
+            metrics,
+            clock,
+            redactor=Redactor.load_or_create(settings.state_dir),
+            tracer=traces.tracer if traces else None,
+        )
         identities = identity_verifier(settings, dev_idp)
         services: list[AuthorizationService | TokenService | AdminService] = [
             AuthorizationService(authorizer),
@@ -103,7 +135,7 @@ class App:
                 issuer=settings.token_issuer,
                 audience=settings.audience,
             ),
-            AdminService(holder, identities, clock),
+            AdminService(holder, identities, clock, audit_path=settings.audit_path),
         ]
         http = HttpServer(
             HttpApp(metrics.exposition, lambda: keys.verification_keys().to_jwks()),
@@ -119,6 +151,8 @@ class App:
         except BaseException:
             http.stop()
             audit.close()
+            if traces:
+                traces.shutdown()
             raise
         http.start()
         return cls(
@@ -132,6 +166,7 @@ class App:
             health=health_servicer,
             http=http,
             dev_idp=dev_idp,
+            traces=traces,
         )
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
@@ -140,3 +175,5 @@ class App:
         await self.grpc_server.stop(grace_seconds)
         self.http.stop()
         self.audit.close()
+        if self.traces is not None:
+            self.traces.shutdown()

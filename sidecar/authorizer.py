@@ -2,6 +2,8 @@
 
 Order matters for safety: the audit record is on disk before the answer is returned, and any
 failure to write it raises (the server answers UNAVAILABLE), so no ALLOW is ever unrecorded.
+The record carries the Check's inputs (arguments redacted as the policy says, context, the
+verified token claims) so that ``proviso replay`` can re-evaluate it later.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+
+from opentelemetry.trace import Span, StatusCode, Tracer
 
 from sidecar import strictjson
 from sidecar.audit.record import AuditRecord
+from sidecar.audit.redaction import Redactor
 from sidecar.audit.writer import AuditLog
-from sidecar.clock import Clock
+from sidecar.clock import Clock, timestamp
 from sidecar.engine import Decision, ToolCall, evaluate
 from sidecar.errors import AuditWriteError
 from sidecar.observability.metrics import Metrics, bounded
@@ -105,12 +109,6 @@ def new_decision_id(now: float) -> str:
     return f"dec_{int(now * 1000):012x}{secrets.token_hex(8)}"
 
 
-def _timestamp(now: float) -> str:
-    return (
-        datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
-
-
 class Authorizer:
     """Answers Check: one policy read, one engine call, one durable audit record."""
 
@@ -122,6 +120,8 @@ class Authorizer:
         metrics: Metrics,
         clock: Clock,
         *,
+        redactor: Redactor,
+        tracer: Tracer | None = None,
         new_id: Callable[[float], str] = new_decision_id,
     ) -> None:
         self._policy = policy
@@ -129,39 +129,67 @@ class Authorizer:
         self._audit = audit
         self._metrics = metrics
         self._clock = clock
+        self._redactor = redactor
+        self._tracer = tracer
         self._new_id = new_id
 
     async def check(self, request: CheckInput) -> CheckResult:
-        """Decide and record one call.
+        """Decide and record one call (in an OpenTelemetry span when tracing is on).
 
         Raises:
             AuditWriteError: the record could not be made durable; the caller must not allow.
         """
+        if self._tracer is None:
+            return await self._check(request, None)
+        span = self._tracer.start_span("proviso.Check")
+        try:
+            result = await self._check(request, span)
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(StatusCode.ERROR, type(exc).__name__)
+            raise
+        finally:
+            span.end()
+        return result
+
+    async def _check(self, request: CheckInput, span: Span | None) -> CheckResult:
         started = time.perf_counter()
         now = self._clock.now()
         policy = self._policy.current
         token = self._tokens.verify(request.token, now)
-        decision = evaluate(policy, request.call, token)
-        decision_id = self._new_id(now)
         call = request.call
+        decision = evaluate(policy, call, token)
+        decision_id = self._new_id(now)
+        tool = policy.tools.get(call.tool)
+        arguments, redacted = self._redactor.redact(call.arguments, tool.redact if tool else ())
         record = AuditRecord(
             record_id=decision_id,
-            time=_timestamp(now),
+            time=timestamp(now),
             decision=decision,
-            tool=call.tool,
+            call=call,
             args_digest=strictjson.digest(call.arguments),
-            arguments_canonical=strictjson.canonical(call.arguments),
+            arguments=arguments,
             latency_ms=(time.perf_counter() - started) * 1000,
-            run_id=call.run_id,
-            step_id=call.step_id,
-            idempotency_key=call.idempotency_key,
-            approval_id=call.approval_id,
-            dry_run=call.dry_run,
+            token=token if isinstance(token, CapabilityClaims) else None,
+            redacted=redacted,
             run_metadata=request.run_metadata,
         )
+        if span is not None:
+            span.set_attributes(
+                {
+                    "proviso.decision_id": decision_id,
+                    "proviso.run_id": call.run_id,
+                    "proviso.tool": call.tool,
+                    "proviso.agent": decision.agent,
+                    "proviso.decision": decision.outcome.value,
+                    "proviso.reason": decision.primary_code or "",
+                    "proviso.matched_tier": decision.matched_tier,
+                    "proviso.policy_version": decision.policy_version,
+                }
+            )
         write_started = time.perf_counter()
         try:
-            await self._audit.append(record.to_json_line())
+            await self._audit.append(record.to_body())
         except AuditWriteError:
             self._metrics.audit_write_errors.inc()
             log.error("audit write failed; failing the check closed", extra={"tool": call.tool})

@@ -56,6 +56,17 @@ class Metrics:
             "Audit records that could not be made durable; each failed its Check closed.",
             registry=self.registry,
         )
+        self.audit_batch_records = Histogram(
+            "proviso_audit_batch_records",
+            "Records made durable by one fsync (group commit): how many Checks shared it.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        self.audit_checkpoints = Counter(
+            "proviso_audit_checkpoints",
+            "Signed checkpoints written to the audit log.",
+            registry=self.registry,
+        )
         self._policy_labels: tuple[str, str] | None = None
 
     def set_policy(self, version: str, label: str) -> None:
@@ -64,6 +75,13 @@ class Metrics:
             self.policy_info.remove(*self._policy_labels)
         self._policy_labels = (version, label)
         self.policy_info.labels(version, label).set(1)
+
+    def audit_committed(self, records: int, checkpoint: bool) -> None:
+        """The audit writer's report of one durable write (called on its thread)."""
+        if records:
+            self.audit_batch_records.observe(records)
+        if checkpoint:
+            self.audit_checkpoints.inc()
 
     def exposition(self) -> bytes:
         """The text exposition format of every instrument."""

@@ -7,8 +7,10 @@ goes through status.py to exactly one status.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -19,9 +21,11 @@ from grpc_status import rpc_status
 from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
+from sidecar.audit.files import AuditLogNotFoundError
+from sidecar.audit.trace import load_trace
 from sidecar.authorizer import Authorizer, PolicyHolder
 from sidecar.clock import Clock
-from sidecar.errors import InvalidRequestError
+from sidecar.errors import InvalidRequestError, NotFoundError
 from sidecar.identity import IdentityVerifier
 from sidecar.keystore import KeyRing
 from sidecar.minting import authorize_issuer, mint
@@ -165,10 +169,18 @@ class AdminService:
 
     name = "proviso.v1.AdminService"
 
-    def __init__(self, policy: PolicyHolder, identities: IdentityVerifier, clock: Clock) -> None:
+    def __init__(
+        self,
+        policy: PolicyHolder,
+        identities: IdentityVerifier,
+        clock: Clock,
+        *,
+        audit_path: Path | None = None,
+    ) -> None:
         self._policy = policy
         self._identities = identities
         self._clock = clock
+        self._audit_path = audit_path
 
     def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         require_admin(caller(context, self._identities, self._clock.now()), self._policy.current)
@@ -181,12 +193,30 @@ class AdminService:
             policy=convert.policy_info(self._policy.current, self._policy.loaded_at)
         )
 
+    async def get_run_trace(
+        self, request: admin_pb.GetRunTraceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb.GetRunTraceResponse:
+        self._admin(context)
+        run_id = convert.run_id(request.run_id)
+        trace = None
+        if self._audit_path is not None:
+            try:
+                trace = await asyncio.to_thread(load_trace, self._audit_path, run_id)
+            except AuditLogNotFoundError:
+                trace = None
+        if trace is None:
+            raise NotFoundError(f"the audit log holds no Check of run '{run_id}'")
+        return admin_pb.GetRunTraceResponse(trace=convert.run_trace(trace))
+
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
             self.name,
             {
                 "GetPolicy": unary(
                     admin_pb.GetPolicyRequest, self.get_policy, f"{self.name}/GetPolicy"
+                ),
+                "GetRunTrace": unary(
+                    admin_pb.GetRunTraceRequest, self.get_run_trace, f"{self.name}/GetRunTrace"
                 ),
             },
         )
