@@ -28,7 +28,18 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "command",
-    [(), ("serve",), ("lint",), ("token",), ("token", "issue"), ("check",)],
+    [
+        (),
+        ("serve",),
+        ("lint",),
+        ("token",),
+        ("token", "issue"),
+        ("check",),
+        ("audit",),
+        ("audit", "verify"),
+        ("audit", "trace"),
+        ("replay",),
+    ],  # fmt: skip
 )
 def test_every_command_has_help(command: tuple[str, ...]) -> None:
     """--help works everywhere and exits 0."""
