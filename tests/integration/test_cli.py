@@ -39,7 +39,7 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
         ("audit", "verify"),
         ("audit", "trace"),
         ("replay",),
-    ],  # fmt: skip
+    ],
 )
 def test_every_command_has_help(command: tuple[str, ...]) -> None:
     """--help works everywhere and exits 0."""
