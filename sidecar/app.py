@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health
 
 from sidecar.approvals import ApprovalFeed, Approvals
+from sidecar.audit.redaction import Redactor
 from sidecar.audit.writer import AuditLog
 from sidecar.authorizer import Authorizer, PolicyHolder, TokenVerifier
 from sidecar.clock import Clock, SystemClock
@@ -20,6 +21,7 @@ from sidecar.config import Settings
 from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError
 from sidecar.identity import DevIdentityProvider, IdentityVerifier
 from sidecar.keystore import KeyRing, load_or_create
+from sidecar.observability import tracing
 from sidecar.observability.metrics import Metrics
 from sidecar.policy.loader import load_policy
 from sidecar.policy.model import Policy
@@ -86,6 +88,7 @@ class App:
     shadow: PolicyHolder | None = None
     shadow_reloader: PolicyReloader | None = None
     watchers: list[asyncio.Task[None]] = field(default_factory=list)
+    traces: tracing.Tracing | None = None
 
     @classmethod
     async def start(
@@ -96,17 +99,21 @@ class App:
         policy: Policy | None = None,
         shadow_policy: Policy | None = None,
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+        traces: tracing.Tracing | None = None,
     ) -> App:
         """Load the policy and keys, open the audit log, and start both listeners.
 
         ``policy`` and ``shadow_policy`` stand in for loading the directories (tests); the
         watcher still follows ``settings.policies``, so pass ``watch_interval_seconds=0`` with
         a ``policy`` that differs from it. A ``shadow_policy`` without a directory is never
-        reloaded.
+        reloaded. ``traces`` replaces the tracing the settings ask for (tests pass an
+        in-memory one).
 
         Raises:
             PolicyLoadError: the policy bundle has errors (nothing is started).
             ShadowPolicyLoadError: the shadow bundle has errors (nothing is started).
+            AuditLogCorruptError: the existing audit log does not verify at its end.
+            TracingConfigError: tracing is asked for but cannot be set up.
         """
         clock = clock or SystemClock()
         holder = PolicyHolder(
@@ -148,7 +155,23 @@ class App:
                 bundle="shadow",
                 on_swap=lambda p: metrics.set_shadow_policy(p.version, p.label),
             )
-        audit = AuditLog(settings.audit_path)
+        audit = AuditLog(
+            settings.audit_path,
+            signer=keys.active,
+            keys=keys.verification_keys(),
+            clock=clock,
+            checkpoint_every=settings.audit_checkpoint_every,
+            checkpoint_seconds=settings.audit_checkpoint_seconds,
+            max_file_bytes=settings.audit_max_file_bytes,
+            on_commit=metrics.audit_committed,
+        )
+        try:
+            traces = traces or tracing.start(
+                settings.trace_exporters, service_name=settings.trace_service_name
+            )
+        except BaseException:
+            audit.close()
+            raise
         verifier = TokenVerifier(
             keys.verification_keys(),
             audience=settings.audience,
@@ -167,6 +190,8 @@ class App:
             metrics=metrics,
             clock=clock,
             shadow=shadow,
+            redactor=Redactor.load_or_create(settings.state_dir),
+            tracer=traces.tracer if traces else None,
         )
         identities = identity_verifier(settings, dev_idp)
         services: list[AuthorizationService | TokenService | AdminService | ApprovalService] = [
@@ -189,6 +214,7 @@ class App:
                 clock=clock,
                 reloader=reloader,
                 shadow=shadow,
+                audit_path=settings.audit_path,
             ),
             ApprovalService(holder, identities=identities, approvals=approvals, clock=clock),
         ]
@@ -207,6 +233,8 @@ class App:
             http.stop()
             audit.close()
             store.close()
+            if traces:
+                traces.shutdown()
             raise
         http.start()
         pruner = asyncio.create_task(_prune_forever(store, approvals, clock), name="pruner")
@@ -226,6 +254,7 @@ class App:
             reloader=reloader,
             shadow=shadow,
             shadow_reloader=shadow_reloader,
+            traces=traces,
         )
         if settings.watch_interval_seconds > 0:
             for watched in app.reloaders():
@@ -251,3 +280,5 @@ class App:
         self.http.stop()
         self.audit.close()
         self.store.close()
+        if self.traces is not None:
+            self.traces.shutdown()

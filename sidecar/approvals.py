@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.audit.record import event_line, new_record_id, timestamp
+from sidecar.audit.record import event_body, new_record_id
 from sidecar.audit.writer import AuditLog
-from sidecar.clock import Clock
+from sidecar.clock import Clock, timestamp
 from sidecar.engine import ApprovalRecord, ApprovalStatus, Verdict
 from sidecar.errors import ConflictError, NotFoundError, PermissionDeniedError
 from sidecar.identity import Identity
@@ -208,8 +208,8 @@ class Approvals:
             "actor": actor,
             "comment": comment,
         }
-        line = event_line("approval", new_record_id(now, "evt"), timestamp(now), fields)
-        await self._audit.append(line)
+        body = event_body("approval", new_record_id(now, "evt"), timestamp(now), fields)
+        await self._audit.append(body)
         if event in ("created", "approved", "rejected", "consumed", "expired"):
             self._metrics.approvals.labels(event).inc()
         self.refresh_pending()

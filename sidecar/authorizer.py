@@ -13,11 +13,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
+from opentelemetry.trace import Span, StatusCode, Tracer
+
 from sidecar import strictjson
 from sidecar.approvals import Approvals
-from sidecar.audit.record import AuditRecord, ShadowResult, new_record_id, timestamp
+from sidecar.audit.record import AuditRecord, ShadowResult, new_record_id
+from sidecar.audit.redaction import Redactor
 from sidecar.audit.writer import AuditLog
-from sidecar.clock import Clock
+from sidecar.clock import Clock, timestamp
 from sidecar.engine import (
     ApprovalRecord,
     ApprovalRequirement,
@@ -158,9 +161,13 @@ class Authorizer:
         clock: Clock,
         new_id: Callable[[float], str] = new_decision_id,
         shadow: PolicyHolder | None = None,
+        redactor: Redactor,
+        tracer: Tracer | None = None,
     ) -> None:
         self._policy = policy
         self._shadow = shadow
+        self._redactor = redactor
+        self._tracer = tracer
         self._tokens = tokens
         self._store = store
         self._approvals = approvals
@@ -170,16 +177,30 @@ class Authorizer:
         self._new_id = new_id
 
     async def check(self, request: CheckInput) -> CheckResult:
-        """Decide and record one call.
+        """Decide and record one call (in an OpenTelemetry span when tracing is on).
 
-        State changes (budgets, idempotency, rate buckets) are committed before the audit
-        record is written; if the record then fails, the call was counted but not answered,
-        which errs on the safe side.
+        State changes (budgets, idempotency, rate buckets, approvals) are committed before the
+        audit record is written; if the record then fails, the call was counted but not
+        answered, which errs on the safe side.
 
         Raises:
             StoreUnavailableError: state could not be read or written; nothing is answered.
             AuditWriteError: the record could not be made durable; the caller must not allow.
         """
+        if self._tracer is None:
+            return await self._check(request, None)
+        span = self._tracer.start_span("proviso.Check")
+        try:
+            result = await self._check(request, span)
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(StatusCode.ERROR, type(exc).__name__)
+            raise
+        finally:
+            span.end()
+        return result
+
+    async def _check(self, request: CheckInput, span: Span | None) -> CheckResult:
         started = time.perf_counter()
         now = self._clock.now()
         policy = self._policy.current
@@ -233,26 +254,38 @@ class Authorizer:
         self._metrics.kill_switches_active.set(len(policy.kill_switches) + len(view.kill_switches))
         decision = evaluation.decision
         shadow = self._evaluate_shadow(policy, call, token, decision)
+        arguments, redacted = self._redactor.redact(call.arguments, tool.redact if tool else ())
         record = AuditRecord(
             record_id=record_id,
             time=timestamp(now),
             decision=decision,
-            tool=call.tool,
+            call=call,
             args_digest=call.args_digest,
-            arguments_canonical=strictjson.canonical(call.arguments),
+            arguments=arguments,
             latency_ms=(time.perf_counter() - started) * 1000,
-            run_id=call.run_id,
-            step_id=call.step_id,
-            idempotency_key=call.idempotency_key,
-            approval_id=decision.approval_id or call.approval_id,
-            dry_run=call.dry_run,
+            token=token if isinstance(token, CapabilityClaims) else None,
+            redacted=redacted,
             run_metadata=request.run_metadata,
             replay_of=evaluation.replay_of,
             shadow=shadow,
         )
+        if span is not None:
+            span.set_attributes(
+                {
+                    "proviso.decision_id": record_id,
+                    "proviso.run_id": call.run_id,
+                    "proviso.tool": call.tool,
+                    "proviso.agent": decision.agent,
+                    "proviso.decision": decision.outcome.value,
+                    "proviso.reason": decision.primary_code or "",
+                    "proviso.matched_tier": decision.matched_tier,
+                    "proviso.policy_version": decision.policy_version,
+                    "proviso.replayed": bool(evaluation.replay_of),
+                }
+            )
         write_started = time.perf_counter()
         try:
-            await self._audit.append(record.to_json_line())
+            await self._audit.append(record.to_body())
         except AuditWriteError:
             self._metrics.audit_write_errors.inc()
             log.error("audit write failed; failing the check closed", extra={"tool": call.tool})

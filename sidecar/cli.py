@@ -21,14 +21,16 @@ import grpc
 from google.protobuf import json_format
 
 from sidecar import cli_identity, config
+from sidecar.audit.files import AuditLogNotFoundError, log_files, records, verify_log
+from sidecar.audit.writer import AuditLogCorruptError
 from sidecar.durations import parse_duration
 from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError, SidecarError
-from sidecar.keystore import load_or_create
+from sidecar.keystore import load_or_create, load_verification_keys
 from sidecar.minting import mint
 from sidecar.observability import logging as json_logging
 from sidecar.policy.issues import Severity, format_issues
 from sidecar.policy.loader import lint_policy, load_policy
-from tokens import Grant
+from tokens import Grant, KeyFormatError, VerificationKeys
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 DEFAULT_TARGET = cli_identity.DEFAULT_TARGET
@@ -71,7 +73,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except PolicyLoadError as exc:
         print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
         return _fail(f"policy bundle {settings.policies} has errors; not serving")
-    except OSError as exc:
+    except AuditLogCorruptError as exc:
+        return _fail(f"not serving: {exc}")
+    except (OSError, ValueError) as exc:
         return _fail(f"cannot start: {exc}")
 
 
@@ -526,6 +530,122 @@ def cmd_policy_reload(args: argparse.Namespace) -> int:
     return _admin_call(args, "reload")
 
 
+# ---------------------------------------------------------------- audit
+
+
+def _audit_path(given: str | None, state_dir: str) -> Path:
+    """The log to read: as given, or the state directory's default location."""
+    return Path(given) if given else Path(state_dir) / "audit"
+
+
+def _verification_keys(args: argparse.Namespace) -> VerificationKeys:
+    """Checkpoint keys from --jwks, else from the state directory's key ring.
+
+    Raises:
+        UsageError: neither gives a key.
+    """
+    try:
+        if args.jwks:
+            return VerificationKeys.from_jwks(json.loads(Path(args.jwks).read_text()))
+        return load_verification_keys(Path(args.state_dir))
+    except (OSError, ValueError, KeyFormatError) as exc:
+        raise UsageError(f"no keys to verify checkpoints with: {exc}") from None
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Prove the audit log's hash chain and checkpoint signatures; exit 1 at the first break."""
+    try:
+        keys = _verification_keys(args)
+        files = log_files(_audit_path(args.path, args.state_dir))
+    except (UsageError, AuditLogNotFoundError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    result = verify_log(files, keys)
+    state, broken = result.state, result.broken
+    unsealed = state.unsealed
+    report = {
+        "ok": broken is None and not (args.require_sealed and unsealed),
+        "files": [str(path) for path in files],
+        "records": state.records,
+        "checkpoints": state.checkpoints,
+        "first_seq": state.first_seq or 0,
+        "last_seq": state.seq,
+        "sealed_through": state.sealed_seq,
+        "unsealed": unsealed,
+        "kids": sorted(state.kids),
+        "break": None
+        if broken is None
+        else {
+            "file": broken.file,
+            "line": broken.line,
+            "seq": broken.seq,
+            "problem": broken.problem.value,
+            "message": broken.message,
+        },
+    }
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        span = f"seq {state.first_seq}-{state.seq}" if state.seq else "no records"
+        summary = (
+            f"{span}, {state.records} records, {state.checkpoints} signed checkpoints "
+            f"in {len(files)} file(s)"
+        )
+        if broken is not None:
+            print(f"BROKEN at {broken}")
+            print(f"verified before it: {summary}")
+        else:
+            print(f"ok: {summary}")
+        if unsealed and broken is None:
+            print(
+                f"{'error' if args.require_sealed else 'note'}: the last {unsealed} record(s) "
+                f"(seq {state.sealed_seq + 1}-{state.seq}) follow the last checkpoint: chained "
+                "but not signed yet, so a cut there would not show (a live or crashed sidecar's "
+                "tail; a cleanly stopped one ends with a checkpoint)"
+            )
+    return EXIT_OK if report["ok"] else EXIT_REFUSED
+
+
+def cmd_audit_trace(args: argparse.Namespace) -> int:
+    """Rebuild one run from the audit log: every Check in order, with why it was decided."""
+    from sidecar.audit import trace  # noqa: PLC0415 - only this command needs it
+
+    try:
+        found = trace.load_trace(_audit_path(args.audit, args.state_dir), args.run_id)
+    except AuditLogNotFoundError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    if found is None:
+        return _fail(f"no Check of run '{args.run_id}' in the audit log")
+    if args.format == "json":
+        print(json.dumps(trace.to_json(found), indent=2, ensure_ascii=False))
+    else:
+        print(trace.to_table(found))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- replay
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Re-decide recorded Checks under another policy bundle and print what would change."""
+    from sidecar.audit import replay  # noqa: PLC0415 - only this command needs it
+
+    try:
+        files = log_files(_audit_path(args.audit, args.state_dir))
+    except AuditLogNotFoundError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    try:
+        policy = load_policy(Path(args.policies))
+    except PolicyLoadError as exc:
+        print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
+        return _fail(f"policy bundle {args.policies} has errors")
+    report = replay.replay(records(files), policy, examples=args.examples, run_id=args.run_id)
+    if args.format == "json":
+        print(json.dumps(replay.to_json(report), indent=2, ensure_ascii=False))
+    else:
+        print(replay.to_table(report))
+    return EXIT_REFUSED if args.fail_on_change and report.changed else EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -649,7 +769,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_kill_commands(commands)
     _add_approvals_commands(commands)
+    _add_audit_commands(commands)
     return parser
+
+
+def _add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``audit verify``, ``audit trace`` and ``replay``."""
+    audit = commands.add_parser("audit", help="the audit log", description="The audit log.")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    verify = audit_commands.add_parser(
+        "verify", help="prove the hash chain and signatures", description=cmd_audit_verify.__doc__
+    )
+    verify.add_argument(
+        "path", nargs="?", metavar="PATH",
+        help="the log's active file or its directory (default: STATE_DIR/audit)",
+    )  # fmt: skip
+    verify.add_argument(
+        "--state-dir", default=config.DEFAULT_STATE_DIR, metavar="DIR",
+        help="the sidecar's state directory: its key ring verifies the checkpoints",
+    )  # fmt: skip
+    verify.add_argument("--jwks", metavar="FILE", help="verify checkpoints with these keys instead")
+    verify.add_argument(
+        "--require-sealed", action="store_true",
+        help="fail if records follow the last checkpoint (for the log of a stopped sidecar)",
+    )  # fmt: skip
+    verify.add_argument("--format", choices=("text", "json"), default="text")
+    verify.set_defaults(handler=cmd_audit_verify)
+
+    trace = audit_commands.add_parser(
+        "trace", help="rebuild one run from the log", description=cmd_audit_trace.__doc__
+    )
+    trace.add_argument("run_id", metavar="RUN_ID")
+    trace.add_argument("--audit", metavar="PATH", help="the log (default: STATE_DIR/audit)")
+    trace.add_argument("--state-dir", default=config.DEFAULT_STATE_DIR, metavar="DIR")
+    trace.add_argument("--format", choices=("table", "json"), default="table")
+    trace.set_defaults(handler=cmd_audit_trace)
+
+    replay = commands.add_parser(
+        "replay", help="re-decide recorded checks under another policy",
+        description=cmd_replay.__doc__,
+    )  # fmt: skip
+    replay.add_argument("--audit", metavar="PATH", help="the log (default: STATE_DIR/audit)")
+    replay.add_argument("--state-dir", default=config.DEFAULT_STATE_DIR, metavar="DIR")
+    replay.add_argument("--policies", required=True, metavar="DIR", help="the candidate bundle")
+    replay.add_argument("--run-id", default=None, metavar="ID", help="replay only this run")
+    replay.add_argument("--examples", type=int, default=5, metavar="N",
+                        help="changed checks to show per kind of change (default 5)")  # fmt: skip
+    replay.add_argument("--fail-on-change", action="store_true",
+                        help="exit 1 if any decision would change (for CI)")  # fmt: skip
+    replay.add_argument("--format", choices=("table", "json"), default="table")
+    replay.set_defaults(handler=cmd_replay)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Protocol
+
+
+def timestamp(now: float) -> str:
+    """RFC 3339 UTC with milliseconds, as records and logs show time: 2026-11-25T10:00:00.000Z."""
+    return (
+        datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
 
 
 class Clock(Protocol):

@@ -67,6 +67,13 @@ class Settings:
     """A candidate bundle evaluated beside the active one on every Check; it never decides."""
     watch_interval_seconds: float = 1.0
     """How often the policy directories are polled for changes; 0 turns the watcher off."""
+    audit_checkpoint_every: int = 1000
+    audit_checkpoint_seconds: float = 5.0
+    audit_max_file_bytes: int = 64 * 1024 * 1024
+    trace_exporters: tuple[str, ...] = ()
+    """OpenTelemetry exporters (``OTEL_TRACES_EXPORTER``); empty: tracing is off."""
+    trace_service_name: str | None = "proviso"
+    """None when ``OTEL_SERVICE_NAME`` is set: the OpenTelemetry SDK then reads it itself."""
 
     @property
     def dev_mode(self) -> bool:
@@ -84,6 +91,14 @@ def setting(flag: str | None, env_name: str, default: str, env: Mapping[str, str
     if flag is not None:
         return flag
     return env.get(f"PROVISO_{env_name}", default)
+
+
+def _trace_exporters(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The standard ``OTEL_TRACES_EXPORTER`` list, empty when the SDK is disabled."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return ()
+    names = (name.strip() for name in env.get("OTEL_TRACES_EXPORTER", "").split(","))
+    return tuple(name for name in names if name and name != "none")
 
 
 def build(
@@ -130,6 +145,8 @@ def build(
         log_level=setting(log_level, "LOG_LEVEL", "INFO", env),
         shadow_policies=Path(shadow) if shadow else None,
         watch_interval_seconds=interval,
+        trace_exporters=_trace_exporters(env),
+        trace_service_name=None if env.get("OTEL_SERVICE_NAME") else "proviso",
     )
     for name, address in (
         ("--listen", settings.listen),

@@ -61,3 +61,20 @@ def load_or_create(state_dir: Path) -> KeyRing:
     write_private(directory / f"{key.kid}.pem", key.to_pem())
     write_private(active_file, key.kid.encode())
     return KeyRing(active=key, keys=(key,))
+
+
+def load_verification_keys(state_dir: Path) -> VerificationKeys:
+    """The public halves of every key in ``STATE_DIR/keys``; never creates a key.
+
+    Raises:
+        FileNotFoundError: the directory holds no key.
+        KeyFormatError: a key file is not an Ed25519 PEM key.
+    """
+    directory = state_dir / "keys"
+    keys = [
+        SigningKey.from_pem(path.read_bytes(), kid=path.stem)
+        for path in sorted(directory.glob("*.pem"))
+    ]
+    if not keys:
+        raise FileNotFoundError(f"no keys in {directory}")
+    return VerificationKeys.from_signing_keys(keys)

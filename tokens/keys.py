@@ -173,6 +173,19 @@ class SigningKey:
             encryption_algorithm=serialization.NoEncryption(),
         )
 
+    def sign(self, message: bytes) -> bytes:
+        """Return the raw 64-byte Ed25519 signature of ``message``.
+
+        For signing things other than tokens with the same key (the sidecar signs its audit
+        checkpoints), so the private key never has to leave this package.
+
+        Warning:
+            Give ``message`` a fixed prefix naming its purpose, so that a signature made for
+            one purpose can never be presented as one made for another (a token signature
+            covers base64url text, never a prefix of that kind).
+        """
+        return self._private_key.sign(message)
+
     def public_key(self) -> Ed25519PublicKey:
         """Return the public half, which verifies what this key signs."""
         return self._private_key.public_key()

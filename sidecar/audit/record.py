@@ -1,15 +1,23 @@
-"""The audit record of one decision, and its JSON-line encoding."""
+"""The audit record of one decision: what the on-call engineer reads, and what replay needs.
+
+A decision record keeps the decision and why (reasons, tier, policy version) and, so the Check
+can be re-evaluated later against another policy (``proviso replay``), its inputs: the
+arguments (exact numbers; redacted ones replaced by a keyed hash), the context, and the
+verified claims of the token. The writer adds ``seq``, ``prev`` and ``hash``.
+"""
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sidecar.engine import Decision
+from sidecar.engine import Decision, ToolCall
+from tokens import CapabilityClaims, Grant
+
+KIND_DECISION = "decision"
 
 
 def new_record_id(now: float, prefix: str = "dec") -> str:
@@ -21,6 +29,11 @@ def timestamp(now: float) -> str:
     """RFC 3339 UTC with milliseconds, as every audit line writes time."""
     moment = datetime.fromtimestamp(now, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def event_body(kind: str, record_id: str, time: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """An audit record for something other than a decision (a kill switch, an approval)."""
+    return {"kind": kind, "record_id": record_id, "time": time, **fields}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,54 +66,60 @@ class ShadowResult:
 class AuditRecord:
     """Everything needed to explain (and later replay) one decision.
 
-    ``arguments_canonical`` is the canonical JSON of the arguments (exact numbers), embedded
-    as JSON in the line, not as a string.
+    ``arguments`` are as recorded: redacted ones already replaced, their names in
+    ``redacted``. ``args_digest`` is always the digest of the arguments as sent.
     """
 
     record_id: str
     time: str
     decision: Decision
-    tool: str
+    call: ToolCall
     args_digest: str
-    arguments_canonical: str
+    arguments: Mapping[str, Any]
     latency_ms: float
-    run_id: str = ""
-    step_id: str = ""
-    idempotency_key: str = ""
-    approval_id: str = ""
-    dry_run: bool = False
+    token: CapabilityClaims | None = None
+    redacted: tuple[str, ...] = ()
     run_metadata: Mapping[str, str] = field(default_factory=dict)
     replay_of: str = ""
     shadow: ShadowResult | None = None
 
-    def to_json_line(self) -> bytes:
-        """One line of JSON ending in a newline: keys sorted, then ``arguments`` last."""
+    def to_body(self) -> dict[str, Any]:
+        """The record as a JSON object (numbers stay ``int``/``Decimal``), without chain fields."""
         d = self.decision
+        call = self.call
         body: dict[str, Any] = {
-            "kind": "decision",
+            "kind": KIND_DECISION,
             "record_id": self.record_id,
             "time": self.time,
-            "run_id": self.run_id,
-            "step_id": self.step_id,
+            "run_id": call.run_id,
+            "step_id": call.step_id,
             "agent": d.agent,
-            "tool": self.tool,
+            "tool": call.tool,
             "args_digest": self.args_digest,
+            "arguments": self.arguments,
+            "redacted": list(self.redacted),
+            "context": call.context,
             "token_id": d.token_id,
+            "token": token_claims(self.token) if self.token is not None else None,
             "policy_version": d.policy_version,
             "decision": d.outcome.value,
             "reasons": [
                 {"code": r.code.value, "message": r.message, "field": r.field} for r in d.reasons
             ],
             "matched_tier": d.matched_tier,
-            "approval_id": self.approval_id,
-            "idempotency_key": self.idempotency_key,
-            "dry_run": self.dry_run,
+            "approval_id": d.approval_id or call.approval_id,
+            "presented_approval_id": call.approval_id,
+            "approval_requirement": None,
+            "idempotency_key": call.idempotency_key,
+            "dry_run": call.dry_run,
             "latency_ms": round(self.latency_ms, 3),
             "run_metadata": dict(self.run_metadata),
             "replay_of": self.replay_of,
         }
         if d.retry_after_seconds:
             body["retry_after_seconds"] = round(d.retry_after_seconds, 3)
+        if self.shadow is not None:
+            body["shadow"] = self.shadow.to_json()
         if d.approval is not None:
             body["approval_requirement"] = {
                 "tier": d.approval.tier,
@@ -108,16 +127,44 @@ class AuditRecord:
                 "approver_roles": list(d.approval.approver_roles),
                 "ttl_seconds": d.approval.ttl_seconds,
             }
-        if self.shadow is not None:
-            body["shadow"] = self.shadow.to_json()
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        # Splice the canonical arguments in as JSON so decimals keep their exact digits.
-        return (text[:-1] + ',"arguments":' + self.arguments_canonical + "}\n").encode()
+        return body
 
 
-def event_line(kind: str, record_id: str, time: str, fields: Mapping[str, Any]) -> bytes:
-    """An audit line for something other than a decision (a kill switch engaged, ...)."""
-    body = {"kind": kind, "record_id": record_id, "time": time, **fields}
-    return (
-        json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
-    ).encode()
+def token_claims(claims: CapabilityClaims) -> dict[str, Any]:
+    """The verified claims a replay needs, as recorded."""
+    return {
+        "id": claims.token_id,
+        "issuer": claims.issuer,
+        "subject": claims.subject,
+        "audience": claims.audience,
+        "issued_at": claims.issued_at,
+        "not_before": claims.not_before,
+        "expires_at": claims.expires_at,
+        "run_id": claims.run_id,
+        "grants": [grant.to_claim() for grant in claims.grants],
+        "kid": claims.key_id,
+    }
+
+
+def claims_from_record(recorded: Mapping[str, Any]) -> CapabilityClaims:
+    """Rebuild the claims recorded by ``token_claims``.
+
+    Raises:
+        ValueError, KeyError, TypeError: the record does not hold well-formed claims.
+    """
+    grants = tuple(
+        Grant(tool=grant["tool"], pins=dict(grant.get("pins", {}))) for grant in recorded["grants"]
+    )
+    run_id = recorded.get("run_id")
+    return CapabilityClaims(
+        issuer=str(recorded["issuer"]),
+        subject=str(recorded["subject"]),
+        audience=str(recorded["audience"]),
+        issued_at=int(recorded["issued_at"]),
+        not_before=int(recorded["not_before"]),
+        expires_at=int(recorded["expires_at"]),
+        token_id=str(recorded["id"]),
+        grants=grants,
+        run_id=str(run_id) if run_id is not None else None,
+        key_id=str(recorded.get("kid", "")),
+    )

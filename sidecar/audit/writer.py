@@ -1,9 +1,20 @@
-"""A durable, append-only audit log with group commit.
+"""A durable, append-only, hash-chained audit log with group commit.
 
-Callers hand a line to ``append`` and await it; one writer thread takes every line queued so
-far, writes them, and calls ``fsync`` once for the whole batch, so concurrent Checks share the
-cost of durability. ``append`` returns only once the line is on disk, and raises
-``AuditWriteError`` if it could not be: the caller must then not answer ALLOW.
+Callers hand a record body to ``append`` and await it. One writer thread takes every body
+queued so far, gives each its place in the chain (``seq``, ``prev``, ``hash``: assigned here, in
+write order, so concurrent Checks can never interleave the chain), writes them, and calls
+``fsync`` once for the whole batch, so concurrent Checks share the cost of durability.
+``append`` returns only once the record is on disk, and raises ``AuditWriteError`` if it could
+not be: the caller must then not answer ALLOW.
+
+Every ``checkpoint_every`` records or ``checkpoint_seconds`` (whichever comes first), on
+rotation and on close, the writer adds a checkpoint signed with the sidecar's key. The active
+file is rotated once it reaches ``max_file_bytes``; the chain continues in the next file.
+
+On start an existing log is resumed: the writer reads back to the last checkpoint, checks its
+signature and every record after it, and continues the chain from the last record. An
+incomplete last line (a crash mid-write: never acknowledged) is cut off. Anything else that
+does not verify stops the start (``AuditLogCorruptError``) rather than extend a broken chain.
 """
 
 from __future__ import annotations
@@ -11,49 +22,138 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 import queue
+import stat
 import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sidecar.errors import AuditWriteError
+from sidecar.audit.chain import (
+    ChainState,
+    ChainVerifier,
+    Problem,
+    parse_line,
+    seal,
+    seal_checkpoint,
+)
+from sidecar.audit.files import segment_path, segments
+from sidecar.clock import Clock, SystemClock, timestamp
+from sidecar.errors import AuditWriteError, SidecarError
+from tokens import SigningKey, VerificationKeys
 
-_Pending = tuple[bytes, concurrent.futures.Future[None]]
+log = logging.getLogger("proviso.audit")
+
+DEFAULT_CHECKPOINT_EVERY = 1000
+DEFAULT_CHECKPOINT_SECONDS = 5.0
+DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
+_READ_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Where a record landed in the chain."""
+
+    seq: int
+    hash: str
+
+
+_Pending = tuple[Mapping[str, Any], concurrent.futures.Future[Receipt]]
 _STOP = object()
+CommitObserver = Callable[[int, bool], None]
+"""Called by the writer thread after each durable write: (records in it, checkpoint added)."""
+
+
+class AuditLogCorruptError(SidecarError):
+    """The existing log does not verify where the writer would continue it."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(
+            f"audit log {path} cannot be continued: {detail}. Run `proviso audit verify` on it; "
+            "to start a new chain, move the log's files aside"
+        )
 
 
 class AuditLog:
-    """One audit file, appended to by a single writer thread."""
+    """One hash-chained log, appended to by a single writer thread."""
 
-    def __init__(self, path: Path, *, max_batch: int = 512) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        signer: SigningKey,
+        keys: VerificationKeys | None = None,
+        clock: Clock | None = None,
+        max_batch: int = 512,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        on_commit: CommitObserver | None = None,
+    ) -> None:
+        """Open (or create) the log and resume its chain.
+
+        Raises:
+            AuditLogCorruptError: the existing log does not verify at its end.
+            OSError: the file cannot be opened.
+        """
         self.path = path
+        self._signer = signer
+        self._keys = keys or VerificationKeys.from_signing_keys([signer])
+        self._clock = clock or SystemClock()
         self._max_batch = max_batch
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_seconds = checkpoint_seconds
+        self._max_file_bytes = max_file_bytes
+        self._on_commit = on_commit
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+            state, self._file_first_seq = self._resume() if self._regular else (ChainState(), 0)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._seq, self._head, self._sealed_seq = state.seq, state.head, state.sealed_seq
+        self._last_checkpoint = time.monotonic()
+        self._size = os.fstat(self._fd).st_size if self._regular else 0
+        self._broken = ""
+        self._inflight: list[concurrent.futures.Future[Receipt]] = []
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
-    async def append(self, line: bytes) -> None:
-        """Append one line and wait until it is durable.
+    @property
+    def head(self) -> Receipt:
+        """The last record written (seq 0 and the genesis hash for an empty log)."""
+        return Receipt(self._seq, self._head)
+
+    async def append(self, body: Mapping[str, Any]) -> Receipt:
+        """Append one record and wait until it is durable.
+
+        ``body`` is a JSON object without ``seq``, ``prev`` and ``hash``; numbers may be
+        ``int`` or ``Decimal``.
 
         Raises:
-            AuditWriteError: the line could not be written and synced.
+            AuditWriteError: the record could not be written and synced.
         """
-        await asyncio.wrap_future(self.submit(line))
+        return await asyncio.wrap_future(self.submit(body))
 
-    def submit(self, line: bytes) -> concurrent.futures.Future[None]:
-        """Queue one line; the future resolves once it is durable (or fails)."""
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        if self._closed:
-            future.set_exception(AuditWriteError("the audit log is closed"))
+    def submit(self, body: Mapping[str, Any]) -> concurrent.futures.Future[Receipt]:
+        """Queue one record; the future resolves once it is durable (or fails)."""
+        future: concurrent.futures.Future[Receipt] = concurrent.futures.Future()
+        if self._closed or self._broken:
+            future.set_exception(AuditWriteError(self._broken or "the audit log is closed"))
             return future
-        self._queue.put((line, future))
+        self._queue.put((body, future))
         return future
 
     def close(self) -> None:
-        """Drain what is queued, then stop the writer and close the file."""
+        """Write what is queued, seal it with a last checkpoint, stop, and close the file."""
         if self._closed:
             return
         self._closed = True
@@ -61,11 +161,32 @@ class AuditLog:
         self._thread.join()
         os.close(self._fd)
 
+    # ------------------------------------------------------------ the writer thread
+
     def _run(self) -> None:
+        """The writer loop; an unexpected error fails every record from then on, never hangs."""
         while True:
-            item = self._queue.get()
+            try:
+                self._loop()
+            except Exception as exc:
+                log.exception("the audit writer failed; every Check now fails closed")
+                self._broken = f"the audit writer failed ({type(exc).__name__})"
+                error = AuditWriteError(self._broken)
+                for future in self._inflight:
+                    if not future.done():  # a caller that gave up (deadline) cancelled it
+                        future.set_exception(error)
+                continue
+            return
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self._checkpoint_due_in())
+            except queue.Empty:
+                self._commit([])  # only a checkpoint is due
+                continue
             if item is _STOP:
-                return
+                break
             batch: list[_Pending] = [item]  # type: ignore[list-item]
             stop = False
             while len(batch) < self._max_batch:
@@ -77,33 +198,256 @@ class AuditLog:
                     stop = True
                     break
                 batch.append(more)  # type: ignore[arg-type]
+            self._inflight = [future for _, future in batch]
             self._commit(batch)
+            self._maybe_rotate()
             if stop:
-                return
+                break
+        if not self._broken:
+            self._commit([], force_checkpoint=True)
 
-    def _commit(self, batch: list[_Pending]) -> None:
-        data = b"".join(line for line, _ in batch)
-        start = -1
+    def _checkpoint_due_in(self) -> float | None:
+        """Seconds until a time-based checkpoint is due; None when nothing awaits sealing."""
+        if self._seq == self._sealed_seq or self._broken:
+            return None
+        return max(0.0, self._last_checkpoint + self._checkpoint_seconds - time.monotonic())
+
+    def _commit(self, batch: list[_Pending], *, force_checkpoint: bool = False) -> bool:
+        """Seal, write and fsync ``batch`` (plus a checkpoint if one is due); resolve futures."""
+        if self._broken:
+            error = AuditWriteError(self._broken)
+            for _, future in batch:
+                if not future.done():  # a caller that gave up (deadline) cancelled it
+                    future.set_exception(error)
+            return False
+        seq, head = self._seq, self._head
+        lines: list[bytes] = []
+        done: list[tuple[concurrent.futures.Future[Receipt], Receipt]] = []
+        for body, future in batch:
+            try:
+                sealed = seal(body, seq=seq + 1, prev=head)
+            except (ValueError, RecursionError) as exc:
+                if not future.done():  # a caller that gave up (deadline) cancelled it
+                    future.set_exception(AuditWriteError(f"not a valid audit record: {exc}"))
+                continue
+            seq, head = sealed.seq, sealed.hash
+            lines.append(sealed.line)
+            done.append((future, Receipt(seq, head)))
+        unsealed = seq - self._sealed_seq
+        checkpoint = unsealed > 0 and (
+            force_checkpoint
+            or unsealed >= self._checkpoint_every
+            or time.monotonic() - self._last_checkpoint >= self._checkpoint_seconds
+        )
+        if checkpoint:
+            sealed = seal_checkpoint(
+                seq=seq + 1,
+                prev=head,
+                first_seq=self._sealed_seq + 1,
+                time=timestamp(self._clock.now()),
+                key=self._signer,
+            )
+            seq, head = sealed.seq, sealed.hash
+            lines.append(sealed.line)
+        if not lines:
+            return True
         try:
-            start = os.lseek(self._fd, 0, os.SEEK_END)
+            self._write(b"".join(lines))
+        except OSError as exc:
+            error = AuditWriteError(f"audit write failed: {exc.strerror or exc}")
+            for future, _ in done:
+                if not future.done():  # a caller that gave up (deadline) cancelled it
+                    future.set_exception(error)
+            return False
+        if self._regular and not self._file_first_seq:
+            self._file_first_seq = self._seq + 1
+        self._seq, self._head = seq, head
+        if checkpoint:
+            self._sealed_seq = seq
+            self._last_checkpoint = time.monotonic()
+        for future, receipt in done:
+            if not future.done():  # a caller that gave up (deadline) cancelled it
+                future.set_result(receipt)
+        if self._on_commit is not None:
+            try:
+                self._on_commit(len(done), checkpoint)
+            except Exception:
+                log.exception("an audit commit observer failed")
+        return True
+
+    def _write(self, data: bytes) -> None:
+        """Append and fsync, or leave the file as it was (and the chain state untouched).
+
+        A failed write is cut off so the log never holds half a batch. After a failed fsync
+        (or a failed cut) the state of the file is unknown, so the log refuses every later
+        write rather than build on it: a restart resumes from what is really on disk.
+        """
+        start = os.lseek(self._fd, 0, os.SEEK_END) if self._regular else 0
+        try:
             view = memoryview(data)
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError as cut:
+                self._broken = f"the audit log could not be repaired after a failed write: {cut}"
+            raise
+        try:
             os.fsync(self._fd)
         except OSError as exc:
-            if start >= 0:
-                self._discard_torn_tail(start)
-            error = AuditWriteError(f"audit write failed: {exc.strerror or exc}")
-            for _, future in batch:
-                if not future.done():  # a caller that gave up (deadline) has cancelled it
-                    future.set_exception(error)
-            return
-        for _, future in batch:
-            if not future.done():
-                future.set_result(None)
+            self._broken = f"fsync of the audit log failed ({exc.strerror or exc})"
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+            raise
+        self._size = start + len(data)
 
-    def _discard_torn_tail(self, offset: int) -> None:
-        """Cut a partly written batch off, so the log never holds half a line."""
-        with contextlib.suppress(OSError):  # the records already failed; nothing more to do
+    def _maybe_rotate(self) -> None:
+        """Seal the active file and start a new one once it reaches its size limit."""
+        if not self._regular or self._size < self._max_file_bytes or self._broken:
+            return
+        if not self._commit([], force_checkpoint=True):
+            return
+        target = segment_path(self.path, self._file_first_seq)
+        try:
+            os.rename(self.path, target)
+            _fsync_directory(self.path.parent)
+        except OSError as exc:
+            log.warning("audit log rotation failed", extra={"error": str(exc)})
+            return
+        try:
+            fresh = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            _fsync_directory(self.path.parent)
+        except OSError as exc:
+            self._broken = f"cannot open a new audit log file after rotation ({exc})"
+            return
+        os.close(self._fd)
+        self._fd = fresh
+        self._size, self._file_first_seq = 0, 0
+        log.info("audit log rotated", extra={"segment": str(target), "next_seq": self._seq + 1})
+
+    # ------------------------------------------------------------ resuming
+
+    def _resume(self) -> tuple[ChainState, int]:
+        """The chain state at the end of the existing log, checked back to its last checkpoint.
+
+        Also returns the first ``seq`` of the active file (0 when it is empty).
+        """
+        files = [*segments(self.path), self.path]
+        tail: list[tuple[Path, int, bytes, bool]] = []  # newest first
+        anchor: tuple[dict[str, Any], bytes] | None = None
+        limit = 4 * (self._checkpoint_every + self._max_batch)
+        for path in reversed(files):
+            for offset, raw, complete in _lines_backward(path):
+                if complete and b'"checkpoint"' in raw:
+                    record = _parse(raw)
+                    if record is not None and record.get("kind") == "checkpoint":
+                        anchor = record, raw
+                        break
+                tail.append((path, offset, raw, complete))
+                if len(tail) > limit:
+                    detail = f"no checkpoint in its last {limit} lines"
+                    raise AuditLogCorruptError(self.path, detail)
+            if anchor is not None:
+                break
+        tail.reverse()
+        if tail and not tail[-1][3]:
+            path, offset, raw, _ = tail.pop()
+            if path != self.path:
+                raise AuditLogCorruptError(path, "a rotated file ends with an incomplete line")
+            log.warning(
+                "cut an incomplete last line off the audit log (a write interrupted by a crash; "
+                "it was never acknowledged)",
+                extra={"path": str(path), "offset": offset, "bytes": len(raw)},
+            )
             os.ftruncate(self._fd, offset)
+        state = self._anchor_state(anchor)
+        verifier = ChainVerifier(self._keys, state)
+        for path, offset, raw, _ in tail:
+            broken = verifier.feed(raw, file=str(path), line=0)
+            if broken is not None:
+                detail = f"{path} at byte {offset}: {broken.problem}: {broken.message}"
+                raise AuditLogCorruptError(self.path, detail)
+        first_seq = _first_seq(self.path)
+        return verifier.state, first_seq
+
+    def _anchor_state(self, anchor: tuple[dict[str, Any], bytes] | None) -> ChainState:
+        """The state just after the last checkpoint, its own hash, range and signature checked.
+
+        What lies before it is not read: that is ``proviso audit verify``'s job.
+        """
+        if anchor is None:
+            return ChainState()
+        record, raw = anchor
+        seq, first, prev = record.get("seq"), record.get("first_seq"), record.get("prev")
+        if not (isinstance(seq, int) and isinstance(first, int) and isinstance(prev, str)):
+            raise AuditLogCorruptError(self.path, "its last checkpoint is malformed")
+        before = ChainState(seq=seq - 1, head=prev, sealed_seq=first - 1)
+        verifier = ChainVerifier(self._keys, before)
+        broken = verifier.feed(raw, file=str(self.path), line=0)
+        if broken is not None and broken.problem is Problem.UNKNOWN_KEY:
+            log.warning(
+                "the last audit checkpoint is signed by a key that is no longer in the key ring",
+                extra={"kid": record.get("kid")},
+            )
+        elif broken is not None:
+            raise AuditLogCorruptError(self.path, f"its last checkpoint: {broken.message}")
+        return ChainState(seq=seq, head=str(record["hash"]), sealed_seq=seq)
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        return parse_line(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _first_seq(path: Path) -> int:
+    """The ``seq`` of the first record of a file, or 0 if it has none."""
+    with contextlib.suppress(OSError), path.open("rb") as stream:
+        record = _parse(stream.readline().rstrip(b"\n"))
+        if record is not None and isinstance(record.get("seq"), int):
+            return int(record["seq"])
+    return 0
+
+
+def _lines_backward(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """``(offset, bytes without newline, complete)`` for each line, last line first."""
+    try:
+        stream = path.open("rb")
+    except FileNotFoundError:
+        return
+    with stream:
+        position = stream.seek(0, os.SEEK_END)
+        carry = b""
+        first = True
+        while position > 0:
+            size = min(_READ_CHUNK, position)
+            position -= size
+            stream.seek(position)
+            parts = (stream.read(size) + carry).split(b"\n")
+            carry = parts[0]
+            end = position + len(parts[0]) + 1
+            found = []
+            for part in parts[1:]:
+                found.append((end, part))
+                end += len(part) + 1
+            for index, (offset, part) in enumerate(reversed(found)):
+                if first and index == 0:
+                    first = False
+                    if part:  # the file does not end with a newline: a torn last line
+                        yield offset, part, False
+                    continue
+                yield offset, part, True
+        if carry:
+            yield 0, carry, not first
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -104,6 +104,17 @@ class Metrics:
             "Shadow evaluations that failed; the Check was answered by the active policy anyway.",
             registry=self.registry,
         )
+        self.audit_batch_records = Histogram(
+            "proviso_audit_batch_records",
+            "Records made durable by one fsync (group commit): how many Checks shared it.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        self.audit_checkpoints = Counter(
+            "proviso_audit_checkpoints",
+            "Signed checkpoints written to the audit log.",
+            registry=self.registry,
+        )
         self._policy_labels: tuple[str, str] | None = None
         self._shadow_labels: tuple[str, str] | None = None
 
@@ -120,6 +131,13 @@ class Metrics:
             self.shadow_policy_info.remove(*self._shadow_labels)
         self._shadow_labels = (version, label)
         self.shadow_policy_info.labels(version, label).set(1)
+
+    def audit_committed(self, records: int, checkpoint: bool) -> None:
+        """The audit writer's report of one durable write (called on its thread)."""
+        if records:
+            self.audit_batch_records.observe(records)
+        if checkpoint:
+            self.audit_checkpoints.inc()
 
     def exposition(self) -> bytes:
         """The text exposition format of every instrument."""

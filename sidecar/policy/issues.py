@@ -59,6 +59,7 @@ class Code(StrEnum):
     CEL_TYPE = "CEL_TYPE"
     INVALID_SCHEMA = "INVALID_SCHEMA"
     PIN_NOT_IN_SCHEMA = "PIN_NOT_IN_SCHEMA"
+    REDACT_NOT_IN_SCHEMA = "REDACT_NOT_IN_SCHEMA"
     UNREACHABLE_TIER = "UNREACHABLE_TIER"
     # Warnings
     WRITE_TOOL_WITHOUT_PINS = "WRITE_TOOL_WITHOUT_PINS"
@@ -94,6 +95,7 @@ class PolicyIssue:
 
 
 FIX_HINTS: Mapping[str, str] = {
+    Code.REDACT_NOT_IN_SCHEMA: "list only property names of the tool's arguments schema",
     Code.NO_POLICY_FILES: "point at the directory that holds the bundle's *.yaml files",
     Code.READ_ERROR: "check that the path exists and the sidecar's user can read it",
     Code.FILE_TOO_LARGE: "split it into smaller files: a policy file is at most 1 MiB",

@@ -9,7 +9,7 @@ The stages, each collecting every issue it finds rather than stopping at the fir
 4. merge the sections of all files; a name defined twice is an error;
 5. resolve references (agent → roles, role → tools, tier → approver roles, issuer → agents);
 6. compile each tool's argument schema and each tier's CEL condition;
-7. semantic checks (unreachable tiers, pins, write tools without pins).
+7. semantic checks (unreachable tiers, pins, redacted arguments, write tools without pins).
 
 ``load_policy`` builds the ``Policy`` only when no error was found, so the sidecar either swaps
 in a whole, valid policy or keeps the one it has. ``lint_policy`` returns every issue.
@@ -421,6 +421,7 @@ def _compile_tools(bundle: _Bundle) -> None:
         schema = _compile_arguments(bundle, tool)
         _check_pins(bundle, tool, schema)
         _compile_rules(bundle, tool)
+        _check_redact(bundle, tool, schema)
         _compile_tiers(bundle, tool)
 
 
@@ -540,6 +541,27 @@ def _check_pins(bundle: _Bundle, tool: _Definition, schema: ArgumentSchema | Non
         hint = did_you_mean(str(pin), strings)
         bundle.issues.append(
             tool.file.issue((*tool.path, "pins", index), Code.PIN_NOT_IN_SCHEMA, message, hint=hint)
+        )
+
+
+def _check_redact(bundle: _Bundle, tool: _Definition, schema: ArgumentSchema | None) -> None:
+    """Redacted arguments must be properties of the schema: a typo would leak the value."""
+    names = tool.body.get("redact") if tool.usable("redact") else None
+    if schema is None or not isinstance(names, list):
+        return
+    properties = schema.document.get("properties")
+    known = list(properties) if isinstance(properties, dict) else []
+    for index, name in enumerate(names):
+        if name in known:
+            continue
+        message = f"redacted argument '{name}' of tool '{tool.name}' is not in its arguments schema"
+        bundle.issues.append(
+            tool.file.issue(
+                (*tool.path, "redact", index),
+                Code.REDACT_NOT_IN_SCHEMA,
+                message,
+                hint=did_you_mean(str(name), known),
+            )
         )
 
 
@@ -741,4 +763,5 @@ def _build_tool(bundle: _Bundle, tool: _Definition) -> Tool:
         pins=tuple(body.get("pins", ())),
         rules=rules,
         cost=Decimal(str(body.get("cost", 0))),
+        redact=tuple(body.get("redact", ())),
     )

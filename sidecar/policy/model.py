@@ -76,7 +76,10 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class Tool:
-    """A tool agents may call: its argument schema, resource pins, rules and approval tiers."""
+    """A tool agents may call: its argument schema, resource pins, rules and approval tiers.
+
+    ``redact`` names the arguments whose values the audit log replaces by a keyed hash.
+    """
 
     name: str
     arguments: ArgumentSchema
@@ -87,6 +90,7 @@ class Tool:
     pins: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = ()
     cost: Decimal = Decimal(0)
+    redact: tuple[str, ...] = ()
 
 
 class KillScope(StrEnum):

@@ -6,8 +6,11 @@ ever sees well-formed values.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
 from types import MappingProxyType
 
 from google.protobuf.duration_pb2 import Duration
@@ -18,6 +21,7 @@ from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
 from sidecar._proto.proviso.v1 import approval_service_pb2 as approval_pb
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
+from sidecar.audit.trace import RunTrace, TraceStep
 from sidecar.authorizer import CheckInput, CheckResult
 from sidecar.engine import ApprovalStatus, Outcome, ToolCall
 from sidecar.errors import InvalidRequestError
@@ -276,4 +280,86 @@ def watch_response(
         actor=event.actor,
         time=_timestamp(event.at),
         approval=approval(stored, now),
+    )
+
+
+def run_id(value: str) -> str:
+    """A run id from a request: required, an identifier like CheckRequest.run_id."""
+    return _identifier("run_id", value, required=True)
+
+
+def _timestamp_text(text: str) -> Timestamp:
+    stamp = Timestamp()
+    with contextlib.suppress(ValueError):  # an unreadable time stays unset, the trace stands
+        stamp.FromDatetime(datetime.fromisoformat(text))
+    return stamp
+
+
+def _duration_ms(value: Decimal) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(int(value * 1_000_000))
+    return duration
+
+
+def _recorded_decision(text: str) -> authz_pb.Decision.ValueType:
+    """A decision as a record spells it; one this version does not know reads UNSPECIFIED."""
+    try:
+        return _DECISIONS[Outcome(text)]
+    except ValueError:
+        return authz_pb.DECISION_UNSPECIFIED
+
+
+def _recorded_reason(code: str) -> authz_pb.ReasonCode.ValueType:
+    try:
+        return authz_pb.ReasonCode.Value(f"REASON_CODE_{code}")
+    except ValueError:
+        return authz_pb.REASON_CODE_UNSPECIFIED
+
+
+def _trace_step(step: TraceStep) -> admin_pb.TraceStep:
+    message = admin_pb.TraceStep(
+        seq=step.seq,
+        decision_id=step.decision_id,
+        time=_timestamp_text(step.time),
+        step_id=step.step_id,
+        agent=step.agent,
+        tool=step.tool,
+        decision=_recorded_decision(step.decision),
+        reasons=[
+            authz_pb.Reason(code=_recorded_reason(r.code), message=r.message, field=r.field)
+            for r in step.reasons
+        ],
+        matched_tier=step.matched_tier,
+        policy_version=step.policy_version,
+        token_id=step.token_id,
+        latency=_duration_ms(step.latency_ms),
+        approval_id=step.approval_id,
+        dry_run=step.dry_run,
+        args_digest=step.args_digest,
+        redacted_arguments=list(step.redacted),
+        run_metadata=dict(step.run_metadata),
+    )
+    requirement = step.approval_requirement
+    if requirement:
+        message.approval_requirement.CopyFrom(
+            authz_pb.ApprovalRequirement(
+                tier=str(requirement.get("tier", "")),
+                approvals_required=int(requirement.get("approvals_required", 0)),
+                approver_roles=[str(role) for role in requirement.get("approver_roles", ())],
+                ttl=Duration(seconds=int(requirement.get("ttl_seconds", 0))),
+            )
+        )
+    return message
+
+
+def run_trace(trace: RunTrace) -> admin_pb.RunTrace:
+    """What GetRunTrace says about one run."""
+    return admin_pb.RunTrace(
+        run_id=trace.run_id,
+        agents=list(trace.agents),
+        policy_versions=list(trace.policy_versions),
+        start_time=_timestamp_text(trace.steps[0].time),
+        end_time=_timestamp_text(trace.steps[-1].time),
+        run_metadata=trace.run_metadata,
+        steps=[_trace_step(step) for step in trace.steps],
     )

@@ -7,10 +7,12 @@ goes through status.py to exactly one status.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -23,11 +25,13 @@ from sidecar._proto.proviso.v1 import approval_service_pb2 as approval_pb
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
 from sidecar.approvals import Approvals
-from sidecar.audit.record import event_line, new_record_id, timestamp
+from sidecar.audit.files import AuditLogNotFoundError
+from sidecar.audit.record import event_body, new_record_id
+from sidecar.audit.trace import load_trace
 from sidecar.audit.writer import AuditLog
 from sidecar.authorizer import Authorizer, PolicyHolder
-from sidecar.clock import Clock
-from sidecar.errors import InvalidRequestError
+from sidecar.clock import Clock, timestamp
+from sidecar.errors import InvalidRequestError, NotFoundError
 from sidecar.identity import Identity, IdentityVerifier
 from sidecar.keystore import KeyRing
 from sidecar.minting import authorize_issuer, mint
@@ -206,6 +210,7 @@ class AdminService:
         clock: Clock,
         reloader: PolicyReloader,
         shadow: PolicyHolder | None = None,
+        audit_path: Path | None = None,
     ) -> None:
         self._policy = policy
         self._identities = identities
@@ -215,6 +220,7 @@ class AdminService:
         self._clock = clock
         self._reloader = reloader
         self._shadow = shadow
+        self._audit_path = audit_path
 
     def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
         return require_admin(
@@ -245,7 +251,7 @@ class AdminService:
             "was_engaged": switch is not None,
         }
         await self._audit.append(
-            event_line("kill_switch", new_record_id(now, "evt"), timestamp(now), fields)
+            event_body("kill_switch", new_record_id(now, "evt"), timestamp(now), fields)
         )
         engaged = self._store.kill_switches()
         self._metrics.kill_switches_active.set(
@@ -291,6 +297,21 @@ class AdminService:
             policy=convert.policy_info(loaded.policy, loaded.loaded_at), changed=changed
         )
 
+    async def get_run_trace(
+        self, request: admin_pb.GetRunTraceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb.GetRunTraceResponse:
+        self._admin(context)
+        run_id = convert.run_id(request.run_id)
+        trace = None
+        if self._audit_path is not None:
+            try:
+                trace = await asyncio.to_thread(load_trace, self._audit_path, run_id)
+            except AuditLogNotFoundError:
+                trace = None
+        if trace is None:
+            raise NotFoundError(f"the audit log holds no Check of run '{run_id}'")
+        return admin_pb.GetRunTraceResponse(trace=convert.run_trace(trace))
+
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
             self.name,
@@ -310,6 +331,9 @@ class AdminService:
                 ),
                 "ReloadPolicy": unary(
                     admin_pb.ReloadPolicyRequest, self.reload_policy, f"{self.name}/ReloadPolicy"
+                ),
+                "GetRunTrace": unary(
+                    admin_pb.GetRunTraceRequest, self.get_run_trace, f"{self.name}/GetRunTrace"
                 ),
             },
         )

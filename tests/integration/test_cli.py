@@ -51,6 +51,10 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
         ("policy",),
         ("policy", "show"),
         ("policy", "reload"),
+        ("audit",),
+        ("audit", "verify"),
+        ("audit", "trace"),
+        ("replay",),
     ],
 )
 def test_every_command_has_help(command: tuple[str, ...]) -> None:

@@ -227,3 +227,9 @@ def test_policy_mappings_are_read_only(policy: Policy) -> None:
         del policy.agents[TRIAGE]  # type: ignore[attr-defined]
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.label = "changed"  # type: ignore[misc]
+
+
+def test_internal_note_bodies_are_redacted_in_the_audit_log(policy: Policy) -> None:
+    """A note may quote a customer or a card number: the audit log keeps only its HMAC."""
+    assert policy.tools["addInternalNote"].redact == ("body",)
+    assert all(not tool.redact for name, tool in policy.tools.items() if name != "addInternalNote")

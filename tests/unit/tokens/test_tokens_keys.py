@@ -273,3 +273,11 @@ def test_verification_keys_are_a_snapshot() -> None:
     assert keys.get("k1") is public
     assert keys.get("k2") is None
     assert len(keys) == 1
+
+
+def test_sign_makes_an_ed25519_signature_the_public_key_verifies() -> None:
+    """SigningKey.sign signs raw bytes (audit checkpoints) without exporting the private key."""
+    key = SigningKey.generate()
+    signature = key.sign(b"proviso.audit.checkpoint.v1\nhead")
+    assert len(signature) == 64
+    key.public_key().verify(signature, b"proviso.audit.checkpoint.v1\nhead")

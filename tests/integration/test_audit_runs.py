@@ -1,0 +1,262 @@
+"""What the audit log is for: redaction, run traces, replay against another policy, tracing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from types import MappingProxyType
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from sidecar import config, strictjson
+from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
+from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
+from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
+from sidecar.app import App
+from sidecar.audit import replay
+from sidecar.audit.files import log_files, records, verify_log
+from sidecar.audit.redaction import KEY_FILE
+from sidecar.observability import tracing
+from sidecar.policy.loader import load_policy
+from tests.conftest import EXAMPLE_POLICIES, ROOT, TRIAGE_AGENT, Sidecar, make_settings
+from tests.integration.test_check import INVOICE_CONTEXT, refund
+from tests.integration.test_server import identity
+from tokens import Grant
+
+NOTE_GRANT = Grant("addInternalNote", MappingProxyType({"ticket_id": "T-1"}))
+CARD_NOTE = '{"ticket_id": "T-1", "body": "customer read out 4111111111111111"}'
+
+
+async def ask(
+    sidecar: Sidecar, token: str, tool: str, arguments: str, run_id: str, **extra: object
+) -> pb.CheckResponse:
+    """One Check; ``extra`` sets further CheckRequest fields."""
+    fields: dict[str, object] = {
+        "context_json": INVOICE_CONTEXT,
+        "idempotency_key": f"k-{uuid.uuid4().hex}",
+        **extra,
+    }
+    request = pb.CheckRequest(
+        token=token,
+        tool=tool,
+        arguments_json=arguments,
+        run_id=run_id,
+        **fields,  # type: ignore[arg-type]
+    )
+    return await sidecar.authz.Check(request)
+
+
+def logged(sidecar: Sidecar) -> list[dict[str, object]]:
+    return [
+        r for r in records(log_files(sidecar.app.settings.audit_path)) if r["kind"] == "decision"
+    ]
+
+
+def proviso(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+async def test_redacted_arguments_keep_a_keyed_hash_and_the_digest(sidecar: Sidecar) -> None:
+    """A redacted argument is stored as an HMAC (equal values match), never as its value."""
+    token = sidecar.token(TRIAGE_AGENT, (NOTE_GRANT,))
+    first = await ask(sidecar, token, "addInternalNote", CARD_NOTE, "run-r")
+    await ask(sidecar, token, "addInternalNote", CARD_NOTE, "run-r")
+    await ask(sidecar, token, "addInternalNote", '{"ticket_id": "T-1", "body": "hello"}', "run-r")
+    assert first.decision == pb.DECISION_DENY, "the card number is still denied"
+    text = sidecar.app.settings.audit_path.read_text()
+    assert "4111111111111111" not in text
+    one, two, three = logged(sidecar)
+    assert one["redacted"] == ["body"]
+    assert one["arguments"]["ticket_id"] == "T-1"  # type: ignore[index]
+    assert set(one["arguments"]["body"]) == {"hmac-sha256"}  # type: ignore[index]
+    assert one["arguments"] == two["arguments"] != three["arguments"]
+    assert one["args_digest"] == strictjson.digest(json.loads(CARD_NOTE))
+    key = sidecar.app.settings.state_dir / KEY_FILE
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+async def test_records_carry_the_inputs_replay_needs(sidecar: Sidecar) -> None:
+    """A decision record keeps the context and the verified token's claims."""
+    token = sidecar.token(run_id="run-c")
+    await ask(sidecar, token, "requestRefund", refund("10"), "run-c", context_json='{"due": 12.50}')
+    (record,) = logged(sidecar)
+    assert record["context"] == {"due": 12.5}
+    claims = record["token"]
+    assert isinstance(claims, dict)
+    assert claims["subject"] == "billing-resolution-agent@service"
+    assert claims["run_id"] == "run-c"
+    assert claims["grants"] == [{"tool": "requestRefund", "pins": {"invoice_id": "in_93K2"}}]
+    assert claims["kid"] == sidecar.app.keys.active.kid
+
+
+async def test_get_run_trace_rebuilds_a_run_for_admins(sidecar: Sidecar) -> None:
+    """GetRunTrace lists the run's Checks in order, with decisions, tiers, reasons and tokens."""
+    token = sidecar.token()
+    sent = [
+        await ask(sidecar, token, "requestRefund", refund(a), "run-t", step_id=f"s{i}",
+                  run_metadata={"model": "m-1"})
+        for i, a in enumerate(("10", "120", "9000"))
+    ]  # fmt: skip
+    await ask(sidecar, token, "requestRefund", refund("10"), "run-other")
+    stub = admin_grpc.AdminServiceStub(sidecar.channel)
+    admin = identity(sidecar, "olivia@example.com")
+    trace = (
+        await stub.GetRunTrace(admin_pb.GetRunTraceRequest(run_id="run-t"), metadata=admin)
+    ).trace
+    assert trace.run_id == "run-t"
+    assert list(trace.agents) == ["billing-resolution-agent@service"]
+    assert list(trace.policy_versions) == [sidecar.app.policy.current.version]
+    assert dict(trace.run_metadata) == {"model": "m-1"}
+    assert [s.decision_id for s in trace.steps] == [r.decision_id for r in sent]
+    assert [s.step_id for s in trace.steps] == ["s0", "s1", "s2"]
+    assert [s.decision for s in trace.steps] == [
+        pb.DECISION_ALLOW, pb.DECISION_NEEDS_APPROVAL, pb.DECISION_DENY,
+    ]  # fmt: skip
+    assert [s.matched_tier for s in trace.steps] == ["auto", "supervisor", "over-limit"]
+    assert trace.steps[1].approval_requirement.approver_roles == ["billing-supervisor"]
+    assert trace.steps[2].reasons[0].code == pb.REASON_CODE_TIER_DENIED
+    assert all(s.token_id for s in trace.steps)
+    assert trace.steps[0].seq < trace.steps[1].seq < trace.steps[2].seq
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.GetRunTrace(admin_pb.GetRunTraceRequest(run_id="no-such-run"), metadata=admin)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as not_admin:
+        await stub.GetRunTrace(
+            admin_pb.GetRunTraceRequest(run_id="run-t"),
+            metadata=identity(sidecar, "alice@example.com"),
+        )
+    assert not_admin.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as empty:
+        await stub.GetRunTrace(admin_pb.GetRunTraceRequest(), metadata=admin)
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_cli_trace_prints_the_run(sidecar: Sidecar) -> None:
+    """`proviso audit trace RUN_ID` prints the envelope and steps, as a table or as JSON."""
+    token = sidecar.token()
+    await ask(sidecar, token, "requestRefund", refund("120"), "run-cli")
+    audit = str(sidecar.app.settings.audit_path)
+    as_json = proviso("audit", "trace", "run-cli", "--audit", audit, "--format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    trace = json.loads(as_json.stdout)
+    assert [s["decision"] for s in trace["steps"]] == ["NEEDS_APPROVAL"]
+    assert trace["steps"][0]["approval_requirement"]["approvals_required"] == 1
+    table = proviso("audit", "trace", "run-cli", "--audit", audit)
+    assert "NEEDS_APPROVAL" in table.stdout
+    assert "needs 1 approval(s) from billing-supervisor" in table.stdout
+    assert proviso("audit", "trace", "nope", "--audit", audit).returncode == 1
+
+
+async def test_replay_against_a_lower_threshold_reports_exactly_the_changes(
+    sidecar: Sidecar, tmp_path: Path
+) -> None:
+    """Lowering the auto-refund limit from 50 to 25 turns exactly the 30, 49.99 and 50 refunds."""
+    token = sidecar.token()
+    amounts = ("10", "30", "49.99", "50", "120", "9000")
+    sent = {a: await ask(sidecar, token, "requestRefund", refund(a), "run-p") for a in amounts}
+    await ask(sidecar, "", "requestRefund", refund("10"), "run-p")  # no token: DENY
+    note = sidecar.token(TRIAGE_AGENT, (NOTE_GRANT,))
+    await ask(sidecar, note, "addInternalNote", CARD_NOTE, "run-p")  # redacted
+    candidate = shutil.copytree(EXAMPLE_POLICIES, tmp_path / "candidate")
+    billing = candidate / "billing.yaml"
+    billing.write_text(billing.read_text().replace("args.amount <= 50\n", "args.amount <= 25\n"))
+    log = list(records(log_files(sidecar.app.settings.audit_path)))
+
+    same = replay.replay(log, sidecar.app.policy.current)
+    assert (same.records, same.replayed, same.changed) == (8, 7, 0), "inputs replay faithfully"
+
+    report = replay.replay(log, load_policy(candidate))
+    assert report.changed == 3
+    assert report.transitions == {
+        ("ALLOW", "ALLOW"): 1,
+        ("ALLOW", "NEEDS_APPROVAL"): 3,
+        ("NEEDS_APPROVAL", "NEEDS_APPROVAL"): 1,
+        ("DENY", "DENY"): 2,
+    }
+    assert report.unreplayable == {"redacted arguments": 1}
+    changed = {sent[a].decision_id for a in ("30", "49.99", "50")}
+    assert {change.record_id for change in report.examples} == changed
+    assert {change.new.matched_tier for change in report.examples} == {"supervisor"}
+
+    cli = proviso(
+        "replay", "--audit", str(sidecar.app.settings.audit_path), "--policies", str(candidate),
+        "--format", "json", "--fail-on-change",
+    )  # fmt: skip
+    assert cli.returncode == 1, cli.stderr
+    output = json.loads(cli.stdout)
+    assert output["changed"] == 3
+    assert output["by_tool"]["requestRefund"] == [
+        {"from": "ALLOW", "to": "ALLOW", "count": 1},
+        {"from": "ALLOW", "to": "NEEDS_APPROVAL", "count": 3},
+        {"from": "DENY", "to": "DENY", "count": 2},
+        {"from": "NEEDS_APPROVAL", "to": "NEEDS_APPROVAL", "count": 1},
+    ]
+    assert {e["decision_id"] for e in output["examples"]} == changed
+
+
+async def test_a_restarted_sidecar_continues_the_chain(tmp_path: Path) -> None:
+    """Stopping and starting on the same state directory yields one chain that verifies."""
+    settings = make_settings(tmp_path / "state")
+    for _ in range(2):
+        sidecar = Sidecar.connect(await App.start(settings))
+        await ask(sidecar, sidecar.token(), "requestRefund", refund("10"), "run-s")
+        keys = sidecar.app.keys.verification_keys()
+        await sidecar.close()
+    result = verify_log(log_files(settings.audit_path), keys)
+    assert result.broken is None
+    assert (result.state.records, result.state.checkpoints, result.state.unsealed) == (2, 2, 0)
+
+
+async def test_each_check_is_one_span_with_its_decision(tmp_path: Path) -> None:
+    """With tracing on, a Check makes one span carrying run, tool, decision and policy version."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    traces = tracing.Tracing(provider.get_tracer("test"), provider.shutdown)
+    sidecar = Sidecar.connect(await App.start(make_settings(tmp_path / "state"), traces=traces))
+    try:
+        response = await ask(sidecar, sidecar.token(), "requestRefund", refund("120"), "run-o")
+    finally:
+        await sidecar.close()
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "proviso.Check"
+    assert dict(span.attributes or {}) | {} == {
+        "proviso.decision_id": response.decision_id,
+        "proviso.run_id": "run-o",
+        "proviso.tool": "requestRefund",
+        "proviso.agent": "billing-resolution-agent@service",
+        "proviso.decision": "NEEDS_APPROVAL",
+        "proviso.reason": "APPROVAL_REQUIRED",
+        "proviso.matched_tier": "supervisor",
+        "proviso.policy_version": response.policy_version,
+        "proviso.replayed": False,
+    }
+
+
+def test_tracing_is_off_unless_an_exporter_is_named() -> None:
+    """No OTEL_TRACES_EXPORTER (or 'none', or the SDK disabled) means no tracer at all."""
+    build = {"policies": None, "listen": None, "metrics_listen": None, "state_dir": None}
+    assert config.build(**build, env={}).trace_exporters == ()
+    assert config.build(**build, env={"OTEL_TRACES_EXPORTER": "none"}).trace_exporters == ()
+    disabled = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}
+    assert config.build(**build, env=disabled).trace_exporters == ()
+    assert tracing.start(()) is None
+    console = config.build(**build, env={"OTEL_TRACES_EXPORTER": "console"})
+    assert console.trace_exporters == ("console",)
+    started = tracing.start(console.trace_exporters)
+    assert started is not None
+    started.shutdown()
+    with pytest.raises(tracing.TracingConfigError, match="not installed"):
+        tracing.start(("no-such-exporter",))

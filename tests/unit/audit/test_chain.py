@@ -1,0 +1,190 @@
+"""The pure hash chain: canonical JSON against RFC 8785, sealing, checkpoints, verification."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import rfc8785
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.audit.chain import (
+    GENESIS,
+    CanonicalJSONError,
+    ChainVerifier,
+    Problem,
+    Sealed,
+    canonical,
+    parse_line,
+    record_hash,
+    seal,
+    seal_checkpoint,
+)
+from tokens import SigningKey, VerificationKeys
+
+KEY = SigningKey.generate(kid="audit-test")
+KEYS = VerificationKeys.from_signing_keys([KEY])
+
+# Values RFC 8785 and our canonical form must agree on: no floats (JCS would round decimals).
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+    | st.text()  # hypothesis' text() never yields lone surrogates
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(json_values)
+def test_canonical_is_rfc8785_for_json_without_decimals(value: Any) -> None:
+    """For strings, integers, literals, arrays and objects the bytes are exactly RFC 8785's."""
+    assert canonical(value) == rfc8785.dumps(value)
+
+
+def _jcs_plain(d: Decimal) -> bool:
+    """Zero, or at most 15 significant digits between 1e-6 and 1e15: a double keeps it exactly."""
+    digits = len(d.normalize().as_tuple().digits)
+    return d == 0 or (Decimal("1e-6") <= abs(d) < Decimal("1e15") and digits <= 15)
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False, places=6).filter(_jcs_plain))
+def test_decimals_in_the_common_range_are_written_as_rfc8785_writes_them(value: Decimal) -> None:
+    """A decimal of at most 15 significant digits in JCS's plain range reads as JCS writes it."""
+    assert canonical(value) == rfc8785.dumps(float(value))
+
+
+@pytest.mark.parametrize(
+    ("number", "text"),
+    [
+        (Decimal("49.00"), "49"),
+        (Decimal("0.10"), "0.1"),
+        (Decimal("1E-7"), "0.0000001"),
+        (Decimal("12345678901234567890.123456789"), "12345678901234567890.123456789"),
+        (2**64, "18446744073709551616"),
+        (Decimal("-0"), "0"),
+        (1.25, "1.25"),
+    ],
+)
+def test_numbers_keep_their_exact_value(number: Any, text: str) -> None:
+    """Numbers are exact and plain, where JCS would round them to a double or use an exponent."""
+    assert canonical({"n": number}) == b'{"n":' + text.encode() + b"}"
+
+
+def test_members_sort_by_utf16_code_units() -> None:
+    """A name beyond the BMP sorts by its surrogates, before U+E000..U+FFFF, as JCS says."""
+    value = {"\ue000": 1, "\U0001f600": 2, "a": 3}
+    assert canonical(value) == rfc8785.dumps(value)
+    assert canonical(value).index("\U0001f600".encode()) < canonical(value).index("\ue000".encode())
+
+
+@pytest.mark.parametrize(
+    "value", [{1: "x"}, {"x": float("nan")}, {"x": "\ud800"}, {"x": {1, 2}}, {"x": Decimal("Inf")}]
+)
+def test_values_without_a_canonical_form_are_refused(value: Any) -> None:
+    """Non-string keys, NaN, lone surrogates and non-JSON types have no canonical form."""
+    with pytest.raises(CanonicalJSONError):
+        canonical(value)
+
+
+@given(json_values, st.decimals(allow_nan=False, allow_infinity=False))
+def test_a_parsed_line_re_encodes_to_the_same_bytes(value: Any, number: Decimal) -> None:
+    """Parsing a sealed line and hashing it again gives its hash: verification is stable."""
+    sealed = seal({"kind": "test", "value": value, "number": number}, seq=1, prev=GENESIS)
+    record = parse_line(sealed.line.rstrip(b"\n"))
+    assert record_hash(record) == sealed.hash
+    assert canonical(record) + b"\n" == sealed.line
+
+
+def test_seal_refuses_chain_fields_in_the_body() -> None:
+    """Only the writer assigns seq, prev and hash."""
+    with pytest.raises(ValueError, match="seq"):
+        seal({"seq": 3}, seq=1, prev=GENESIS)
+
+
+def chain(count: int, *, checkpoint_at: tuple[int, ...] = ()) -> list[Sealed]:
+    """A well-formed chain of ``count`` records, with checkpoints after the given seqs."""
+    sealed: list[Sealed] = []
+    prev, first = GENESIS, 1
+    for index in range(count):
+        record = seal({"kind": "decision", "n": index}, seq=len(sealed) + 1, prev=prev)
+        sealed.append(record)
+        prev = record.hash
+        if record.seq in checkpoint_at:
+            point = seal_checkpoint(
+                seq=record.seq + 1, prev=prev, first_seq=first, time="t", key=KEY
+            )
+            sealed.append(point)
+            prev, first = point.hash, point.seq + 1
+    return sealed
+
+
+def verify(lines: list[bytes], keys: VerificationKeys | None = KEYS) -> ChainVerifier:
+    verifier = ChainVerifier(keys)
+    for number, line in enumerate(lines, 1):
+        complete = line.endswith(b"\n")
+        verifier.feed(line.rstrip(b"\n"), file="log", line=number, complete=complete)
+    return verifier
+
+
+def test_a_well_formed_chain_verifies_with_its_checkpoints() -> None:
+    """Records and signed checkpoints verify; the records after the last one are unsealed."""
+    lines = [s.line for s in chain(10, checkpoint_at=(4, 8))]
+    verifier = verify(lines)
+    assert verifier.broken is None
+    state = verifier.state
+    assert (state.records, state.checkpoints, state.seq) == (10, 2, 12)
+    assert (state.sealed_seq, state.unsealed) == (9, 3)
+    assert state.kids == {"audit-test"}
+
+
+def test_a_checkpoint_with_an_unknown_key_breaks_the_chain() -> None:
+    """Without the signer's public key a checkpoint proves nothing, so verification stops."""
+    lines = [s.line for s in chain(4, checkpoint_at=(2,))]
+    other = VerificationKeys.from_signing_keys([SigningKey.generate(kid="other")])
+    broken = verify(lines, other).broken
+    assert broken is not None
+    assert (broken.line, broken.problem) == (3, Problem.UNKNOWN_KEY)
+
+
+def test_a_forged_signature_is_caught() -> None:
+    """A checkpoint signed by another key under the right kid does not verify."""
+    lines = [s.line for s in chain(4, checkpoint_at=(2,))]
+    impostor = SigningKey.generate(kid="audit-test")
+    records = [parse_line(line.rstrip(b"\n")) for line in lines[:2]]
+    forged = seal_checkpoint(seq=3, prev=records[1]["hash"], first_seq=1, time="t", key=impostor)
+    broken = verify([*lines[:2], forged.line]).broken
+    assert broken is not None
+    assert (broken.line, broken.problem) == (3, Problem.BAD_SIGNATURE)
+
+
+def test_a_checkpoint_must_cover_exactly_the_records_since_the_last_one() -> None:
+    """A checkpoint that claims another range is refused even when correctly signed."""
+    lines = [s.line for s in chain(3)]
+    head = parse_line(lines[-1].rstrip(b"\n"))["hash"]
+    wrong = seal_checkpoint(seq=4, prev=head, first_seq=2, time="t", key=KEY)
+    broken = verify([*lines, wrong.line]).broken
+    assert broken is not None
+    assert (broken.line, broken.problem) == (4, Problem.BAD_CHECKPOINT)
+
+
+def test_the_signature_cannot_be_moved_to_another_head() -> None:
+    """The signature covers seq and prev: pasted onto another chain it does not verify."""
+    good = chain(2, checkpoint_at=(2,))
+    signature = json.loads(good[-1].line)["signature"]
+    first = seal({"kind": "decision", "n": "other"}, seq=1, prev=GENESIS)
+    other = [first, seal({"kind": "decision", "n": "other"}, seq=2, prev=first.hash)]
+    head = other[-1].hash
+    body = {"kind": "checkpoint", "time": "t", "first_seq": 1, "last_seq": 2, "kid": "audit-test"}
+    pasted = seal({**body, "signature": signature}, seq=3, prev=head)
+    broken = verify([other[0].line, other[1].line, pasted.line]).broken
+    assert broken is not None
+    assert broken.problem is Problem.BAD_SIGNATURE

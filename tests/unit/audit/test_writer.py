@@ -1,0 +1,197 @@
+"""The writer on real files: group commit, chain order, checkpoints, rotation and resuming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from sidecar.audit.chain import Problem
+from sidecar.audit.files import log_files, verify_log
+from sidecar.audit.writer import AuditLog, AuditLogCorruptError
+from sidecar.errors import AuditWriteError
+from tokens import SigningKey, VerificationKeys
+
+KEY = SigningKey.generate(kid="writer-test")
+KEYS = VerificationKeys.from_signing_keys([KEY])
+
+
+def open_log(path: Path, **options: object) -> AuditLog:
+    return AuditLog(path, signer=KEY, **options)  # type: ignore[arg-type]
+
+
+def read(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def test_concurrent_appends_share_fsyncs_and_chain_in_write_order(tmp_path: Path) -> None:
+    """200 concurrent appends land with seq 1..N in file order, in fewer writes than records."""
+    commits: list[int] = []
+    log = open_log(tmp_path / "a.jsonl", on_commit=lambda n, _: commits.append(n))
+    receipts = await asyncio.gather(*(log.append({"kind": "t", "i": i}) for i in range(200)))
+    log.close()
+    records = read(tmp_path / "a.jsonl")
+    decisions = [r for r in records if r["kind"] == "t"]
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    assert sorted(r.seq for r in receipts) == [r["seq"] for r in decisions]
+    assert sum(commits) == 200
+    assert len([n for n in commits if n]) < 200, "concurrent appends share an fsync"
+    assert records[-1]["kind"] == "checkpoint", "close seals the log"
+    assert verify_log(log_files(tmp_path / "a.jsonl"), KEYS).broken is None
+
+
+def test_appends_from_many_threads_never_interleave_the_chain(tmp_path: Path) -> None:
+    """Threads submitting at once still yield one unbroken chain."""
+    log = open_log(tmp_path / "a.jsonl", checkpoint_every=25)
+
+    def submit(worker: int) -> None:
+        for i in range(50):
+            log.submit({"kind": "t", "worker": worker, "i": i}).result(timeout=10)
+
+    threads = [threading.Thread(target=submit, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    log.close()
+    result = verify_log(log_files(tmp_path / "a.jsonl"), KEYS)
+    assert result.broken is None
+    assert result.state.records == 200
+    assert result.state.checkpoints >= 8
+    assert result.state.unsealed == 0
+
+
+async def test_a_checkpoint_is_written_when_time_is_up(tmp_path: Path) -> None:
+    """An idle log with unsealed records gets a checkpoint after checkpoint_seconds."""
+    log = open_log(tmp_path / "a.jsonl", checkpoint_seconds=0.05)
+    await log.append({"kind": "t"})
+    for _ in range(100):
+        if len(read(tmp_path / "a.jsonl")) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert [r["kind"] for r in read(tmp_path / "a.jsonl")] == ["t", "checkpoint"]
+    log.close()
+
+
+async def test_an_invalid_body_fails_alone(tmp_path: Path) -> None:
+    """A body that is not JSON fails its own append; the others in the batch are written."""
+    log = open_log(tmp_path / "a.jsonl")
+    good, bad = await asyncio.gather(
+        log.append({"kind": "t", "amount": Decimal("0.10")}),
+        log.append({"kind": "t", "bad": {1, 2}}),
+        return_exceptions=True,
+    )
+    log.close()
+    assert isinstance(bad, AuditWriteError)
+    assert not isinstance(good, BaseException)
+    assert good.seq == 1
+    assert read(tmp_path / "a.jsonl")[0]["amount"] == 0.1
+
+
+async def test_rotation_continues_the_chain_across_files(tmp_path: Path) -> None:
+    """Rotated segments end with a checkpoint and the chain runs on through every file."""
+    active = tmp_path / "decisions.jsonl"
+    log = open_log(active, max_file_bytes=2000)
+    for i in range(40):
+        await log.append({"kind": "t", "i": i, "pad": "x" * 100})
+    log.close()
+    files = log_files(tmp_path)
+    assert len(files) > 3
+    assert files[-1] == active
+    assert files[0].name == "decisions.000000000001.jsonl"
+    for segment in files[:-1]:
+        assert read(segment)[-1]["kind"] == "checkpoint"
+    result = verify_log(files, KEYS)
+    assert result.broken is None
+    assert result.state.records == 40
+
+
+async def test_a_restart_resumes_the_chain(tmp_path: Path) -> None:
+    """Reopening a log continues seq and prev from its last record."""
+    path = tmp_path / "a.jsonl"
+    first = open_log(path)
+    await first.append({"kind": "t"})
+    first.close()
+    second = open_log(path)
+    receipt = await second.append({"kind": "t"})
+    second.close()
+    assert receipt.seq == 3, "after the record and the closing checkpoint"
+    result = verify_log(log_files(path), KEYS)
+    assert result.broken is None
+    assert (result.state.records, result.state.checkpoints) == (2, 2)
+
+
+async def test_a_torn_last_line_is_cut_off_on_resume(tmp_path: Path) -> None:
+    """A half-written line (never acknowledged) is removed, and the chain goes on."""
+    path = tmp_path / "a.jsonl"
+    log = open_log(path)
+    await log.append({"kind": "t"})
+    log.close()
+    with path.open("ab") as stream:
+        stream.write(b'{"kind":"t","seq":3,"pr')
+    resumed = open_log(path)
+    receipt = await resumed.append({"kind": "t"})
+    resumed.close()
+    assert receipt.seq == 3
+    assert verify_log(log_files(path), KEYS).broken is None
+
+
+async def test_a_crash_without_checkpoint_resumes_from_the_unsealed_tail(tmp_path: Path) -> None:
+    """Records after the last checkpoint (a crash) are checked and the chain continues."""
+    path = tmp_path / "a.jsonl"
+    log = open_log(path, checkpoint_every=3)
+    for i in range(5):
+        await log.append({"kind": "t", "i": i})
+    lines = path.read_bytes().splitlines(keepends=True)
+    log.close()
+    path.write_bytes(b"".join(lines))  # as the crash left it: no closing checkpoint
+    resumed = open_log(path, checkpoint_every=3)
+    receipt = await resumed.append({"kind": "t"})
+    resumed.close()
+    assert receipt.seq == len(lines) + 1
+    assert verify_log(log_files(path), KEYS).broken is None
+
+
+async def test_an_edited_tail_stops_the_start(tmp_path: Path) -> None:
+    """A record edited after the last checkpoint makes the writer refuse to extend the chain."""
+    path = tmp_path / "a.jsonl"
+    log = open_log(path)
+    for _ in range(3):
+        await log.append({"kind": "t", "decision": "DENY"})
+    lines = path.read_bytes().splitlines(keepends=True)
+    log.close()
+    lines[1] = lines[1].replace(b'"DENY"', b'"ALLOW"')
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(AuditLogCorruptError, match=Problem.HASH_MISMATCH):
+        open_log(path)
+
+
+def test_a_log_without_a_chain_stops_the_start(tmp_path: Path) -> None:
+    """A file of plain JSON lines (no seq, prev, hash) is not continued."""
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"kind":"decision","record_id":"dec_1"}\n')
+    with pytest.raises(AuditLogCorruptError, match="MALFORMED"):
+        open_log(path)
+
+
+async def test_an_edited_checkpoint_stops_the_start(tmp_path: Path) -> None:
+    """The last checkpoint's own hash is checked before the chain is continued from it."""
+    path = tmp_path / "a.jsonl"
+    log = open_log(path)
+    await log.append({"kind": "t"})
+    log.close()
+    path.write_bytes(path.read_bytes().replace(b'"first_seq":1', b'"first_seq":2'))
+    with pytest.raises(AuditLogCorruptError, match="checkpoint"):
+        open_log(path)
+
+
+async def test_appends_after_close_fail(tmp_path: Path) -> None:
+    """A closed log refuses records rather than dropping them."""
+    log = open_log(tmp_path / "a.jsonl")
+    log.close()
+    with pytest.raises(AuditWriteError):
+        await log.append({"kind": "t"})
