@@ -10,10 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.engine import Decision, Outcome, RateBucket, Reason, ReasonCode, StateChanges
+from sidecar.engine import (
+    ApprovalRecord,
+    ApprovalStatus,
+    Decision,
+    Outcome,
+    RateBucket,
+    Reason,
+    ReasonCode,
+    StateChanges,
+    Verdict,
+)
 from sidecar.errors import StoreUnavailableError
 from sidecar.policy.model import KillScope, KillSwitch
-from sidecar.state import DecisionScope, Store
+from sidecar.state import DecisionScope, NewApproval, Store
 from sidecar.state.sqlite import SQLiteStore
 
 WINDOW = 3600
@@ -217,3 +227,123 @@ def test_an_unopenable_store_is_unavailable(tmp_path: Path) -> None:
     (tmp_path / "state.db").write_bytes(b"not a database at all" * 100)
     with pytest.raises(StoreUnavailableError):
         SQLiteStore(tmp_path / "state.db")
+
+
+def _request(approval_id: str = "apr_1", *, expires_at: float = 2000.0) -> NewApproval:
+    record = ApprovalRecord(
+        id=approval_id,
+        agent="a@service",
+        tool="t",
+        args_digest="sha256:1",
+        run_id="run-1",
+        tier="supervisor",
+        approvals_required=2,
+        approver_roles=("boss",),
+        vetoes=1,
+        status=ApprovalStatus.PENDING,
+        created_at=1000.0,
+        expires_at=expires_at,
+    )
+    return NewApproval(record, '{"amount":120}', "tok-1", "v1")
+
+
+def _open(store: Store, request: NewApproval) -> None:
+    scope = DecisionScope(
+        agent="a@service", tool="t", run_key="run-1", args_digest="sha256:1", run_id="run-1"
+    )
+    with store.decision() as transaction:
+        transaction.view(scope, 1000.0)
+        transaction.commit(
+            scope,
+            StateChanges(open_approval=None),
+            decision=ALLOW,
+            decision_id="d",
+            cost=Decimal(0),
+            now=1000.0,
+            idempotency_window_seconds=WINDOW,
+            new_approval=request,
+        )
+
+
+def test_an_approval_request_round_trips_with_its_verdicts(
+    open_store: Callable[[], Store],
+) -> None:
+    """A request is stored whole; verdicts, status and events come back in order."""
+    store = open_store()
+    _open(store, _request())
+    with store.approvals() as transaction:
+        transaction.add_verdict("apr_1", Verdict("p@x", True, ("boss",), 1001.0, "ok"))
+        transaction.set_status("apr_1", ApprovalStatus.APPROVED, 1001.0)
+        transaction.add_event("apr_1", "approved", "p@x", 1001.0)
+    stored = store.get_approval("apr_1")
+    assert stored is not None
+    assert stored.record.status is ApprovalStatus.APPROVED
+    assert stored.record.verdicts == (Verdict("p@x", True, ("boss",), 1001.0, "ok"),)
+    assert (stored.arguments, stored.token_id, stored.policy_version) == (
+        '{"amount":120}',
+        "tok-1",
+        "v1",
+    )
+    events = store.approval_events(0, 10)
+    assert [(e.event, e.actor) for e in events] == [("created", "a@service"), ("approved", "p@x")]
+    assert store.last_approval_event() == events[-1].seq
+
+
+def test_an_open_request_is_found_for_the_same_call(open_store: Callable[[], Store]) -> None:
+    """A decision for the same agent, tool, arguments and run sees the pending request."""
+    store = open_store()
+    _open(store, _request())
+    scope = DecisionScope(
+        agent="a@service",
+        tool="t",
+        run_key="run-1",
+        args_digest="sha256:1",
+        run_id="run-1",
+        approval_id="apr_1",
+        may_need_approval=True,
+    )
+    other = DecisionScope(
+        agent="a@service", tool="t", run_key="run-2", args_digest="sha256:1", run_id="run-2",
+        may_need_approval=True,
+    )  # fmt: skip
+    with store.decision() as transaction:
+        view, elsewhere = transaction.view(scope, 1000.0), transaction.view(other, 1000.0)
+    assert view.open_approval is not None
+    assert view.open_approval.id == "apr_1"
+    assert view.approval is not None
+    assert elsewhere.open_approval is None
+
+
+def test_listing_filters_and_pages_newest_first(open_store: Callable[[], Store]) -> None:
+    """Lists filter by status and page after a given id, newest first."""
+    store = open_store()
+    for index in range(5):
+        _open(store, _request(f"apr_{index}"))
+    first = store.list_approvals(
+        status=ApprovalStatus.PENDING, agent="", tool="t", limit=2, after=""
+    )
+    rest = store.list_approvals(
+        status=ApprovalStatus.PENDING, agent="", tool="t", limit=10, after=first[-1].record.id
+    )
+    ids = [a.record.id for a in (*first, *rest)]
+    assert sorted(ids) == [f"apr_{i}" for i in range(5)]
+    assert len(set(ids)) == 5
+    assert (
+        store.list_approvals(status=ApprovalStatus.APPROVED, agent="", tool="", limit=10, after="")
+        == []
+    )
+    assert store.pending_by_tier() == {"supervisor": 5}
+
+
+def test_due_requests_expire_with_an_event(open_store: Callable[[], Store]) -> None:
+    """Requests past their time are marked expired once, with an event."""
+    store = open_store()
+    _open(store, _request("apr_old", expires_at=1500.0))
+    _open(store, _request("apr_new", expires_at=5000.0))
+    expired = store.expire_approvals(2000.0)
+    assert [a.record.id for a in expired] == ["apr_old"]
+    assert store.expire_approvals(2000.0) == []
+    stored = store.get_approval("apr_old")
+    assert stored is not None
+    assert stored.record.status is ApprovalStatus.EXPIRED
+    assert store.approval_events(0, 10)[-1].event == "expired"
