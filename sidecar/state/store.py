@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
-from sidecar.engine import Decision, StateChanges, StateView
+from sidecar.engine import Decision, Revocation, StateChanges, StateView
 from sidecar.policy.model import KillScope, KillSwitch
 
 
@@ -21,7 +21,8 @@ from sidecar.policy.model import KillScope, KillSwitch
 class DecisionScope:
     """Which rows one Check reads and writes.
 
-    ``run_key`` is the Check's run id, or ``token:<jti>`` when it has none.
+    ``run_key`` is the Check's run id, or ``token:<jti>`` when it has none. ``token_ids`` is
+    the token's lineage (its ancestors' ids and its own), looked up in the revocations.
     """
 
     agent: str
@@ -29,13 +30,30 @@ class DecisionScope:
     run_key: str
     idempotency_key: str = ""
     args_digest: str = ""
+    token_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """A token this sidecar minted: for whom, by whom, from which parent, until when."""
+
+    token_id: str
+    agent: str
+    issued_by: str
+    expires_at: float
+    parent_id: str = ""
 
 
 class StateTransaction(Protocol):
     """Reads and writes of one Check, committed together."""
 
     def view(self, scope: DecisionScope | None, now: float) -> StateView:
-        """Kill switches, and (with a scope) idempotency record, run usage and rate bucket."""
+        """Kill switches, and (with a scope) a revocation of any of its token ids, the
+        idempotency record, run usage and rate bucket.
+
+        Raises:
+            StoreUnavailableError: state could not be read (the Check must not answer).
+        """
         ...
 
     def commit(
@@ -76,8 +94,24 @@ class Store(Protocol):
         """Every switch engaged through the API, oldest first."""
         ...
 
+    def revoke(self, revocation: Revocation) -> tuple[Revocation, bool]:
+        """Record a revocation; the first one of a token id stands.
+
+        Returns the revocation as stored and whether this call created it.
+        """
+        ...
+
+    def record_issued(self, token: IssuedToken) -> None:
+        """Remember a minted token (idempotent per token id)."""
+        ...
+
+    def issued(self, token_id: str) -> IssuedToken | None:
+        """The token minted with this id, if this store has seen it (and not pruned it)."""
+        ...
+
     def prune(self, now: float) -> int:
-        """Drop expired idempotency records and stale run usage; returns rows removed."""
+        """Drop expired idempotency records, stale run usage, and revocations and issued-token
+        records whose tokens have expired; returns rows removed."""
         ...
 
     def close(self) -> None: ...
