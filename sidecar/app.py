@@ -16,8 +16,8 @@ from sidecar.audit.writer import AuditLog
 from sidecar.authorizer import Authorizer, PolicyHolder, TokenVerifier
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Settings
-from sidecar.identity import DevIdentityProvider, IdentityVerifier
-from sidecar.keystore import KeyRing, load_or_create
+from sidecar.identity import DevIdentityProvider, IdentityVerifier, RemoteJwks
+from sidecar.keystore import KeyStore
 from sidecar.observability.metrics import Metrics
 from sidecar.policy.loader import load_policy
 from sidecar.policy.model import Policy
@@ -25,17 +25,24 @@ from sidecar.server import grpc_server
 from sidecar.server.services import AdminService, AuthorizationService, TokenService
 from sidecar.state.sqlite import SQLiteStore
 from sidecar.web.http import HttpApp, HttpServer
+from tokens import MAX_LEEWAY_SECONDS
 
 log = logging.getLogger("proviso.app")
 
 
 def identity_verifier(settings: Settings, dev_idp: DevIdentityProvider | None) -> IdentityVerifier:
-    """The company IdP's verifier, or the dev IdP's in dev mode."""
-    if settings.idp_jwks is None:
+    """The company IdP's verifier (JWKS from a file or an https URL), or the dev IdP's."""
+    if settings.dev_mode:
         if dev_idp is None:
             raise ValueError("dev mode needs the dev IdP")
         return dev_idp.verifier(settings.groups_claim)
-    jwks = json.loads(settings.idp_jwks.read_text())
+    jwks: RemoteJwks | dict[str, object]
+    if settings.idp_jwks_url:
+        jwks = RemoteJwks(settings.idp_jwks_url, ca_file=settings.idp_ca_file)
+    elif settings.idp_jwks is not None:
+        jwks = json.loads(settings.idp_jwks.read_text())
+    else:  # pragma: no cover - dev_mode covers it
+        raise ValueError("no IdP JWKS configured")
     return IdentityVerifier(
         jwks,
         issuer=settings.idp_issuer,
@@ -47,14 +54,28 @@ def identity_verifier(settings: Settings, dev_idp: DevIdentityProvider | None) -
 PRUNE_INTERVAL_SECONDS = 60.0
 
 
-async def _prune_forever(store: SQLiteStore, clock: Clock) -> None:
-    """Drop expired idempotency keys and stale run counters, off the hot path."""
+def _published_jwks(keys: KeyStore) -> dict[str, object]:
+    keys.refresh()
+    return keys.verification_keys().to_jwks()
+
+
+async def _prune_forever(store: SQLiteStore, keys: KeyStore, clock: Clock) -> None:
+    """Drop expired idempotency keys, stale run counters and revocations of expired tokens,
+    and let retired signing keys lapse, off the hot path."""
     while True:
         await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
         with contextlib.suppress(Exception):  # a failed prune is retried next time
             removed = store.prune(clock.now())
             if removed:
                 log.info("pruned expired state", extra={"rows": removed})
+        with contextlib.suppress(Exception):
+            keys.refresh()
+
+
+def key_retention_seconds(policy: Policy) -> float:
+    """How long a retired key must keep verifying: the longest token life, plus leeway."""
+    longest = max((role.max_token_ttl_seconds for role in policy.roles.values()), default=0)
+    return float(longest + MAX_LEEWAY_SECONDS)
 
 
 @dataclass
@@ -63,7 +84,8 @@ class App:
 
     settings: Settings
     policy: PolicyHolder
-    keys: KeyRing
+    keys: KeyStore
+    tokens: TokenVerifier
     metrics: Metrics
     audit: AuditLog
     grpc_server: grpc.aio.Server
@@ -93,7 +115,11 @@ class App:
             policy if policy is not None else load_policy(settings.policies), clock.now()
         )
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        keys = load_or_create(settings.state_dir)
+        keys = KeyStore(
+            settings.state_dir,
+            retention_seconds=lambda: key_retention_seconds(holder.current),
+            clock=clock.now,
+        )
         dev_idp = (
             DevIdentityProvider.load_or_create(settings.state_dir, settings.idp_audience)
             if settings.dev_mode
@@ -103,7 +129,7 @@ class App:
         metrics.set_policy(holder.current.version, holder.current.label)
         audit = AuditLog(settings.audit_path)
         verifier = TokenVerifier(
-            keys.verification_keys(),
+            keys,
             audience=settings.audience,
             issuer=settings.token_issuer,
             leeway_seconds=settings.leeway_seconds,
@@ -113,6 +139,9 @@ class App:
             holder, tokens=verifier, store=store, audit=audit, metrics=metrics, clock=clock
         )
         identities = identity_verifier(settings, dev_idp)
+        if isinstance(identities.source, RemoteJwks):
+            # Fetch once now, off the event loop, so the first issuer call does not wait.
+            await asyncio.to_thread(identities.source.refresh)
         services: list[AuthorizationService | TokenService | AdminService] = [
             AuthorizationService(authorizer),
             TokenService(
@@ -123,6 +152,9 @@ class App:
                 clock,
                 issuer=settings.token_issuer,
                 audience=settings.audience,
+                store=store,
+                tokens=verifier,
+                audit=audit,
             ),
             AdminService(
                 holder,
@@ -134,7 +166,7 @@ class App:
             ),
         ]
         http = HttpServer(
-            HttpApp(metrics.exposition, lambda: keys.verification_keys().to_jwks()),
+            HttpApp(metrics.exposition, lambda: _published_jwks(keys)),
             settings.metrics_listen.host,
             settings.metrics_listen.port,
         )
@@ -150,11 +182,12 @@ class App:
             store.close()
             raise
         http.start()
-        pruner = asyncio.create_task(_prune_forever(store, clock), name="state-pruner")
+        pruner = asyncio.create_task(_prune_forever(store, keys, clock), name="state-pruner")
         return cls(
             settings=settings,
             policy=holder,
             keys=keys,
+            tokens=verifier,
             metrics=metrics,
             audit=audit,
             grpc_server=server,

@@ -10,10 +10,11 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Protocol
 
 from sidecar import strictjson
 from sidecar.audit.record import AuditRecord
@@ -24,7 +25,7 @@ from sidecar.errors import AuditWriteError
 from sidecar.observability.metrics import Metrics, bounded
 from sidecar.policy.model import Policy
 from sidecar.state import DecisionScope, Store
-from tokens import CapabilityClaims, TokenError, VerificationKeys, verify
+from tokens import CapabilityClaims, TokenError, TokenUnknownKeyError, VerificationKeys, verify
 
 log = logging.getLogger("proviso.authorizer")
 
@@ -55,16 +56,28 @@ class PolicyHolder:
         self.loaded_at = loaded_at
 
 
+class KeySource(Protocol):
+    """Where the verifier gets its keys: the key store, which follows rotations on disk."""
+
+    def verification_keys(self) -> VerificationKeys: ...
+
+    def refresh(self, *, force: bool = False) -> bool: ...
+
+
 class TokenVerifier:
     """Verifies capability tokens, caching good results until the token expires.
 
     Only successes are cached, keyed by the exact token text; a cached entry is re-checked
-    against ``now`` on every use, so expiry still bites.
+    against ``now`` on every use, so expiry still bites, and entries of a revoked token (or
+    of its descendants) are dropped by :meth:`forget`. Revocation itself is not decided
+    here: every Check reads it from the store, so no cache can outlive it. A token naming a
+    kid not in the ring makes the key source look at the disk again (rate-limited there), so
+    keys rotated by another process are picked up.
     """
 
     def __init__(
         self,
-        keys: VerificationKeys,
+        keys: KeySource,
         *,
         audience: str,
         issuer: str,
@@ -86,14 +99,16 @@ class TokenVerifier:
         if cached is not None and cached.expires_at > now - self._leeway:
             return cached
         try:
-            claims = verify(
-                token,
-                self._keys,
-                audience=self._audience,
-                issuer=self._issuer,
-                now=now,
-                leeway_seconds=self._leeway,
-            )
+            claims = self._verify(token, now)
+        except TokenUnknownKeyError as exc:
+            if not self._keys.refresh():
+                self._cache.pop(token, None)
+                return exc
+            try:
+                claims = self._verify(token, now)
+            except TokenError as again:
+                self._cache.pop(token, None)
+                return again
         except TokenError as exc:
             self._cache.pop(token, None)
             return exc
@@ -101,6 +116,27 @@ class TokenVerifier:
         if len(self._cache) > self._max_entries:
             self._cache.popitem(last=False)
         return claims
+
+    def _verify(self, token: str, now: float) -> CapabilityClaims:
+        return verify(
+            token,
+            self._keys.verification_keys(),
+            audience=self._audience,
+            issuer=self._issuer,
+            now=now,
+            leeway_seconds=self._leeway,
+        )
+
+    def forget(self, token_ids: Collection[str]) -> int:
+        """Drop cached results of tokens whose id, or an ancestor's, is in ``token_ids``."""
+        wanted = set(token_ids)
+        stale = [text for text, claims in self._cache.items() if wanted & set(claims.lineage)]
+        for text in stale:
+            del self._cache[text]
+        return len(stale)
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
 
 def new_decision_id(now: float) -> str:
@@ -162,6 +198,7 @@ class Authorizer:
                 run_key=call.run_id or f"token:{token.token_id}",
                 idempotency_key=call.idempotency_key,
                 args_digest=call.args_digest,
+                token_ids=token.lineage,
             )
         with self._store.decision() as transaction:
             view = transaction.view(scope, now)
@@ -206,6 +243,8 @@ class Authorizer:
         self._metrics.audit_write_duration.observe(finished - write_started)
         self._metrics.check_duration.observe(finished - started)
         code = decision.primary_code
+        if code is not None and code.value.startswith("TOKEN_"):
+            self._metrics.tokens_rejected.labels(code.value).inc()
         self._metrics.decisions.labels(
             decision.outcome.value,
             bounded(call.tool, policy.tools),

@@ -300,6 +300,14 @@ class SQLiteStore:
             raise StoreUnavailableError("revocation vanished while being recorded")
         return stored, created == 1
 
+    def revocation(self, token_ids: tuple[str, ...]) -> Revocation | None:
+        if not token_ids:
+            return None
+        try:
+            return _revocation(self._db, token_ids)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
+
     def record_issued(self, token: IssuedToken) -> None:
         with self._write():
             self._db.execute(

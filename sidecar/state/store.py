@@ -101,6 +101,10 @@ class Store(Protocol):
         """
         ...
 
+    def revocation(self, token_ids: tuple[str, ...]) -> Revocation | None:
+        """The earliest revocation of any of ``token_ids`` (outside a Check's transaction)."""
+        ...
+
     def record_issued(self, token: IssuedToken) -> None:
         """Remember a minted token (idempotent per token id)."""
         ...

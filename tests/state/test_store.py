@@ -250,6 +250,9 @@ def test_a_revoked_id_in_the_lineage_shows_in_the_view(open_store: Callable[[], 
     assert view.revocation == _revocation("root")
     assert _view_for(store, "child").revocation is None
     assert _view_for(store).revocation is None, "no token ids, nothing to look up"
+    assert store.revocation(("child", "root")) == _revocation("root")
+    assert store.revocation(("child",)) is None
+    assert store.revocation(()) is None
 
 
 def test_the_earliest_revocation_of_a_lineage_is_reported(open_store: Callable[[], Store]) -> None:
