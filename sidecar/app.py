@@ -119,6 +119,7 @@ class App:
             settings.state_dir,
             retention_seconds=lambda: key_retention_seconds(holder.current),
             clock=clock.now,
+            refresh_interval=settings.key_refresh_seconds,
         )
         dev_idp = (
             DevIdentityProvider.load_or_create(settings.state_dir, settings.idp_audience)

@@ -70,9 +70,10 @@ class TokenVerifier:
     Only successes are cached, keyed by the exact token text; a cached entry is re-checked
     against ``now`` on every use, so expiry still bites, and entries of a revoked token (or
     of its descendants) are dropped by :meth:`forget`. Revocation itself is not decided
-    here: every Check reads it from the store, so no cache can outlive it. A token naming a
-    kid not in the ring makes the key source look at the disk again (rate-limited there), so
-    keys rotated by another process are picked up.
+    here: every Check reads it from the store, so no cache can outlive it. On a cache miss
+    the key source may look at the disk (at most once a second), and a token naming a kid
+    not in the ring makes it look at once, so keys rotated (or retired) by another process
+    are followed without a restart.
     """
 
     def __init__(
@@ -98,10 +99,13 @@ class TokenVerifier:
         cached = self._cache.get(token)
         if cached is not None and cached.expires_at > now - self._leeway:
             return cached
+        self._keys.refresh()  # rate-limited in the key source: at most one look a second
         try:
             claims = self._verify(token, now)
         except TokenUnknownKeyError as exc:
-            if not self._keys.refresh():
+            # A key rotated in by another process: look now (a few stat calls; the key files
+            # are only read when they changed), and try once more.
+            if not self._keys.refresh(force=True):
                 self._cache.pop(token, None)
                 return exc
             try:

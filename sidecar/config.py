@@ -64,6 +64,7 @@ class Settings:
     idp_jwks_url: str = ""
     idp_ca_file: Path | None = None
     idp_issuer: str = ""
+    key_refresh_seconds: float = 1.0
     idp_audience: str = DEFAULT_AUDIENCE
     groups_claim: str = "groups"
     log_level: str = "INFO"

@@ -6,9 +6,9 @@ retired key keeps verifying for ``retention`` seconds after that (the longest to
 the policy allows, plus the largest leeway), so every token it signed expires before it stops
 being trusted. A key with no retirement recorded is trusted. Key material is never logged.
 
-A running server picks up a rotation without a restart: :class:`KeyStore` re-reads the
-directory when its files change, at most once a second on the verification path (and at
-once when a token names a kid it does not know), and before every token it signs.
+A running server picks up a rotation without a restart: :class:`KeyStore` looks at the
+directory at most once a second on the verification path, at once when a token names a kid
+it does not know, and before every token it signs, and re-reads the keys when they changed.
 """
 
 from __future__ import annotations
@@ -239,9 +239,10 @@ class KeyStore:
     def refresh(self, *, force: bool = False) -> bool:
         """Re-read the keys if their files changed or a retired key's trust ended.
 
-        Without ``force`` this looks at the disk at most once per ``refresh_interval``, so a
-        flood of tokens naming unknown kids costs one ``stat`` a second. Returns whether the
-        ring changed.
+        Without ``force`` this looks at the disk at most once per ``refresh_interval``; with
+        it, at once. Looking is three ``stat`` calls; key files are read only when those show
+        a change (or a retired key's trust has ended), so even a flood of tokens naming
+        unknown kids costs little. Returns whether the set of trusted keys changed.
         """
         started = time.monotonic()
         if not force and started - self._checked < self._interval:
