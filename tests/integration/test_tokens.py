@@ -21,6 +21,7 @@ from sidecar.keystore import load_or_create, rotate
 from tests.conftest import BILLING_AGENT, EXAMPLE_POLICIES, TRIAGE_AGENT, Sidecar, make_settings
 from tests.integration.test_check import check, codes, refund
 from tests.integration.test_server import identity, scrape
+from tests.jwks_server import IDP_ISSUER, es256_key, idp_token, serve_jwks
 from tokens import Grant, VerificationKeys, issue, verify
 
 ORCHESTRATOR = "orchestrator@service"
@@ -346,3 +347,25 @@ async def test_the_leeway_is_configurable(start: StartSidecar, leeway: int, expe
     sidecar = await start(leeway_seconds=leeway)
     token = sidecar.token(now=time.time() - 70, ttl=60)
     assert codes(await check(sidecar, token, "requestRefund", refund("10"))) == [expected]
+
+
+# ------------------------------------------------------------------ a real IdP's JWKS
+
+
+async def test_an_issuer_authenticated_by_an_https_idp_jwks_mints(
+    tmp_path: Path, start: StartSidecar
+) -> None:
+    """With --idp-jwks https://... and its CA, an ES256 token from that IdP authenticates the
+    orchestrator (no dev mode), and a token from another key is UNAUTHENTICATED."""
+    key, jwk = es256_key("idp-1")
+    stranger, _ = es256_key("idp-1")
+    with serve_jwks(tmp_path, {"keys": [jwk]}) as idp:
+        sidecar = await start(idp_jwks_url=idp.url, idp_ca_file=idp.ca_file, idp_issuer=IDP_ISSUER)
+        assert sidecar.app.dev_idp is None
+        request = token_pb.IssueTokenRequest(agent=BILLING_AGENT, grants=[INVOICE])
+        bearer = (("authorization", f"Bearer {idp_token(key, 'idp-1')}"),)
+        assert (await sidecar.tokens.IssueToken(request, metadata=bearer)).token
+        forged = (("authorization", f"Bearer {idp_token(stranger, 'idp-1')}"),)
+        denied = sidecar.tokens.IssueToken(request, metadata=forged)
+        assert await status_of(denied) == grpc.StatusCode.UNAUTHENTICATED
+        assert idp.requests == ["/jwks.json"], "fetched at start, then cached"
