@@ -14,6 +14,7 @@ it does not know, and before every token it signs, and re-reads the keys when th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +23,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from tokens import SigningKey, VerificationKeys
+
+log = logging.getLogger("proviso.keys")
 
 _ACTIVE = "active"
 _RETIRED = "retired.json"
@@ -253,5 +256,11 @@ class KeyStore:
             return False
         self._signature = signature
         before = self._verification.kids()
-        self._load()
+        try:
+            self._load()
+        except (OSError, ValueError) as exc:  # KeyFormatError and bad JSON are ValueErrors
+            # A half-edited key directory must not take the server down: keep the last good
+            # ring (which still signs and verifies) and say so loudly.
+            log.error("cannot reload the signing keys; keeping the previous ones: %s", exc)
+            return False
         return self._verification.kids() != before

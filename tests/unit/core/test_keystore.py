@@ -157,3 +157,13 @@ def test_a_malformed_retired_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "keys" / "retired.json").write_text('{"k": "yesterday"}')
     with pytest.raises(ValueError, match=r"retired\.json"):
         load_or_create(tmp_path)
+
+
+def test_a_broken_key_directory_keeps_the_last_good_ring(tmp_path: Path) -> None:
+    """If the keys cannot be re-read (a bad edit), the running ring stays in force."""
+    store = KeyStore(tmp_path, retention_seconds=lambda: RETENTION, refresh_interval=0)
+    kid = store.active.kid
+    (tmp_path / "keys" / "retired.json").write_text("{not json")
+    assert store.refresh(force=True) is False
+    assert store.signing_key().kid == kid
+    assert store.verification_keys().kids() == (kid,)
