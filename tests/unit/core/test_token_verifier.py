@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import builtins
+import io
+import os
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
+
+import pytest
 
 from sidecar.authorizer import TokenVerifier
 from sidecar.keystore import KeyStore
-from tokens import CapabilityClaims, Grant, TokenExpiredError, attenuate, issue
+from tokens import (
+    CapabilityClaims,
+    Grant,
+    SigningKey,
+    TokenExpiredError,
+    TokenUnknownKeyError,
+    attenuate,
+    issue,
+)
 
 NOW: Final = 1_767_225_600
 
@@ -75,3 +88,35 @@ def test_no_token_is_none_and_errors_are_not_cached(tmp_path: Path) -> None:
     assert verifier.verify("", NOW) is None
     assert not isinstance(verifier.verify("garbage", NOW), CapabilityClaims)
     assert len(verifier) == 0
+
+
+@pytest.mark.parametrize("kid", ["active", "retired", "k9", "ZGV2LWlkcA"])
+def test_an_unknown_kid_reads_no_file_it_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kid: str
+) -> None:
+    """An unknown kid makes the key source look at its own fixed files only (a few stat
+    calls), never a path built from the kid, and opens nothing when they did not change."""
+    _, verifier = _setup(tmp_path)
+    token = issue(
+        SigningKey.generate(kid=kid), issuer="proviso", subject="a@service", audience="proviso",
+        grants=[Grant("t")], ttl_seconds=60, now=NOW,
+    )  # fmt: skip
+    looked_at: list[str] = []
+    real_stat = os.stat
+
+    def recording_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        looked_at.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    def no_open(*args: object, **kwargs: object) -> Any:
+        raise AssertionError(f"opened {args!r}")
+
+    monkeypatch.setattr(os, "stat", recording_stat)
+    monkeypatch.setattr(builtins, "open", no_open)
+    monkeypatch.setattr(io, "open", no_open)
+    monkeypatch.setattr(os, "open", no_open)
+    assert isinstance(verifier.verify(token, NOW), TokenUnknownKeyError)
+    directory = tmp_path / "keys"
+    allowed = {str(directory), str(directory / "active"), str(directory / "retired.json")}
+    assert looked_at
+    assert set(looked_at) <= allowed
