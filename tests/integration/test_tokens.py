@@ -7,6 +7,7 @@ import json
 import shutil
 import sqlite3
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -307,6 +308,9 @@ async def test_rotation_keeps_old_tokens_and_signs_new_ones_with_the_new_kid(
     assert sorted(k["kid"] for k in jwks["keys"]) == sorted([old.key_id, new.key_id])
     keys = VerificationKeys.from_jwks(jwks)
     assert verify(old.token, keys, audience="proviso", issuer="proviso", now=time.time())
+    url = f"http://127.0.0.1:{sidecar.app.http.port}/.well-known/jwks.json"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert json.loads(response.read()) == jwks, "HTTP publishes the same keys as GetJwks"
 
 
 async def test_a_token_from_a_key_rotated_elsewhere_is_accepted(start: StartSidecar) -> None:
