@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +11,9 @@ from pathlib import Path
 from bench.stats import Summary
 from bench.workload import AGENT, ARGUMENTS_JSON, CONTEXT_JSON, GRANT, RUN_ID, TOOL
 from sidecar import strictjson
+from sidecar.authorizer import TokenVerifier
 from sidecar.engine import Outcome, ToolCall, evaluate
+from sidecar.keystore import KeyStore
 from sidecar.policy.loader import load_policy
 from tokens import SigningKey, VerificationKeys, issue, verify
 
@@ -28,6 +31,7 @@ class InProcess:
 
     evaluate: Summary
     verify: Summary
+    verify_cached: Summary
 
 
 def _time(operation: Callable[[], object], warmup: int, iterations: int) -> Summary:
@@ -80,4 +84,18 @@ def run(policies: Path, iterations: int, verify_iterations: int) -> InProcess:
             verify_iterations // 10,
             verify_iterations,
         ),
+        verify_cached=_cached_verify(verify_iterations),
     )
+
+
+def _cached_verify(iterations: int) -> Summary:
+    """What the server pays for a token it has seen: the TokenVerifier's cache hit."""
+    with tempfile.TemporaryDirectory() as state_dir:
+        keys = KeyStore(Path(state_dir), retention_seconds=lambda: 930.0)
+        verifier = TokenVerifier(keys, audience=AUDIENCE, issuer=ISSUER, leeway_seconds=5)
+        now = int(time.time())
+        token = issue(
+            keys.active, issuer=ISSUER, subject=AGENT, audience=AUDIENCE, grants=(GRANT,),
+            ttl_seconds=900, now=now,
+        )  # fmt: skip
+        return _time(lambda: verifier.verify(token, now), iterations // 10, iterations)

@@ -19,8 +19,8 @@ from sidecar.authorizer import Authorizer, PolicyHolder, TokenVerifier
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Settings
 from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError
-from sidecar.identity import DevIdentityProvider, IdentityVerifier
-from sidecar.keystore import KeyRing, load_or_create
+from sidecar.identity import DevIdentityProvider, IdentityVerifier, RemoteJwks
+from sidecar.keystore import KeyStore
 from sidecar.observability import tracing
 from sidecar.observability.metrics import Metrics
 from sidecar.policy.loader import load_policy
@@ -35,17 +35,24 @@ from sidecar.server.services import (
 )
 from sidecar.state.sqlite import SQLiteStore
 from sidecar.web.http import HttpApp, HttpServer
+from tokens import MAX_LEEWAY_SECONDS
 
 log = logging.getLogger("proviso.app")
 
 
 def identity_verifier(settings: Settings, dev_idp: DevIdentityProvider | None) -> IdentityVerifier:
-    """The company IdP's verifier, or the dev IdP's in dev mode."""
-    if settings.idp_jwks is None:
+    """The company IdP's verifier (JWKS from a file or an https URL), or the dev IdP's."""
+    if settings.dev_mode:
         if dev_idp is None:
             raise ValueError("dev mode needs the dev IdP")
         return dev_idp.verifier(settings.groups_claim)
-    jwks = json.loads(settings.idp_jwks.read_text())
+    jwks: RemoteJwks | dict[str, object]
+    if settings.idp_jwks_url:
+        jwks = RemoteJwks(settings.idp_jwks_url, ca_file=settings.idp_ca_file)
+    elif settings.idp_jwks is not None:
+        jwks = json.loads(settings.idp_jwks.read_text())
+    else:  # pragma: no cover - dev_mode covers it
+        raise ValueError("no IdP JWKS configured")
     return IdentityVerifier(
         jwks,
         issuer=settings.idp_issuer,
@@ -54,11 +61,49 @@ def identity_verifier(settings: Settings, dev_idp: DevIdentityProvider | None) -
     )
 
 
+def _reloaders(
+    settings: Settings,
+    holder: PolicyHolder,
+    shadow: PolicyHolder | None,
+    metrics: Metrics,
+    clock: Clock,
+) -> tuple[PolicyReloader, PolicyReloader | None]:
+    """The active bundle's reloader, and the shadow's when the shadow has a directory."""
+    reloader = PolicyReloader(
+        settings.policies,
+        holder,
+        metrics,
+        clock,
+        on_swap=lambda p: metrics.set_policy(p.version, p.label),
+    )
+    if shadow is not None:
+        metrics.set_shadow_policy(shadow.current.version, shadow.current.label)
+    if shadow is None or settings.shadow_policies is None:
+        return reloader, None
+    shadow_reloader = PolicyReloader(
+        settings.shadow_policies,
+        shadow,
+        metrics,
+        clock,
+        bundle="shadow",
+        on_swap=lambda p: metrics.set_shadow_policy(p.version, p.label),
+    )
+    return reloader, shadow_reloader
+
+
 PRUNE_INTERVAL_SECONDS = 60.0
 
 
-async def _prune_forever(store: SQLiteStore, approvals: Approvals, clock: Clock) -> None:
-    """Expire approval requests, drop expired idempotency keys and stale run counters."""
+def _published_jwks(keys: KeyStore) -> dict[str, object]:
+    keys.refresh()
+    return keys.verification_keys().to_jwks()
+
+
+async def _prune_forever(
+    store: SQLiteStore, approvals: Approvals, keys: KeyStore, clock: Clock
+) -> None:
+    """Expire approval requests; drop expired idempotency keys, stale run counters and
+    revocations of expired tokens; let retired signing keys lapse. All off the hot path."""
     while True:
         await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
         with contextlib.suppress(Exception):  # a failed sweep is retried next time
@@ -66,6 +111,14 @@ async def _prune_forever(store: SQLiteStore, approvals: Approvals, clock: Clock)
             removed = store.prune(clock.now())
             if removed or expired:
                 log.info("pruned state", extra={"rows": removed, "expired_approvals": expired})
+        with contextlib.suppress(Exception):
+            keys.refresh()
+
+
+def key_retention_seconds(policy: Policy) -> float:
+    """How long a retired key must keep verifying: the longest token life, plus leeway."""
+    longest = max((role.max_token_ttl_seconds for role in policy.roles.values()), default=0)
+    return float(longest + MAX_LEEWAY_SECONDS)
 
 
 @dataclass
@@ -74,7 +127,8 @@ class App:
 
     settings: Settings
     policy: PolicyHolder
-    keys: KeyRing
+    keys: KeyStore
+    tokens: TokenVerifier
     metrics: Metrics
     audit: AuditLog
     grpc_server: grpc.aio.Server
@@ -128,7 +182,12 @@ class App:
         if shadow_policy is not None:
             shadow = PolicyHolder(shadow_policy, clock.now())
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        keys = load_or_create(settings.state_dir)
+        keys = KeyStore(
+            settings.state_dir,
+            retention_seconds=lambda: key_retention_seconds(holder.current),
+            clock=clock.now,
+            refresh_interval=settings.key_refresh_seconds,
+        )
         dev_idp = (
             DevIdentityProvider.load_or_create(settings.state_dir, settings.idp_audience)
             if settings.dev_mode
@@ -136,25 +195,7 @@ class App:
         )
         metrics = Metrics()
         metrics.set_policy(holder.current.version, holder.current.label)
-        reloader = PolicyReloader(
-            settings.policies,
-            holder,
-            metrics,
-            clock,
-            on_swap=lambda p: metrics.set_policy(p.version, p.label),
-        )
-        shadow_reloader: PolicyReloader | None = None
-        if shadow is not None:
-            metrics.set_shadow_policy(shadow.current.version, shadow.current.label)
-        if shadow is not None and settings.shadow_policies is not None:
-            shadow_reloader = PolicyReloader(
-                settings.shadow_policies,
-                shadow,
-                metrics,
-                clock,
-                bundle="shadow",
-                on_swap=lambda p: metrics.set_shadow_policy(p.version, p.label),
-            )
+        reloader, shadow_reloader = _reloaders(settings, holder, shadow, metrics, clock)
         audit = AuditLog(
             settings.audit_path,
             signer=keys.active,
@@ -173,7 +214,7 @@ class App:
             audit.close()
             raise
         verifier = TokenVerifier(
-            keys.verification_keys(),
+            keys,
             audience=settings.audience,
             issuer=settings.token_issuer,
             leeway_seconds=settings.leeway_seconds,
@@ -194,6 +235,9 @@ class App:
             tracer=traces.tracer if traces else None,
         )
         identities = identity_verifier(settings, dev_idp)
+        if isinstance(identities.source, RemoteJwks):
+            # Fetch once now, off the event loop, so the first issuer call does not wait.
+            await asyncio.to_thread(identities.source.refresh)
         services: list[AuthorizationService | TokenService | AdminService | ApprovalService] = [
             AuthorizationService(authorizer),
             TokenService(
@@ -204,6 +248,9 @@ class App:
                 clock,
                 issuer=settings.token_issuer,
                 audience=settings.audience,
+                store=store,
+                tokens=verifier,
+                audit=audit,
             ),
             AdminService(
                 holder,
@@ -219,7 +266,7 @@ class App:
             ApprovalService(holder, identities=identities, approvals=approvals, clock=clock),
         ]
         http = HttpServer(
-            HttpApp(metrics.exposition, lambda: keys.verification_keys().to_jwks()),
+            HttpApp(metrics.exposition, lambda: _published_jwks(keys)),
             settings.metrics_listen.host,
             settings.metrics_listen.port,
         )
@@ -237,11 +284,12 @@ class App:
                 traces.shutdown()
             raise
         http.start()
-        pruner = asyncio.create_task(_prune_forever(store, approvals, clock), name="pruner")
+        pruner = asyncio.create_task(_prune_forever(store, approvals, keys, clock), name="pruner")
         app = cls(
             settings=settings,
             policy=holder,
             keys=keys,
+            tokens=verifier,
             metrics=metrics,
             audit=audit,
             grpc_server=server,

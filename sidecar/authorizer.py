@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from typing import Protocol
 
 from opentelemetry.trace import Span, StatusCode, Tracer
 
@@ -35,7 +36,7 @@ from sidecar.errors import AuditWriteError
 from sidecar.observability.metrics import Metrics, bounded
 from sidecar.policy.model import Policy, TierAction
 from sidecar.state import DecisionScope, NewApproval, Store
-from tokens import CapabilityClaims, TokenError, VerificationKeys, verify
+from tokens import CapabilityClaims, TokenError, TokenUnknownKeyError, VerificationKeys, verify
 
 log = logging.getLogger("proviso.authorizer")
 
@@ -93,16 +94,29 @@ class PolicyHolder:
         self._loaded = LoadedPolicy(policy, loaded_at)
 
 
+class KeySource(Protocol):
+    """Where the verifier gets its keys: the key store, which follows rotations on disk."""
+
+    def verification_keys(self) -> VerificationKeys: ...
+
+    def refresh(self, *, force: bool = False) -> bool: ...
+
+
 class TokenVerifier:
     """Verifies capability tokens, caching good results until the token expires.
 
     Only successes are cached, keyed by the exact token text; a cached entry is re-checked
-    against ``now`` on every use, so expiry still bites.
+    against ``now`` on every use, so expiry still bites, and entries of a revoked token (or
+    of its descendants) are dropped by :meth:`forget`. Revocation itself is not decided
+    here: every Check reads it from the store, so no cache can outlive it. On a cache miss
+    the key source may look at the disk (at most once a second), and a token naming a kid
+    not in the ring makes it look at once, so keys rotated (or retired) by another process
+    are followed without a restart.
     """
 
     def __init__(
         self,
-        keys: VerificationKeys,
+        keys: KeySource,
         *,
         audience: str,
         issuer: str,
@@ -123,15 +137,20 @@ class TokenVerifier:
         cached = self._cache.get(token)
         if cached is not None and cached.expires_at > now - self._leeway:
             return cached
+        self._keys.refresh()  # rate-limited in the key source: at most one look a second
         try:
-            claims = verify(
-                token,
-                self._keys,
-                audience=self._audience,
-                issuer=self._issuer,
-                now=now,
-                leeway_seconds=self._leeway,
-            )
+            claims = self._verify(token, now)
+        except TokenUnknownKeyError as exc:
+            # A key rotated in by another process: look now (a few stat calls; the key files
+            # are only read when they changed), and try once more.
+            if not self._keys.refresh(force=True):
+                self._cache.pop(token, None)
+                return exc
+            try:
+                claims = self._verify(token, now)
+            except TokenError as again:
+                self._cache.pop(token, None)
+                return again
         except TokenError as exc:
             self._cache.pop(token, None)
             return exc
@@ -139,6 +158,27 @@ class TokenVerifier:
         if len(self._cache) > self._max_entries:
             self._cache.popitem(last=False)
         return claims
+
+    def _verify(self, token: str, now: float) -> CapabilityClaims:
+        return verify(
+            token,
+            self._keys.verification_keys(),
+            audience=self._audience,
+            issuer=self._issuer,
+            now=now,
+            leeway_seconds=self._leeway,
+        )
+
+    def forget(self, token_ids: Collection[str]) -> int:
+        """Drop cached results of tokens whose id, or an ancestor's, is in ``token_ids``."""
+        wanted = set(token_ids)
+        stale = [text for text, claims in self._cache.items() if wanted & set(claims.lineage)]
+        for text in stale:
+            del self._cache[text]
+        return len(stale)
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
 
 def new_decision_id(now: float) -> str:
@@ -220,6 +260,7 @@ class Authorizer:
                 approval_id=call.approval_id,
                 may_need_approval=tool is not None
                 and any(t.action is TierAction.REQUIRE_APPROVAL for t in tool.tiers),
+                token_ids=token.lineage,
             )
         new_approval = None
         with self._store.decision() as transaction:
@@ -296,6 +337,8 @@ class Authorizer:
         self._metrics.audit_write_duration.observe(finished - write_started)
         self._metrics.check_duration.observe(finished - started)
         code = decision.primary_code
+        if code is not None and code.value.startswith("TOKEN_"):
+            self._metrics.tokens_rejected.labels(code.value).inc()
         self._metrics.decisions.labels(
             decision.outcome.value,
             bounded(call.tool, policy.tools),

@@ -25,12 +25,21 @@ from sidecar.audit.files import AuditLogNotFoundError, log_files, records, verif
 from sidecar.audit.writer import AuditLogCorruptError
 from sidecar.durations import parse_duration
 from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError, SidecarError
-from sidecar.keystore import load_or_create, load_verification_keys
+from sidecar.keystore import key_statuses, load_or_create, load_verification_keys, rotate
 from sidecar.minting import mint
 from sidecar.observability import logging as json_logging
 from sidecar.policy.issues import Severity, format_issues
 from sidecar.policy.loader import lint_policy, load_policy
-from tokens import Grant, KeyFormatError, VerificationKeys
+from tokens import (
+    Constraint,
+    Grant,
+    KeyFormatError,
+    TokenError,
+    TokenRevokedError,
+    VerificationKeys,
+    verify,
+    verify_call,
+)
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 DEFAULT_TARGET = cli_identity.DEFAULT_TARGET
@@ -103,11 +112,22 @@ async def _serve(settings: config.Settings) -> int:
             file=sys.stderr,
             flush=True,
         )
-    print(
-        "proviso: try: proviso token issue --agent billing-resolution-agent@service "
-        "--grant 'requestRefund:invoice_id=in_93K2' --ttl 15m",
-        flush=True,
-    )
+    target = f"{settings.listen.host}:{app.grpc_port}"
+    if settings.dev_mode:
+        print(
+            "proviso: dev issuer credential: --as orchestrator@service mints it from the dev "
+            f"IdP in {settings.state_dir} (or pass --identity-token JWT from your IdP), e.g.\n"
+            f"  proviso token issue --as orchestrator@service --state-dir {settings.state_dir} "
+            f"--target {target} --agent billing-resolution-agent@service "
+            "--grant 'requestRefund:invoice_id=in_93K2,amount<=50,currency in USD|EUR' --ttl 15m",
+            flush=True,
+        )
+    else:
+        print(
+            f"proviso: issuers mint with: proviso token issue --identity-token JWT "
+            f"--target {target} --agent AGENT --grant TOOL[:ARG=VALUE,...]",
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -168,32 +188,76 @@ def cmd_test(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_REFUSED
 
 
-# ---------------------------------------------------------------- token issue
+# ---------------------------------------------------------------- tokens
+
+
+def _constraint_item(item: str) -> tuple[str, str, object] | None:
+    """``ARG<=N``, ``ARG>=N`` or ``ARG in A|B`` as (argument, operator, operand); else None."""
+    name, sep, values = item.partition(" in ")
+    if sep:
+        return name.strip(), "in", values.strip().split("|")
+    for operator in ("<=", ">="):
+        name, sep, bound = item.partition(operator)
+        if sep:
+            return name.strip(), operator, bound.strip()
+    return None
 
 
 def parse_grant(text: str) -> Grant:
-    """``TOOL[:ARG=VALUE,...]`` into a Grant."""
-    tool, _, pin_text = text.partition(":")
+    """``TOOL[:ITEM,...]`` into a Grant; an ITEM is a pin ``ARG=VALUE`` or a constraint
+    ``ARG<=N``, ``ARG>=N`` (decimals, inclusive) or ``ARG in A|B|C``."""
+    tool, _, item_text = text.partition(":")
     if not tool:
-        raise UsageError(f"--grant {text!r}: expected TOOL[:ARG=VALUE,...]")
+        raise UsageError(f"--grant {text!r}: expected TOOL[:ARG=VALUE,ARG<=N,ARG in A|B,...]")
     pins: dict[str, str] = {}
-    for item in filter(None, pin_text.split(",")):
+    bounds: dict[str, dict[str, object]] = {}
+    for item in filter(None, (part.strip() for part in item_text.split(","))):
+        constraint = _constraint_item(item)
+        if constraint is not None:
+            name, operator, operand = constraint
+            key = {"<=": "max", ">=": "min", "in": "one_of"}[operator]
+            if not name or not operand or key in bounds.get(name, {}):
+                raise UsageError(f"--grant {text!r}: constraint {item!r} is empty or repeated")
+            bounds.setdefault(name, {})[key] = operand
+            continue
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
-            raise UsageError(f"--grant {text!r}: pin {item!r} is not ARG=VALUE")
+            raise UsageError(
+                f"--grant {text!r}: {item!r} is not ARG=VALUE, ARG<=N, ARG>=N or ARG in A|B"
+            )
         if name in pins:
             raise UsageError(f"--grant {text!r}: pin {name!r} given twice")
         pins[name] = value
-    return Grant(tool=tool, pins=MappingProxyType(pins))
+    try:
+        constraints = {name: Constraint(**spec) for name, spec in bounds.items()}  # type: ignore[arg-type]
+        return Grant(tool=tool, pins=MappingProxyType(pins), constraints=constraints)
+    except ValueError as exc:
+        raise UsageError(f"--grant {text!r}: {exc}") from None
+
+
+def _print_minted(fields: dict[str, object], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(fields))
+    else:
+        print(fields["token"])
+
+
+def _grant_messages(grants: Sequence[Grant]) -> list[object]:
+    from sidecar.server.convert import grant_message  # noqa: PLC0415
+
+    return [grant_message(grant) for grant in grants]
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
-    """Mint a capability token with the local key, within the agent's ceiling."""
+    """Mint a capability token within the agent's ceiling: through a running sidecar as an
+    issuer (--as or --identity-token), or else with the local key in --state-dir."""
     try:
         grants = [parse_grant(g) for g in args.grant]
         ttl = parse_duration(args.ttl)
     except (UsageError, ValueError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    if args.identity_token or args.as_subject:
+        return _issue_remote(args, grants, ttl)
     try:
         policy = load_policy(Path(args.policies))
     except PolicyLoadError as exc:
@@ -214,23 +278,364 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         )
     except SidecarError as exc:
         return _fail(f"refused: {exc}")
-    if args.format == "json":
-        print(
-            json.dumps(
-                {
-                    "token": minted.token,
-                    "token_id": minted.token_id,
-                    "key_id": minted.key_id,
-                    "expires_at": minted.expires_at,
-                    "ttl_seconds": minted.ttl_seconds,
-                }
-            )
-        )
-    else:
-        print(minted.token)
-        if minted.ttl_seconds < ttl:
-            print(f"proviso: ttl capped at {minted.ttl_seconds}s by the role", file=sys.stderr)
+    _record_local(Path(args.state_dir), minted.token_id, args.agent, minted.expires_at)
+    _print_minted(
+        {
+            "token": minted.token,
+            "token_id": minted.token_id,
+            "key_id": minted.key_id,
+            "expires_at": minted.expires_at,
+            "ttl_seconds": minted.ttl_seconds,
+        },
+        args.format,
+    )
+    if args.format == "text" and minted.ttl_seconds < ttl:
+        print(f"proviso: ttl capped at {minted.ttl_seconds}s by the role", file=sys.stderr)
     return EXIT_OK
+
+
+def _record_local(state_dir: Path, token_id: str, agent: str, expires_at: int) -> None:
+    """Remember a locally minted token in the state store, so issuers can revoke it by id."""
+    from sidecar.state import IssuedToken  # noqa: PLC0415
+    from sidecar.state.sqlite import SQLiteStore  # noqa: PLC0415
+
+    store = SQLiteStore(state_dir / "state.db")
+    try:
+        store.record_issued(IssuedToken(token_id, agent, "local-key", expires_at))
+    finally:
+        store.close()
+
+
+def _issue_remote(args: argparse.Namespace, grants: Sequence[Grant], ttl: int) -> int:
+    from google.protobuf.duration_pb2 import Duration  # noqa: PLC0415
+
+    from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb  # noqa: PLC0415
+    from sidecar._proto.proviso.v1 import token_service_pb2_grpc as token_grpc  # noqa: PLC0415
+
+    try:
+        metadata = cli_identity.metadata(args)
+    except cli_identity.IdentityOptionError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    request = token_pb.IssueTokenRequest(
+        agent=args.agent,
+        grants=_grant_messages(grants),  # type: ignore[arg-type]
+        ttl=Duration(seconds=ttl),
+        run_id=args.run_id or "",
+    )
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            response = token_grpc.TokenServiceStub(channel).IssueToken(
+                request, metadata=metadata, timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            return _fail(f"{exc.code().name}: {exc.details()}")
+    _print_minted(
+        {
+            "token": response.token,
+            "token_id": response.token_id,
+            "key_id": response.key_id,
+            "expires_at": response.expire_time.seconds,
+        },
+        args.format,
+    )
+    return EXIT_OK
+
+
+def cmd_token_attenuate(args: argparse.Namespace) -> int:
+    """Derive a narrower child of a token from a running sidecar (the token is the credential)."""
+    from google.protobuf.duration_pb2 import Duration  # noqa: PLC0415
+
+    from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb  # noqa: PLC0415
+    from sidecar._proto.proviso.v1 import token_service_pb2_grpc as token_grpc  # noqa: PLC0415
+
+    try:
+        grants = [parse_grant(g) for g in args.grant]
+        ttl = parse_duration(args.ttl) if args.ttl else 0
+    except (UsageError, ValueError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    request = token_pb.AttenuateTokenRequest(
+        parent_token=args.token,
+        grants=_grant_messages(grants),  # type: ignore[arg-type]
+        ttl=Duration(seconds=ttl),
+        run_id=args.run_id or "",
+    )
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            response = token_grpc.TokenServiceStub(channel).AttenuateToken(
+                request, timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            return _fail(f"{exc.code().name}: {exc.details()}")
+    _print_minted(
+        {
+            "token": response.token,
+            "token_id": response.token_id,
+            "key_id": response.key_id,
+            "expires_at": response.expire_time.seconds,
+            "parent_token_ids": list(response.parent_token_ids),
+        },
+        args.format,
+    )
+    return EXIT_OK
+
+
+def unverified_claims(token: str) -> tuple[dict[str, object], dict[str, object]]:
+    """The header and payload of a compact JWS, decoded WITHOUT checking anything.
+
+    For display and for naming a token (its jti) only; never for a decision.
+
+    Raises:
+        UsageError: the text is not three base64url segments of JSON objects.
+    """
+    import base64  # noqa: PLC0415
+
+    parts = token.strip().split(".")
+    if len(parts) != 3:
+        raise UsageError("not a compact JWS (three dot-separated segments)")
+    try:
+        decoded = [
+            json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+            for part in parts[:2]
+        ]
+    except ValueError:
+        raise UsageError("the token's header or payload is not base64url JSON") from None
+    if not all(isinstance(part, dict) for part in decoded):
+        raise UsageError("the token's header or payload is not a JSON object")
+    return decoded[0], decoded[1]
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    """Revoke a token (and every token attenuated from it) on a running sidecar: issuers of
+    the token's agent, or admins."""
+    from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb  # noqa: PLC0415
+    from sidecar._proto.proviso.v1 import token_service_pb2_grpc as token_grpc  # noqa: PLC0415
+
+    try:
+        if bool(args.token_id) == bool(args.token):
+            raise UsageError("name the token: --token-id JTI or --token TOKEN")
+        token_id = args.token_id or str(unverified_claims(args.token)[1].get("jti", ""))
+        metadata = cli_identity.metadata(args)
+    except (UsageError, cli_identity.IdentityOptionError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    request = token_pb.RevokeTokenRequest(token_id=token_id, reason=args.reason)
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            response = token_grpc.TokenServiceStub(channel).RevokeToken(
+                request, metadata=metadata, timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            return _fail(f"{exc.code().name}: {exc.details()}")
+    revoked = json_format.MessageToDict(response, preserving_proto_field_name=True)
+    if args.format == "json":
+        print(json.dumps(revoked, indent=2))
+    else:
+        state = "revoked" if response.created else "already revoked"
+        print(f"{token_id}: {state} by {response.revocation.revoked_by}: "
+              f"{response.revocation.reason}")  # fmt: skip
+    return EXIT_OK
+
+
+def _inspect_keys(args: argparse.Namespace) -> VerificationKeys:
+    if args.jwks:
+        return VerificationKeys.from_jwks(json.loads(Path(args.jwks).read_text()))
+    if args.target:
+        from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb  # noqa: PLC0415
+        from sidecar._proto.proviso.v1 import token_service_pb2_grpc as token_grpc  # noqa: PLC0415
+
+        with grpc.insecure_channel(args.target) as channel:
+            response = token_grpc.TokenServiceStub(channel).GetJwks(
+                token_pb.GetJwksRequest(), timeout=args.timeout
+            )
+        return VerificationKeys.from_jwks(json.loads(response.jwks_json))
+    return load_or_create(Path(args.state_dir)).verification_keys()
+
+
+def _local_revocations(state_dir: Path, lineage: tuple[str, ...]) -> set[str]:
+    """Revoked ids of ``lineage`` in a local state store (empty when there is none)."""
+    if not (state_dir / "state.db").exists():
+        return set()
+    from sidecar.state.sqlite import SQLiteStore  # noqa: PLC0415
+
+    store = SQLiteStore(state_dir / "state.db")
+    try:
+        revoked = store.revocation(lineage)
+    finally:
+        store.close()
+    return {revoked.token_id} if revoked is not None else set()
+
+
+def cmd_token_inspect(args: argparse.Namespace) -> int:
+    """Decode a token, verify it (keys of --state-dir, --jwks FILE or the server at --target),
+    and say why it would be refused, if it would; with --tool and --args, for that call."""
+    try:
+        header, payload = unverified_claims(args.token)
+        keys = _inspect_keys(args)
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except (OSError, ValueError, grpc.RpcError) as exc:
+        return _fail(f"cannot get the keys to verify with: {exc}")
+    report: dict[str, object] = {"header": header, "claims (unverified)": payload}
+    now = time.time()
+    verdict = "valid"
+    code = ""
+    try:
+        claims = verify(args.token, keys, audience=args.audience, issuer=args.issuer, now=now)
+        report["expires_in_seconds"] = int(claims.expires_at - now)
+        local = not (args.target or args.jwks)
+        revoked = _local_revocations(Path(args.state_dir), claims.lineage) if local else set()
+        if revoked:
+            raise TokenRevokedError(f"{revoked.pop()} is revoked", token_id=claims.token_id)
+        if args.tool:
+            verify_call(
+                args.token, keys, audience=args.audience, issuer=args.issuer, tool=args.tool,
+                arguments=args.args or "{}", now=now, run_id=args.run_id or None,
+            )  # fmt: skip
+    except TokenError as exc:
+        code, verdict = exc.code, f"refused: {exc.code}: {exc.message}"
+    except ValueError as exc:
+        return _fail(f"--args: {exc}", EXIT_USAGE)
+    report["verdict"] = verdict
+    if args.format == "json":
+        print(json.dumps({**report, "refusal_code": code}, indent=2, default=str))
+    else:
+        print(json.dumps(header, indent=2))
+        print(json.dumps(payload, indent=2))
+        print(f"proviso: {verdict}", file=sys.stderr if code else sys.stdout)
+    return EXIT_REFUSED if code else EXIT_OK
+
+
+def _add_token_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = commands.add_parser("token", help="capability tokens", description="Tokens.")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    grant_help = (
+        "TOOL[:ITEM,...]: a tool the token allows; ITEM is a pin ARG=VALUE or a constraint "
+        "ARG<=N, ARG>=N (inclusive decimals) or 'ARG in A|B|C'; repeat for more tools"
+    )
+
+    issue = token_commands.add_parser(
+        "issue", help="mint a token (as an issuer, or with the local key)",
+        description=cmd_token_issue.__doc__,
+    )  # fmt: skip
+    issue.add_argument("--agent", required=True, metavar="ID")
+    issue.add_argument(
+        "--grant", required=True, action="append", metavar="TOOL[:ITEM,...]", help=grant_help
+    )
+    issue.add_argument("--ttl", default="15m", help="lifetime, capped by the role (default 15m)")
+    issue.add_argument("--run-id", default=None, metavar="ID", help="bind the token to a run")
+    issue.add_argument("--issuer", default=config.DEFAULT_TOKEN_ISSUER, help=argparse.SUPPRESS)
+    issue.add_argument("--audience", default=config.DEFAULT_AUDIENCE, help=argparse.SUPPRESS)
+    _add_caller_options(issue)
+    issue.set_defaults(handler=cmd_token_issue)
+
+    attenuate = token_commands.add_parser(
+        "attenuate", help="derive a narrower child token", description=cmd_token_attenuate.__doc__
+    )
+    attenuate.add_argument("--token", required=True, metavar="PARENT")
+    attenuate.add_argument(
+        "--grant", required=True, action="append", metavar="TOOL[:ITEM,...]", help=grant_help
+    )
+    attenuate.add_argument("--ttl", default="", help="lifetime (default: until the parent expires)")
+    attenuate.add_argument("--run-id", default=None, metavar="ID")
+    attenuate.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT")
+    attenuate.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    attenuate.add_argument("--format", choices=("text", "json"), default="text")
+    attenuate.set_defaults(handler=cmd_token_attenuate)
+
+    revoke = token_commands.add_parser(
+        "revoke", help="revoke a token and its descendants", description=cmd_token_revoke.__doc__
+    )
+    revoke.add_argument("--token-id", metavar="JTI")
+    revoke.add_argument("--token", metavar="TOKEN", help="the token itself (its jti is used)")
+    revoke.add_argument("--reason", required=True, metavar="TEXT")
+    _add_caller_options(revoke)
+    revoke.set_defaults(handler=cmd_token_revoke)
+
+    inspect = token_commands.add_parser(
+        "inspect", help="decode and verify a token, saying why it would be refused",
+        description=cmd_token_inspect.__doc__,
+    )  # fmt: skip
+    inspect.add_argument("--token", required=True, metavar="TOKEN")
+    inspect.add_argument("--tool", metavar="NAME", help="check the scope for this tool")
+    inspect.add_argument("--args", metavar="JSON", help="the call's arguments, with --tool")
+    inspect.add_argument("--run-id", metavar="ID")
+    inspect.add_argument("--jwks", metavar="FILE", help="verify with this JWKS")
+    inspect.add_argument("--target", metavar="HOST:PORT", help="verify with a server's JWKS")
+    inspect.add_argument("--state-dir", default=config.DEFAULT_STATE_DIR, metavar="DIR")
+    inspect.add_argument("--issuer", default=config.DEFAULT_TOKEN_ISSUER)
+    inspect.add_argument("--audience", default=config.DEFAULT_AUDIENCE)
+    inspect.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    inspect.add_argument("--format", choices=("text", "json"), default="text")
+    inspect.set_defaults(handler=cmd_token_inspect)
+
+
+# ---------------------------------------------------------------- keys
+
+
+def _retention(args: argparse.Namespace) -> float:
+    from sidecar.app import key_retention_seconds  # noqa: PLC0415
+
+    try:
+        return key_retention_seconds(load_policy(Path(args.policies)))
+    except PolicyLoadError as exc:
+        raise UsageError(f"policy bundle {args.policies} has errors: {exc}") from None
+
+
+def _print_keys(state_dir: Path, retention: float, fmt: str) -> None:
+    now = time.time()
+    rows = [
+        {
+            "kid": status.kid,
+            "status": "active"
+            if status.active
+            else ("verifying" if status.trusted(now) else "expired"),
+            "retired_at": status.retired_at,
+            "trusted_until": status.trusted_until,
+        }
+        for status in key_statuses(state_dir, retention)
+    ]
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'KID':<45} {'STATUS':<10} TRUSTED UNTIL")
+    for row in rows:
+        until = row["trusted_until"]
+        shown = "-"
+        if isinstance(until, float):
+            shown = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until))
+        print(f"{row['kid']:<45} {row['status']:<10} {shown}")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """List the signing keys in --state-dir, or rotate them: a new key signs from now on; the
+    old one verifies until every token it signed has expired (the policy's longest TTL)."""
+    state_dir = Path(args.state_dir)
+    try:
+        retention = _retention(args)
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    if args.keys_command == "rotate":
+        ring, removed = rotate(state_dir, time.time(), retention)
+        print(f"proviso: new active key {ring.active.kid}", file=sys.stderr)
+        for kid in removed:
+            print(f"proviso: deleted expired key {kid}", file=sys.stderr)
+    _print_keys(state_dir, retention, args.format)
+    return EXIT_OK
+
+
+def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = commands.add_parser("keys", help="token-signing keys", description=cmd_keys.__doc__)
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("list", "the keys, which one signs, and until when each verifies"),
+        ("rotate", "make a new active key; a running server picks it up without a restart"),
+    ):
+        sub = keys_commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--state-dir", default=config.DEFAULT_STATE_DIR, metavar="DIR")
+        sub.add_argument(
+            "--policies", default="policies", metavar="DIR", help="for the longest token TTL"
+        )
+        sub.add_argument("--format", choices=("text", "json"), default="text")
+        sub.set_defaults(handler=cmd_keys)
 
 
 # ---------------------------------------------------------------- check
@@ -730,25 +1135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_test_command(commands)
     _add_policy_commands(commands)
-
-    token = commands.add_parser("token", help="capability tokens", description="Tokens.")
-    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
-    issue = token_commands.add_parser(
-        "issue", help="mint a token with the local key", description=cmd_token_issue.__doc__
-    )
-    issue.add_argument("--agent", required=True, metavar="ID")
-    issue.add_argument(
-        "--grant", required=True, action="append", metavar="TOOL[:ARG=VALUE,...]",
-        help="a tool the token allows, with resource pins; repeat for more tools",
-    )  # fmt: skip
-    issue.add_argument("--ttl", default="15m", help="lifetime, capped by the role (default 15m)")
-    issue.add_argument("--run-id", default=None, metavar="ID", help="bind the token to a run")
-    issue.add_argument("--policies", default="policies", metavar="DIR")
-    issue.add_argument("--state-dir", default=config.DEFAULT_STATE_DIR, metavar="DIR")
-    issue.add_argument("--issuer", default=config.DEFAULT_TOKEN_ISSUER, help=argparse.SUPPRESS)
-    issue.add_argument("--audience", default=config.DEFAULT_AUDIENCE, help=argparse.SUPPRESS)
-    issue.add_argument("--format", choices=("text", "json"), default="text")
-    issue.set_defaults(handler=cmd_token_issue)
+    _add_token_commands(commands)
+    _add_keys_commands(commands)
 
     check = commands.add_parser(
         "check", help="ask a running sidecar for a decision", description=cmd_check.__doc__

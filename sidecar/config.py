@@ -13,6 +13,9 @@ DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
 DEFAULT_STATE_DIR = ".proviso"
 DEFAULT_AUDIENCE = "proviso"
 DEFAULT_TOKEN_ISSUER = "proviso"
+DEFAULT_LEEWAY_SECONDS = 5
+MAX_LEEWAY_SECONDS = 30
+"""Clock skew tolerated on capability tokens' nbf/exp; bounded, as tokens.verify bounds it."""
 
 
 class SettingsError(ValueError):
@@ -56,9 +59,12 @@ class Settings:
     state_dir: Path
     audience: str = DEFAULT_AUDIENCE
     token_issuer: str = DEFAULT_TOKEN_ISSUER
-    leeway_seconds: int = 5
+    leeway_seconds: int = DEFAULT_LEEWAY_SECONDS
     idp_jwks: Path | None = None
+    idp_jwks_url: str = ""
+    idp_ca_file: Path | None = None
     idp_issuer: str = ""
+    key_refresh_seconds: float = 1.0
     idp_audience: str = DEFAULT_AUDIENCE
     groups_claim: str = "groups"
     log_level: str = "INFO"
@@ -78,7 +84,7 @@ class Settings:
     @property
     def dev_mode(self) -> bool:
         """No IdP configured: the dev IdP in the state directory is trusted."""
-        return self.idp_jwks is None
+        return self.idp_jwks is None and not self.idp_jwks_url
 
     @property
     def audit_path(self) -> Path:
@@ -109,6 +115,8 @@ def build(
     state_dir: str | None,
     idp_jwks: str | None = None,
     idp_issuer: str | None = None,
+    idp_ca_file: str | None = None,
+    token_leeway: str | None = None,
     log_level: str | None = None,
     shadow_policies: str | None = None,
     watch_interval: str | None = None,
@@ -132,6 +140,13 @@ def build(
         raise SettingsError(
             f"--watch-interval: expected seconds between 0 (off) and 3600, got {interval_text!r}"
         )
+    jwks_url = jwks if jwks.startswith(("https://", "http://")) else ""
+    ca_file = setting(idp_ca_file, "IDP_CA_FILE", "", env)
+    leeway_text = setting(token_leeway, "TOKEN_LEEWAY", str(DEFAULT_LEEWAY_SECONDS), env)
+    if not leeway_text.isdigit() or int(leeway_text) > MAX_LEEWAY_SECONDS:
+        raise SettingsError(
+            f"--token-leeway: whole seconds from 0 to {MAX_LEEWAY_SECONDS}, got {leeway_text!r}"
+        )
     settings = Settings(
         policies=Path(setting(policies, "POLICIES", "policies", env)),
         listen=Address.parse(setting(listen, "LISTEN", DEFAULT_LISTEN, env), "--listen"),
@@ -140,8 +155,11 @@ def build(
             "--metrics-listen",
         ),
         state_dir=Path(setting(state_dir, "STATE_DIR", DEFAULT_STATE_DIR, env)),
-        idp_jwks=Path(jwks) if jwks else None,
+        idp_jwks=Path(jwks) if jwks and not jwks_url else None,
+        idp_jwks_url=jwks_url,
+        idp_ca_file=Path(ca_file) if ca_file else None,
         idp_issuer=setting(idp_issuer, "IDP_ISSUER", "", env),
+        leeway_seconds=int(leeway_text),
         log_level=setting(log_level, "LOG_LEVEL", "INFO", env),
         shadow_policies=Path(shadow) if shadow else None,
         watch_interval_seconds=interval,
@@ -156,6 +174,6 @@ def build(
             raise SettingsError(
                 f"{name} {address}: plaintext is only served on loopback; TLS is not configured"
             )
-    if settings.idp_jwks is not None and not settings.idp_issuer:
+    if not settings.dev_mode and not settings.idp_issuer:
         raise SettingsError("--idp-issuer is required with --idp-jwks")
     return settings

@@ -1,19 +1,28 @@
 """Caller identities: bearer JWTs from the company IdP, verified against its JWKS.
 
 Issuers (orchestrators), approvers and admins prove who they are with a JWT in the
-``authorization`` metadata. In dev mode, a dev IdP whose key lives in the state directory
-mints those JWTs for the subjects of the policy's ``dev_directory``.
+``authorization`` metadata, verified against the IdP's JWKS: a file, or an https URL as Okta,
+Entra ID and Auth0 publish it (fetched with a timeout, cached, re-fetched when stale or when a
+token names a kid not in it, at most every 30 s). In dev mode, a dev IdP whose key lives in
+the state directory mints those JWTs for the subjects of the policy's ``dev_directory``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import re
 import secrets
-from collections.abc import Mapping
+import ssl
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,6 +32,8 @@ from jwt.exceptions import InvalidTokenError, PyJWKError, PyJWKSetError
 from sidecar.errors import UnauthenticatedError
 from sidecar.keystore import write_private
 from tokens import SigningKey
+
+log = logging.getLogger("proviso.identity")
 
 DEV_IDP_ISSUER = "proviso-dev-idp"
 IDENTITY_ALGORITHMS = ("EdDSA", "ES256", "RS256")
@@ -55,23 +66,139 @@ def bearer_token(metadata: Mapping[str, str]) -> str:
     return match.group(1)
 
 
+def _parse_jwks(jwks: Mapping[str, Any]) -> dict[str, jwt.PyJWK]:
+    """The keys of a JWKS by kid (keys without a kid can never be selected).
+
+    Raises:
+        ValueError: the document is not a usable JWKS.
+    """
+    try:
+        key_set = jwt.PyJWKSet.from_dict(dict(jwks))
+    except (PyJWKError, PyJWKSetError) as exc:
+        raise ValueError(f"unusable JWKS: {exc}") from None
+    return {k.key_id: k for k in key_set.keys if k.key_id}
+
+
+class JwksSource(Protocol):
+    """Where an IdentityVerifier gets the IdP's keys."""
+
+    def keys(self) -> Mapping[str, jwt.PyJWK]:
+        """The keys by kid, as last known."""
+        ...
+
+    def refresh(self) -> bool:
+        """Look again (if allowed now); whether the keys changed."""
+        ...
+
+
+class StaticJwks:
+    """A JWKS given once (a file read at start, or a test's document)."""
+
+    def __init__(self, jwks: Mapping[str, Any]) -> None:
+        self._keys = _parse_jwks(jwks)
+
+    def keys(self) -> Mapping[str, jwt.PyJWK]:
+        return self._keys
+
+    def refresh(self) -> bool:
+        return False
+
+
+MAX_JWKS_BYTES = 1024 * 1024
+
+
+def is_loopback_url(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RemoteJwks:
+    """The IdP's JWKS from an https URL: fetched with a timeout, cached, re-fetched when older
+    than ``max_age`` or when a token names an unknown kid, never more often than
+    ``min_interval``. A failed fetch keeps the last good keys (and logs).
+
+    Plain http is refused except on loopback (for tests and local IdPs). ``ca_file`` names a
+    PEM bundle of CAs to trust instead of the system's (a private IdP's CA).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ca_file: Path | None = None,
+        timeout_seconds: float = 5.0,
+        max_age_seconds: float = 300.0,
+        min_interval_seconds: float = 30.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        scheme = urllib.parse.urlsplit(url).scheme
+        if scheme != "https" and not (scheme == "http" and is_loopback_url(url)):
+            raise ValueError(f"the IdP JWKS URL must be https (http only on loopback): {url}")
+        self.url = url
+        self._context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        self._timeout = timeout_seconds
+        self._max_age = max_age_seconds
+        self._min_interval = min_interval_seconds
+        self._monotonic = monotonic
+        self._keys: Mapping[str, jwt.PyJWK] = {}
+        self._fetched_at: float | None = None
+        self._tried_at: float | None = None
+        self._lock = threading.Lock()
+
+    def _fetch(self) -> dict[str, jwt.PyJWK]:
+        request = urllib.request.Request(  # noqa: S310 - scheme checked in __init__
+            self.url, headers={"Accept": "application/json"}
+        )
+        with urllib.request.urlopen(  # noqa: S310 - scheme checked in __init__
+            request, timeout=self._timeout, context=self._context
+        ) as response:
+            body = response.read(MAX_JWKS_BYTES + 1)
+        if len(body) > MAX_JWKS_BYTES:
+            raise ValueError("the JWKS document is larger than 1 MiB")
+        document = json.loads(body)
+        if not isinstance(document, dict):
+            raise ValueError("the JWKS document is not a JSON object")
+        return _parse_jwks(document)
+
+    def refresh(self) -> bool:
+        with self._lock:
+            now = self._monotonic()
+            if self._tried_at is not None and now - self._tried_at < self._min_interval:
+                return False
+            self._tried_at = now
+            try:
+                keys = self._fetch()
+            except (OSError, ValueError) as exc:
+                log.error("cannot fetch the IdP JWKS", extra={"url": self.url, "error": str(exc)})
+                return False
+            changed = set(keys) != set(self._keys)
+            self._keys, self._fetched_at = keys, now
+            return changed
+
+    def keys(self) -> Mapping[str, jwt.PyJWK]:
+        if self._fetched_at is None or self._monotonic() - self._fetched_at >= self._max_age:
+            self.refresh()
+        return self._keys
+
+
 class IdentityVerifier:
     """Verifies IdP-issued JWTs: pinned algorithms, known kid, iss, aud, exp/nbf, sub."""
 
     def __init__(
         self,
-        jwks: Mapping[str, Any],
+        jwks: Mapping[str, Any] | JwksSource,
         *,
         issuer: str,
         audience: str,
         groups_claim: str = "groups",
         leeway_seconds: int = 5,
     ) -> None:
-        try:
-            key_set = jwt.PyJWKSet.from_dict(dict(jwks))
-        except (PyJWKError, PyJWKSetError) as exc:
-            raise ValueError(f"unusable JWKS: {exc}") from None
-        self._keys = {k.key_id: k for k in key_set.keys if k.key_id}
+        self.source = StaticJwks(jwks) if isinstance(jwks, Mapping) else jwks
         self._issuer = issuer
         self._audience = audience
         self._groups_claim = groups_claim
@@ -93,7 +220,10 @@ class IdentityVerifier:
         algorithm = header.get("alg")
         if algorithm not in IDENTITY_ALGORITHMS:
             raise UnauthenticatedError("identity token algorithm not accepted")
-        key = self._keys.get(str(header.get("kid", "")))
+        kid = str(header.get("kid", ""))
+        key = self.source.keys().get(kid)
+        if key is None and self.source.refresh():
+            key = self.source.keys().get(kid)
         if key is None:
             raise UnauthenticatedError("identity token signed by an unknown key")
         if key.algorithm_name != algorithm:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from sidecar.errors import InvalidRequestError, PermissionDeniedError
 from sidecar.policy.model import Policy
-from tokens import Grant, SigningKey, issue
+from tokens import AttenuationError, CapabilityClaims, Grant, SigningKey, attenuate, issue
 
 
 class GrantRefusedError(PermissionDeniedError):
@@ -107,4 +107,56 @@ def mint(
         key_id=key.kid,
         expires_at=int(now) + ttl,
         ttl_seconds=ttl,
+    )
+
+
+class AttenuationRefusedError(PermissionDeniedError):
+    """The requested child would carry more than its parent; the message names the grant."""
+
+
+def attenuate_token(
+    parent: CapabilityClaims,
+    key: SigningKey,
+    *,
+    grants: Sequence[Grant],
+    ttl_seconds: int,
+    now: float,
+    run_id: str | None = None,
+) -> MintedToken:
+    """Sign a child of a verified, unrevoked ``parent`` that is narrower than it.
+
+    ``ttl_seconds`` of 0 means until the parent expires; longer is capped there.
+
+    Raises:
+        InvalidRequestError: no grants, or a negative TTL.
+        AttenuationRefusedError: a grant is not within the parent's (named), the run differs,
+            the chain is too long, or the parent is about to expire.
+    """
+    if not grants:
+        raise InvalidRequestError("grants", "at least one grant is required")
+    if ttl_seconds < 0:
+        raise InvalidRequestError("ttl", "must not be negative")
+    issued_at = int(now)
+    token_id = secrets.token_urlsafe(16)
+    try:
+        token = attenuate(
+            parent,
+            key,
+            grants=grants,
+            now=issued_at,
+            ttl_seconds=ttl_seconds,
+            run_id=run_id or None,
+            token_id=token_id,
+        )
+    except AttenuationError as exc:
+        raise AttenuationRefusedError(str(exc)) from None
+    expires_at = parent.expires_at
+    if ttl_seconds:
+        expires_at = min(issued_at + ttl_seconds, expires_at)
+    return MintedToken(
+        token=token,
+        token_id=token_id,
+        key_id=key.kid,
+        expires_at=expires_at,
+        ttl_seconds=expires_at - issued_at,
     )

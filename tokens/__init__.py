@@ -12,13 +12,22 @@ Typical use::
                   ttl_seconds=300, now=now)
     claims = verify(token, VerificationKeys.from_signing_keys([key]),
                     audience="proviso", issuer="orchestrator@service", now=now)
+
+A grant may also bound arguments (``Grant("refund", {"invoice_id": "in_1"},
+{"amount": Constraint(max="50")})``); :func:`attenuate` derives a narrower child token; and a
+tool backend checks one call offline with :func:`verify_call` (JWKS, token, tool and
+arguments in; the verified claims and grant, or a typed ``TokenError``, out).
 """
 
+from tokens.attenuate import AttenuationError, attenuate
+from tokens.call import VerifiedCall, verify_call
 from tokens.claims import (
     ALGORITHM,
+    MAX_PARENT_CHAIN,
     MAX_TOKEN_BYTES,
     TOKEN_TYPE,
     CapabilityClaims,
+    Constraint,
     Grant,
 )
 from tokens.errors import (
@@ -28,6 +37,8 @@ from tokens.errors import (
     TokenExpiredError,
     TokenMalformedError,
     TokenNotYetValidError,
+    TokenOutOfScopeError,
+    TokenRevokedError,
     TokenUnknownKeyError,
     TokenWrongAlgorithmError,
     TokenWrongAudienceError,
@@ -41,9 +52,12 @@ __all__ = [
     "ALGORITHM",
     "DEFAULT_LEEWAY_SECONDS",
     "MAX_LEEWAY_SECONDS",
+    "MAX_PARENT_CHAIN",
     "MAX_TOKEN_BYTES",
     "TOKEN_TYPE",
+    "AttenuationError",
     "CapabilityClaims",
+    "Constraint",
     "Grant",
     "KeyFormatError",
     "SigningKey",
@@ -52,11 +66,16 @@ __all__ = [
     "TokenExpiredError",
     "TokenMalformedError",
     "TokenNotYetValidError",
+    "TokenOutOfScopeError",
+    "TokenRevokedError",
     "TokenUnknownKeyError",
     "TokenWrongAlgorithmError",
     "TokenWrongAudienceError",
     "TokenWrongIssuerError",
     "VerificationKeys",
+    "VerifiedCall",
+    "attenuate",
     "issue",
     "verify",
+    "verify_call",
 ]

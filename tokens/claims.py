@@ -1,7 +1,9 @@
 """What a capability token says: the claim model and its strict reading from JSON.
 
 A capability token carries who may act (``sub``), for whom (``aud``), when (``iat``, ``nbf``,
-``exp``) and on what (``grants``: tools, each optionally pinned to exact argument values).
+``exp``), on what (``grants``: tools, each optionally pinned to exact argument values and
+bounded by argument constraints) and, for an attenuated token, whose narrowing it is
+(``parent``: the ids of its ancestors).
 Reading claims is deliberately stricter than JSON: a claim of the wrong type is refused rather
 than coerced, because a coercion is a place where issuer and verifier can disagree about what
 was granted. Identifiers are compared byte for byte and never normalised, for the same reason.
@@ -10,8 +12,10 @@ was granted. Identifiers are compared byte for byte and never normalised, for th
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Final, NoReturn
 
@@ -19,10 +23,13 @@ from tokens.errors import TokenMalformedError
 
 __all__ = [
     "ALGORITHM",
+    "MAX_CONSTRAINT_VALUES",
+    "MAX_PARENT_CHAIN",
     "MAX_TIMESTAMP",
     "MAX_TOKEN_BYTES",
     "TOKEN_TYPE",
     "CapabilityClaims",
+    "Constraint",
     "Grant",
     "claims_from_payload",
     "is_printable_ascii",
@@ -48,7 +55,17 @@ MAX_TIMESTAMP: Final = 2**33
 """The largest ``iat``/``nbf``/``exp`` accepted (the year 2242): anything larger is an error
 or an attempt at a token that never expires."""
 
-_GRANT_KEYS: Final = frozenset({"tool", "pins"})
+MAX_PARENT_CHAIN: Final = 8
+"""The most ancestors an attenuated token may name in ``parent``: a bound on the revocation
+look-up every use of it costs, and on how far authority can be handed down."""
+
+MAX_CONSTRAINT_VALUES: Final = 64
+"""The most values an ``in`` constraint may list."""
+
+_GRANT_KEYS: Final = frozenset({"tool", "pins", "constraints"})
+_CONSTRAINT_KEYS: Final = frozenset({"min", "max", "in"})
+_DECIMAL_TEXT: Final = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")
+_MAX_DECIMAL_CHARS: Final = 40
 
 
 def show_untrusted(value: object, limit: int = 48) -> str:
@@ -92,21 +109,165 @@ def _empty_pins() -> Mapping[str, str]:
     return MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """Permission to call one tool, optionally only with exact argument values.
+def parse_decimal(text: object) -> Decimal:
+    """Read a constraint bound: a plain decimal string such as ``"50"`` or ``"-0.25"``.
 
-    ``pins`` maps an argument name to the value that argument must have, byte for byte (for
-    example ``{"invoice_id": "in_93K2"}``). It is stored as a read-only copy, so a grant
-    cannot be widened after it was issued or verified.
+    Bounds are strings in the token, never JSON numbers, so that no verifier in any language
+    reads them through a binary float. Exponents, leading zeros, ``+``, spaces, ``NaN`` and
+    ``Infinity`` are refused, as is anything over 40 characters.
 
     Raises:
-        ValueError: ``tool`` is empty or not printable ASCII, a pin name is empty or not
-            printable ASCII, or a pin value is not a string.
+        ValueError: ``text`` is not such a string.
+    """
+    if (
+        not isinstance(text, str)
+        or len(text) > _MAX_DECIMAL_CHARS
+        or _DECIMAL_TEXT.fullmatch(text) is None
+    ):
+        raise ValueError(
+            f'must be a decimal string like "50" or "0.25", not {show_untrusted(text)}'
+        )
+    return Decimal(text)
+
+
+def _bound(value: object, name: str) -> Decimal | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"Constraint {name} must be a decimal, not bool")
+    if isinstance(value, int):
+        value = str(value)
+    elif isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"Constraint {name} must be finite")
+        value = format(value, "f")
+    try:
+        return parse_decimal(value)
+    except ValueError as err:
+        raise ValueError(f"Constraint {name} {err}") from None
+
+
+def decimal_text(value: Decimal) -> str:
+    """The canonical text of a bound, as it is written in a token (no exponent)."""
+    return format(value, "f")
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Constraint:
+    """A bound on one argument of a granted tool, checked exactly (no floats anywhere).
+
+    Either numeric, with an inclusive ``min`` and/or ``max`` (``amount <= 50``), or a set,
+    ``one_of`` (``currency in [USD, EUR]``; written ``"in"`` in the token). An argument a
+    constraint names must be present, of the right kind (a number for bounds, a string for a
+    set) and within it, or the call is out of scope. Constraints are data, not code: an
+    issuer can only ever narrow a grant with them.
+
+    Bounds are accepted as decimal strings, ints or finite ``Decimal`` values and kept as
+    ``Decimal``; ``one_of`` as any iterable of distinct strings, kept sorted.
+
+    Raises:
+        ValueError: no bound and no set, a set together with a bound, ``min`` above ``max``,
+            a bound that is not a plain decimal, or a set that is empty, too large, repeats a
+            value or holds anything but strings.
+    """
+
+    min: Decimal | None
+    max: Decimal | None
+    one_of: tuple[str, ...] | None
+
+    def __init__(
+        self,
+        *,
+        min: str | int | Decimal | None = None,
+        max: str | int | Decimal | None = None,
+        one_of: Iterable[str] | None = None,
+    ) -> None:
+        low, high = _bound(min, "min"), _bound(max, "max")
+        values: tuple[str, ...] | None = None
+        if one_of is not None:
+            if isinstance(one_of, str | bytes) or not isinstance(one_of, Iterable):
+                raise ValueError("Constraint one_of must be a list of strings")
+            items = list(one_of)
+            if not all(isinstance(item, str) for item in items):
+                raise ValueError("Constraint one_of must hold strings only")
+            if not items:
+                raise ValueError("Constraint one_of must not be empty")
+            if len(items) > MAX_CONSTRAINT_VALUES:
+                raise ValueError(
+                    f"Constraint one_of holds more than {MAX_CONSTRAINT_VALUES} values"
+                )
+            if len(set(items)) != len(items):
+                raise ValueError("Constraint one_of repeats a value")
+            values = tuple(sorted(items))
+        if low is None and high is None and values is None:
+            raise ValueError("Constraint needs min, max or one_of")
+        if values is not None and (low is not None or high is not None):
+            raise ValueError("Constraint is either a set (one_of) or bounds (min/max), not both")
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"Constraint min {low} is above max {high}")
+        object.__setattr__(self, "min", low)
+        object.__setattr__(self, "max", high)
+        object.__setattr__(self, "one_of", values)
+
+    def describe(self, argument: str) -> str:
+        """The constraint in the notation people write it in: ``amount <= 50``."""
+        if self.one_of is not None:
+            return f"{argument} in [{', '.join(self.one_of)}]"
+        parts = [argument]
+        if self.min is not None:
+            parts.insert(0, f"{decimal_text(self.min)} <=")
+        if self.max is not None:
+            parts.append(f"<= {decimal_text(self.max)}")
+        return " ".join(parts)
+
+    def to_claim(self) -> dict[str, Any]:
+        """The JSON form of this constraint inside a grant's ``constraints``."""
+        claim: dict[str, Any] = {}
+        if self.min is not None:
+            claim["min"] = decimal_text(self.min)
+        if self.max is not None:
+            claim["max"] = decimal_text(self.max)
+        if self.one_of is not None:
+            claim["in"] = list(self.one_of)
+        return claim
+
+    def __repr__(self) -> str:
+        return f"Constraint({self.to_claim()!r})"
+
+
+def _empty_constraints() -> Mapping[str, Constraint]:
+    return MappingProxyType({})
+
+
+def _constraints_problem(constraints: Mapping[Any, Any]) -> str | None:
+    for name, value in constraints.items():
+        problem = _identifier_problem(name)
+        if problem is not None:
+            return f"constraint name {show_untrusted(name)} {problem}"
+        if not isinstance(value, Constraint):
+            return f"constraint {name!r} must be a Constraint, not {type(value).__name__}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Permission to call one tool, optionally only with exact or bounded argument values.
+
+    ``pins`` maps an argument name to the value that argument must have, byte for byte (for
+    example ``{"invoice_id": "in_93K2"}``); ``constraints`` maps an argument name to a
+    :class:`Constraint` it must satisfy (for example ``{"amount": Constraint(max="50")}``).
+    Both are stored as read-only copies, so a grant cannot be widened after it was issued or
+    verified.
+
+    Raises:
+        ValueError: ``tool`` is empty or not printable ASCII, a pin or constraint name is
+            empty or not printable ASCII, a pin value is not a string, or a constraint is not
+            a ``Constraint``.
     """
 
     tool: str
     pins: Mapping[str, str] = field(default_factory=_empty_pins)
+    constraints: Mapping[str, Constraint] = field(default_factory=_empty_constraints)
 
     def __post_init__(self) -> None:
         problem = _identifier_problem(self.tool)
@@ -119,22 +280,40 @@ class Grant:
         if pin_problem is not None:
             raise ValueError(f"Grant pins{pin_problem[0]} {pin_problem[1]}")
         object.__setattr__(self, "pins", MappingProxyType(dict(self.pins)))
+        constraints: object = self.constraints
+        if not isinstance(constraints, Mapping):
+            raise ValueError(
+                f"Grant constraints must be a mapping, not {type(constraints).__name__}"
+            )
+        constraint_problem = _constraints_problem(constraints)
+        if constraint_problem is not None:
+            raise ValueError(f"Grant {constraint_problem}")
+        object.__setattr__(self, "constraints", MappingProxyType(dict(self.constraints)))
 
     def __hash__(self) -> int:
-        return hash((self.tool, frozenset(self.pins.items())))
+        return hash((self.tool, frozenset(self.pins.items()), frozenset(self.constraints.items())))
 
     def __repr__(self) -> str:
-        return f"Grant(tool={self.tool!r}, pins={dict(self.pins)!r})"
+        if not self.constraints:
+            return f"Grant(tool={self.tool!r}, pins={dict(self.pins)!r})"
+        return (
+            f"Grant(tool={self.tool!r}, pins={dict(self.pins)!r}, "
+            f"constraints={dict(self.constraints)!r})"
+        )
 
     def to_claim(self) -> dict[str, Any]:
         """Return the JSON form of this grant as it appears in the ``grants`` claim.
 
-        ``pins`` is omitted when empty, to keep tokens short; verification accepts both an
-        absent and an empty ``pins``.
+        ``pins`` and ``constraints`` are omitted when empty, to keep tokens short;
+        verification accepts both absent and empty ones.
         """
         claim: dict[str, Any] = {"tool": self.tool}
         if self.pins:
             claim["pins"] = dict(self.pins)
+        if self.constraints:
+            claim["constraints"] = {
+                name: constraint.to_claim() for name, constraint in sorted(self.constraints.items())
+            }
         return claim
 
 
@@ -143,7 +322,8 @@ class CapabilityClaims:
     """The claims of a verified capability token, plus the ``kid`` that verified it.
 
     Instances come from :func:`tokens.verify`; holding one means every check passed at the
-    ``now`` given to it.
+    ``now`` given to it. ``parents`` lists the ids of the tokens this one was attenuated from,
+    the root first; it is empty for a token minted directly.
     """
 
     issuer: str
@@ -156,9 +336,16 @@ class CapabilityClaims:
     grants: tuple[Grant, ...]
     run_id: str | None = None
     key_id: str = ""
+    parents: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grants", tuple(self.grants))
+        object.__setattr__(self, "parents", tuple(self.parents))
+
+    @property
+    def lineage(self) -> tuple[str, ...]:
+        """This token's id and its ancestors' ids, root first: what revoking any one stops."""
+        return (*self.parents, self.token_id)
 
     def grants_for(self, tool: str) -> tuple[Grant, ...]:
         """Return the grants for exactly ``tool`` (byte-exact, no case folding), in order.
@@ -272,7 +459,44 @@ def _grant_claim(value: object, index: int) -> Grant:
     pin_problem = _pins_problem(pins)
     if pin_problem is not None:
         _malformed(f"claim 'grants[{index}].pins{pin_problem[0]}'", pin_problem[1])
-    return Grant(tool=value["tool"], pins=pins)
+    constraints = _constraints_claim(value.get("constraints", {}), index)
+    return Grant(tool=value["tool"], pins=pins, constraints=constraints)
+
+
+def _constraints_claim(value: object, index: int) -> dict[str, Constraint]:
+    where = f"claim 'grants[{index}].constraints"
+    if not isinstance(value, dict):
+        _malformed(f"{where}'", f"must be an object, not {type(value).__name__}")
+    result: dict[str, Constraint] = {}
+    for name, body in value.items():
+        problem = _identifier_problem(name)
+        if problem is not None:
+            _malformed(f"{where}'", f"constraint name {show_untrusted(name)} {problem}")
+        result[name] = _constraint_claim(body, f"{where}.{name}'")
+    return result
+
+
+def _constraint_claim(body: object, where: str) -> Constraint:
+    if not isinstance(body, dict):
+        _malformed(where, f"must be an object, not {type(body).__name__}")
+    unknown = sorted(set(body) - _CONSTRAINT_KEYS)
+    if unknown:
+        # An operator this verifier does not know could only have narrowed the grant;
+        # ignoring it would widen it, so the token is refused.
+        _malformed(where, f"has unknown member {show_untrusted(unknown[0])}")
+    for bound in ("min", "max"):
+        if bound in body:
+            try:
+                parse_decimal(body[bound])
+            except ValueError as err:
+                _malformed(f"{where[:-1]}.{bound}'", str(err))
+    values = body.get("in")
+    if "in" in body and not isinstance(values, list):
+        _malformed(f"{where[:-1]}.in'", f"must be a list, not {type(values).__name__}")
+    try:
+        return Constraint(min=body.get("min"), max=body.get("max"), one_of=values)
+    except ValueError as err:
+        _malformed(where, str(err).removeprefix("Constraint "))
 
 
 def _grants_claim(payload: Mapping[str, Any]) -> tuple[Grant, ...]:
@@ -289,9 +513,9 @@ def claims_from_payload(payload: Mapping[str, Any], *, key_id: str) -> Capabilit
 
     Only the types and internal consistency are checked here; whether the issuer, audience
     and time window are acceptable is the verifier's business. Claims this version does not
-    know (a future ``parent``, say) are ignored, so newer issuers keep working with older
-    verifiers; unknown members *inside a grant* are refused instead, because there ignoring
-    a restriction would widen the grant.
+    know are ignored, so newer issuers keep working with older verifiers; unknown members
+    *inside a grant or a constraint* are refused instead, because there ignoring a
+    restriction would widen the grant.
 
     Raises:
         TokenMalformedError: a required claim is missing or has the wrong type or range; the
@@ -310,6 +534,7 @@ def claims_from_payload(payload: Mapping[str, Any], *, key_id: str) -> Capabilit
     run_id: str | None = None
     if "run_id" in payload:
         run_id = _string_claim(payload, "run_id")
+    parents = _parent_claim(payload, token_id)
     return CapabilityClaims(
         issuer=issuer,
         subject=subject,
@@ -321,4 +546,23 @@ def claims_from_payload(payload: Mapping[str, Any], *, key_id: str) -> Capabilit
         grants=grants,
         run_id=run_id,
         key_id=key_id,
+        parents=parents,
     )
+
+
+def _parent_claim(payload: Mapping[str, Any], token_id: str) -> tuple[str, ...]:
+    if "parent" not in payload:
+        return ()
+    value = payload["parent"]
+    if not isinstance(value, list):
+        _malformed("claim 'parent'", f"must be a list, not {type(value).__name__}")
+    if not value:
+        _malformed("claim 'parent'", "must not be empty")
+    if len(value) > MAX_PARENT_CHAIN:
+        _malformed("claim 'parent'", f"names more than {MAX_PARENT_CHAIN} ancestors")
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            _malformed(f"claim 'parent[{index}]'", "must be a non-empty string")
+    if len(set(value)) != len(value) or token_id in value:
+        _malformed("claim 'parent'", "repeats a token id")
+    return tuple(value)

@@ -21,6 +21,8 @@ __all__ = [
     "TokenExpiredError",
     "TokenMalformedError",
     "TokenNotYetValidError",
+    "TokenOutOfScopeError",
+    "TokenRevokedError",
     "TokenUnknownKeyError",
     "TokenWrongAlgorithmError",
     "TokenWrongAudienceError",
@@ -104,6 +106,36 @@ class TokenWrongIssuerError(TokenError):
     """The token's ``iss`` is not the issuer the verifier trusts."""
 
     code: ClassVar[str] = "TOKEN_WRONG_ISSUER"
+
+
+class TokenRevokedError(TokenError):
+    """The token, or a token it was attenuated from, is on the verifier's revocation list.
+
+    ``token_id`` is the revoked id: the token's own, or an ancestor's. Raised only where a
+    revocation list is given (:func:`tokens.verify_call`), since ``verify`` holds no state.
+    """
+
+    code: ClassVar[str] = "TOKEN_REVOKED"
+
+    def __init__(self, message: str, *, token_id: str) -> None:
+        super().__init__(message)
+        self.token_id = token_id
+
+
+class TokenOutOfScopeError(TokenError):
+    """The token is valid, but does not allow this call: another tool, another run, or an
+    argument outside a pin or constraint of every grant for the tool.
+
+    ``tool`` is the tool asked for; ``argument`` names the argument at fault, or is empty
+    when the tool or the run is. Raised by :func:`tokens.verify_call`, never by ``verify``.
+    """
+
+    code: ClassVar[str] = "OUT_OF_SCOPE"
+
+    def __init__(self, message: str, *, tool: str, argument: str = "") -> None:
+        super().__init__(message)
+        self.tool = tool
+        self.argument = argument
 
 
 class KeyFormatError(ValueError):

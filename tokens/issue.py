@@ -16,6 +16,7 @@ from jwt.api_jws import PyJWS
 
 from tokens.claims import (
     ALGORITHM,
+    MAX_PARENT_CHAIN,
     MAX_TIMESTAMP,
     MAX_TOKEN_BYTES,
     TOKEN_TYPE,
@@ -55,6 +56,7 @@ def issue(
     now: int,
     run_id: str | None = None,
     token_id: str | None = None,
+    parents: Sequence[str] = (),
 ) -> str:
     """Mint a capability token: a compact JWS signed with ``key`` (``EdDSA``).
 
@@ -76,6 +78,8 @@ def issue(
         run_id: The run the token is bound to, if any.
         token_id: ``jti``; by default 128 random bits, base64url. Pass one only when it is
             unique (it keys revocation and audit).
+        parents: ``parent``: the ids of the tokens this one narrows, root first. Use
+            :func:`tokens.attenuate`, which checks the narrowing, rather than passing it here.
 
     Returns:
         The token, at most ``MAX_TOKEN_BYTES`` long.
@@ -85,7 +89,8 @@ def issue(
             has the wrong type (``bool`` is not accepted as an int).
         ValueError: ``ttl_seconds`` is not above zero; ``grants`` is empty; a string argument
             is empty; ``subject`` is not printable ASCII; ``now`` or ``exp`` is outside
-            ``0..MAX_TIMESTAMP``; or the token would exceed ``MAX_TOKEN_BYTES``.
+            ``0..MAX_TIMESTAMP``; ``parents`` is longer than ``MAX_PARENT_CHAIN`` or repeats
+            an id; or the token would exceed ``MAX_TOKEN_BYTES``.
     """
     if not isinstance(key, SigningKey):
         raise TypeError(f"key must be a SigningKey, not {type(key).__name__}")
@@ -108,6 +113,11 @@ def issue(
     if token_id is None:
         token_id = secrets.token_urlsafe(_TOKEN_ID_BYTES)
     _require_text("token_id", token_id)
+    parent_ids = [_require_text("parents[]", parent) for parent in parents]
+    if len(parent_ids) > MAX_PARENT_CHAIN:
+        raise ValueError(f"parents must name at most {MAX_PARENT_CHAIN} ancestors")
+    if len(set(parent_ids)) != len(parent_ids) or token_id in parent_ids:
+        raise ValueError("parents must not repeat a token id")
 
     payload: dict[str, Any] = {
         "iss": issuer,
@@ -121,6 +131,8 @@ def issue(
     }
     if run_id is not None:
         payload["run_id"] = _require_text("run_id", run_id)
+    if parent_ids:
+        payload["parent"] = parent_ids
 
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     token = _JWS.encode(

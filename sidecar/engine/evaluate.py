@@ -3,7 +3,8 @@
 The order is fixed and the first failing step decides:
 
 1. kill switches (global, this tool, this agent once the token says who it is);
-2. token; 3. scope; 4. role (then the retry budget: a tool closed for this run);
+2. token (then its revocation, or an ancestor's); 3. scope (tool, run, pins, constraints);
+4. role (then the retry budget: a tool closed for this run);
 5. arguments schema; 6. business rules (both count towards the retry budget);
 7. idempotency; 8. run budgets and rate limits; 9. approval tiers.
 
@@ -30,12 +31,14 @@ from sidecar.engine.state import (
     ApprovalStatus,
     Evaluation,
     RateBucket,
+    Revocation,
     StateChanges,
     StateView,
 )
 from sidecar.policy.conditions import Bindings, ConditionEvaluationError, bind
 from sidecar.policy.model import Policy, Tier, TierAction, Tool
-from tokens import CapabilityClaims, Grant, TokenError
+from tokens import CapabilityClaims, TokenError
+from tokens.scope import ScopeViolation, ViolationKind, find_grant
 
 _REPLAYABLE = frozenset({Outcome.ALLOW, Outcome.DENY})
 
@@ -67,8 +70,9 @@ def decide(
         token: the verified claims, the verification error, or None when no token was sent.
             WARNING: pass claims only after the signature, audience, issuer and lifetime have
             been verified (``tokens.verify``); the engine trusts them as given.
-        state: kill switches, the idempotency record for the call's key, the run's usage and
-            the agent's rate bucket, read by the caller in the transaction it will commit.
+        state: kill switches, the revocation of the token or an ancestor, the idempotency
+            record for the call's key, the run's usage and the agent's rate bucket, read by
+            the caller in the transaction it will commit.
         now: the instant of the decision (rate buckets refill with it).
 
     Returns:
@@ -83,6 +87,8 @@ def decide(
     if isinstance(token, TokenError):
         code = ReasonCode.__members__.get(token.code, ReasonCode.TOKEN_MALFORMED)
         return _deny(policy, Reason(code, token.message))
+    if state.revocation is not None:
+        return _deny(policy, _revoked(token, state.revocation), token=token)
 
     denial = _check_scope(call, token) or _check_role(policy, call, token)
     if denial is None:
@@ -149,36 +155,26 @@ def _check_kill_switches(
     return None
 
 
+def _revoked(token: CapabilityClaims, revocation: Revocation) -> Reason:
+    """Step 2, after the signature: a revoked token, or a child of one, is dead."""
+    whose = "the token" if revocation.token_id == token.token_id else "an ancestor of the token"
+    return Reason(
+        ReasonCode.TOKEN_REVOKED,
+        f"{whose} ({revocation.token_id}) was revoked: {revocation.reason}",
+    )
+
+
+_VIOLATION_FIELDS = {ViolationKind.RUN: "run_id", ViolationKind.TOOL: ""}
+
+
 def _check_scope(call: ToolCall, token: CapabilityClaims) -> Reason | None:
-    """Step 3: the token grants the tool, every pin equals its argument, the run matches."""
-    if token.run_id is not None and call.run_id != token.run_id:
-        return Reason(
-            ReasonCode.OUT_OF_SCOPE,
-            f"the token is bound to run '{token.run_id}'",
-            "run_id",
-        )
-    grants = token.grants_for(call.tool)
-    if not grants:
-        return Reason(ReasonCode.OUT_OF_SCOPE, f"the token does not grant tool '{call.tool}'")
-    first_mismatch: Reason | None = None
-    for grant in grants:
-        mismatch = _pin_mismatch(grant, call)
-        if mismatch is None:
-            return None
-        first_mismatch = first_mismatch or mismatch
-    return first_mismatch
-
-
-def _pin_mismatch(grant: Grant, call: ToolCall) -> Reason | None:
-    for name, pinned in sorted(grant.pins.items()):
-        value = call.arguments.get(name)
-        if not isinstance(value, str) or value != pinned:
-            return Reason(
-                ReasonCode.OUT_OF_SCOPE,
-                f"argument '{name}' must be '{pinned}': the token pins it",
-                f"/{_escape(name)}",
-            )
-    return None
+    """Step 3: the token grants the tool for this run, and every pin and argument constraint
+    of one of its grants for the tool holds (``tokens.scope``, as tool backends check it)."""
+    found = find_grant(token, call.tool, call.arguments, call.run_id)
+    if not isinstance(found, ScopeViolation):
+        return None
+    field = _VIOLATION_FIELDS.get(found.kind, f"/{_escape(found.argument)}")
+    return Reason(ReasonCode.OUT_OF_SCOPE, found.message, field)
 
 
 def _check_role(policy: Policy, call: ToolCall, token: CapabilityClaims) -> Reason | None:

@@ -106,8 +106,26 @@ class StoredDecision:
 
 
 @dataclass(frozen=True, slots=True)
+class Revocation:
+    """A revoked capability token: it, and every token attenuated from it, is denied.
+
+    ``expires_at`` is when the token (and so every descendant) has expired for good, leeway
+    included: after it the record can be pruned.
+    """
+
+    token_id: str
+    reason: str
+    revoked_by: str
+    revoked_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class StateView:
-    """The state one call is decided against."""
+    """The state one call is decided against.
+
+    ``revocation`` is set when the token, or one it was attenuated from, is revoked.
+    """
 
     kill_switches: tuple[KillSwitch, ...] = ()
     idempotent: StoredDecision | None = None
@@ -115,6 +133,7 @@ class StateView:
     rate: RateBucket | None = None
     approval: ApprovalRecord | None = None
     open_approval: ApprovalRecord | None = None
+    revocation: Revocation | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,17 @@ class Metrics:
             ["agent"],
             registry=self.registry,
         )
+        self.tokens_rejected = Counter(
+            "proviso_tokens_rejected",
+            "Capability tokens refused, by reason code (TOKEN_*): at Check or as a parent.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.tokens_revoked = Counter(
+            "proviso_tokens_revoked",
+            "Capability tokens revoked (new revocations only).",
+            registry=self.registry,
+        )
         self.audit_write_duration = Histogram(
             "proviso_audit_write_duration_seconds",
             "Time for an audit record to become durable (group commit included).",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
@@ -23,12 +23,12 @@ from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
 from sidecar.audit.trace import RunTrace, TraceStep
 from sidecar.authorizer import CheckInput, CheckResult
-from sidecar.engine import ApprovalStatus, Outcome, ToolCall
+from sidecar.engine import ApprovalStatus, Outcome, Revocation, ToolCall
 from sidecar.errors import InvalidRequestError
 from sidecar.minting import MintedToken
 from sidecar.policy.model import KillScope, KillSwitch, Policy
 from sidecar.state import ApprovalEvent, StoredApproval
-from tokens import Grant
+from tokens import Constraint, Grant
 
 MAX_IDENTIFIER_BYTES = 256
 MAX_RUN_METADATA_ENTRIES = 32
@@ -133,19 +133,58 @@ def check_response(result: CheckResult) -> authz_pb.CheckResponse:
     return response
 
 
-def grants(request: token_pb.IssueTokenRequest) -> tuple[Grant, ...]:
-    """Domain grants from an IssueTokenRequest, every name checked."""
+def _constraint(field: str, message: token_pb.Constraint) -> Constraint:
+    try:
+        return Constraint(
+            min=message.min or None,
+            max=message.max or None,
+            one_of=list(message.one_of) if message.one_of else None,
+        )
+    except ValueError as exc:
+        raise InvalidRequestError(field, str(exc).removeprefix("Constraint ")) from None
+
+
+def grants(messages: Iterable[token_pb.Grant]) -> tuple[Grant, ...]:
+    """Domain grants from a request's grants, every name and constraint checked."""
     result = []
-    for index, grant in enumerate(request.grants):
-        tool = _identifier(f"grants[{index}].tool", grant.tool, required=True)
+    for index, grant in enumerate(messages):
+        where = f"grants[{index}]"
+        tool = _identifier(f"{where}.tool", grant.tool, required=True)
         pins = {
-            _identifier(f"grants[{index}].pins", name, required=True): _identifier(
-                f"grants[{index}].pins[{name}]", value, required=True
+            _identifier(f"{where}.pins", name, required=True): _identifier(
+                f"{where}.pins[{name}]", value, required=True
             )
             for name, value in grant.pins.items()
         }
-        result.append(Grant(tool=tool, pins=MappingProxyType(pins)))
+        constraints = {
+            _identifier(f"{where}.constraints", name, required=True): _constraint(
+                f"{where}.constraints[{name}]", constraint
+            )
+            for name, constraint in grant.constraints.items()
+        }
+        result.append(
+            Grant(
+                tool=tool,
+                pins=MappingProxyType(pins),
+                constraints=MappingProxyType(constraints),
+            )
+        )
     return tuple(result)
+
+
+def grant_message(grant: Grant) -> token_pb.Grant:
+    """The proto form of a domain grant (bounds as plain decimal text)."""
+    claim = grant.to_claim()
+    return token_pb.Grant(
+        tool=grant.tool,
+        pins=dict(grant.pins),
+        constraints={
+            name: token_pb.Constraint(
+                min=body.get("min", ""), max=body.get("max", ""), one_of=body.get("in", [])
+            )
+            for name, body in claim.get("constraints", {}).items()
+        },
+    )
 
 
 def ttl_seconds(duration: Duration) -> int:
@@ -162,6 +201,44 @@ def issue_token_response(minted: MintedToken) -> token_pb.IssueTokenResponse:
         expire_time=Timestamp(seconds=minted.expires_at),
         key_id=minted.key_id,
     )
+
+
+def attenuate_token_response(
+    minted: MintedToken, parents: tuple[str, ...]
+) -> token_pb.AttenuateTokenResponse:
+    return token_pb.AttenuateTokenResponse(
+        token=minted.token,
+        token_id=minted.token_id,
+        expire_time=Timestamp(seconds=minted.expires_at),
+        key_id=minted.key_id,
+        parent_token_ids=list(parents),
+    )
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def revocation(revoked: Revocation) -> token_pb.Revocation:
+    return token_pb.Revocation(
+        token_id=revoked.token_id,
+        reason=revoked.reason,
+        revoked_by=revoked.revoked_by,
+        revoke_time=_timestamp(revoked.revoked_at),
+        expire_time=_timestamp(revoked.expires_at),
+    )
+
+
+def optional_run_id(value: str) -> str | None:
+    """An optional run id from a request (a token bound to no run)."""
+    return _identifier("run_id", value, required=False) or None
+
+
+def token_id(value: str) -> str:
+    """A token id (jti) from a request: required, printable ASCII, bounded."""
+    return _identifier("token_id", value, required=True)
 
 
 def policy_info(policy: Policy, loaded_at: float) -> admin_pb.PolicyInfo:
@@ -218,12 +295,6 @@ _APPROVAL_STATES = {
     ApprovalStatus.CONSUMED: approval_pb.APPROVAL_STATE_CONSUMED,
 }
 _STATUS_OF = {value: status for status, value in _APPROVAL_STATES.items()}
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def approval(stored: StoredApproval, now: float) -> approval_pb.Approval:

@@ -29,18 +29,20 @@ from sidecar.audit.files import AuditLogNotFoundError
 from sidecar.audit.record import event_body, new_record_id
 from sidecar.audit.trace import load_trace
 from sidecar.audit.writer import AuditLog
-from sidecar.authorizer import Authorizer, PolicyHolder
+from sidecar.authorizer import Authorizer, PolicyHolder, TokenVerifier
 from sidecar.clock import Clock, timestamp
-from sidecar.errors import InvalidRequestError, NotFoundError
+from sidecar.errors import InvalidRequestError, NotFoundError, UnauthenticatedError
 from sidecar.identity import Identity, IdentityVerifier
-from sidecar.keystore import KeyRing
-from sidecar.minting import authorize_issuer, mint
+from sidecar.keystore import KeyStore
+from sidecar.minting import MintedToken, attenuate_token, authorize_issuer, mint
 from sidecar.observability.metrics import Metrics, bounded
 from sidecar.policy.model import KillSwitch
 from sidecar.reloader import PolicyReloader
+from sidecar.revocation import revoke
 from sidecar.server import convert, status
 from sidecar.server.auth import caller, require_admin
-from sidecar.state import Store
+from sidecar.state import IssuedToken, Store
+from tokens import TokenError
 
 log = logging.getLogger("proviso.server")
 RequestT = TypeVar("RequestT", bound=Message)
@@ -137,13 +139,16 @@ class TokenService:
     def __init__(
         self,
         policy: PolicyHolder,
-        keys: KeyRing,
+        keys: KeyStore,
         identities: IdentityVerifier,
         metrics: Metrics,
         clock: Clock,
         *,
         issuer: str,
         audience: str,
+        store: Store,
+        tokens: TokenVerifier,
+        audit: AuditLog,
     ) -> None:
         self._policy = policy
         self._keys = keys
@@ -152,6 +157,15 @@ class TokenService:
         self._clock = clock
         self._issuer = issuer
         self._audience = audience
+        self._store = store
+        self._tokens = tokens
+        self._audit = audit
+
+    def _record(self, minted: MintedToken, agent: str, issued_by: str, parent: str = "") -> None:
+        """Remember the token, so an issuer can revoke it by id (fails closed: UNAVAILABLE)."""
+        self._store.record_issued(
+            IssuedToken(minted.token_id, agent, issued_by, minted.expires_at, parent)
+        )
 
     async def issue_token(
         self, request: token_pb.IssueTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -164,23 +178,83 @@ class TokenService:
         authorize_issuer(policy, issuer.subject, request.agent)
         minted = mint(
             policy,
-            self._keys.active,
+            self._keys.signing_key(),
             agent=request.agent,
-            grants=convert.grants(request),
+            grants=convert.grants(request.grants),
             ttl_seconds=convert.ttl_seconds(request.ttl),
             now=now,
             issuer=self._issuer,
             audience=self._audience,
             run_id=request.run_id or None,
         )
+        self._record(minted, request.agent, issuer.subject)
         self._metrics.tokens_issued.labels(bounded(request.agent, policy.agents)).inc()
         return convert.issue_token_response(minted)
 
     async def get_jwks(
         self, request: token_pb.GetJwksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> token_pb.GetJwksResponse:
+        self._keys.refresh()
         jwks = self._keys.verification_keys().to_jwks()
         return token_pb.GetJwksResponse(jwks_json=json.dumps(jwks, sort_keys=True))
+
+    async def attenuate_token(
+        self,
+        request: token_pb.AttenuateTokenRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> token_pb.AttenuateTokenResponse:
+        """The parent token is the credential: it must verify and be unrevoked."""
+        now = self._clock.now()
+        if not request.parent_token:
+            raise InvalidRequestError("parent_token", "is required")
+        grants = convert.grants(request.grants)
+        ttl = convert.ttl_seconds(request.ttl)
+        run_id = convert.optional_run_id(request.run_id)
+        parent = self._tokens.verify(request.parent_token, now)
+        if isinstance(parent, TokenError) or parent is None:
+            code = parent.code if parent is not None else "TOKEN_MISSING"
+            self._metrics.tokens_rejected.labels(code).inc()
+            raise UnauthenticatedError(f"the parent token is refused: {code}")
+        revoked = self._store.revocation(parent.lineage)
+        if revoked is not None:
+            self._metrics.tokens_rejected.labels("TOKEN_REVOKED").inc()
+            raise UnauthenticatedError(
+                f"the parent token is refused: TOKEN_REVOKED ({revoked.token_id})"
+            )
+        minted = attenuate_token(
+            parent, self._keys.signing_key(), grants=grants, ttl_seconds=ttl, now=now,
+            run_id=run_id,
+        )  # fmt: skip
+        self._record(minted, parent.subject, "attenuation", parent.token_id)
+        policy = self._policy.current
+        self._metrics.tokens_issued.labels(bounded(parent.subject, policy.agents)).inc()
+        return convert.attenuate_token_response(minted, parent.lineage)
+
+    async def revoke_token(
+        self, request: token_pb.RevokeTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> token_pb.RevokeTokenResponse:
+        now = self._clock.now()
+        identity = caller(context, self._identities, now)
+        token_id = convert.token_id(request.token_id)
+        revocation, created = revoke(
+            self._store,
+            self._policy.current,
+            identity,
+            token_id=token_id,
+            reason=request.reason,
+            now=now,
+        )
+        self._tokens.forget({token_id})
+        if created:
+            self._metrics.tokens_revoked.inc()
+            fields = {"token_id": token_id, "reason": revocation.reason, "by": identity.subject}
+            await self._audit.append(
+                event_body("token_revoked", new_record_id(now, "evt"), timestamp(now), fields)
+            )
+            log.warning("token revoked", extra=fields)
+        return token_pb.RevokeTokenResponse(
+            revocation=convert.revocation(revocation), created=created
+        )
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -190,6 +264,14 @@ class TokenService:
                     token_pb.IssueTokenRequest, self.issue_token, f"{self.name}/IssueToken"
                 ),
                 "GetJwks": unary(token_pb.GetJwksRequest, self.get_jwks, f"{self.name}/GetJwks"),
+                "AttenuateToken": unary(
+                    token_pb.AttenuateTokenRequest,
+                    self.attenuate_token,
+                    f"{self.name}/AttenuateToken",
+                ),
+                "RevokeToken": unary(
+                    token_pb.RevokeTokenRequest, self.revoke_token, f"{self.name}/RevokeToken"
+                ),
             },
         )
 

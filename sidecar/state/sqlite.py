@@ -27,6 +27,7 @@ from sidecar.engine import (
     ApprovalStatus,
     Decision,
     RateBucket,
+    Revocation,
     RunUsage,
     StateChanges,
     StateView,
@@ -36,7 +37,13 @@ from sidecar.engine import (
 from sidecar.errors import StoreUnavailableError
 from sidecar.policy.model import KillScope, KillSwitch
 from sidecar.state.codec import decode_decision, encode_decision
-from sidecar.state.store import ApprovalEvent, DecisionScope, NewApproval, StoredApproval
+from sidecar.state.store import (
+    ApprovalEvent,
+    DecisionScope,
+    IssuedToken,
+    NewApproval,
+    StoredApproval,
+)
 
 RUN_USAGE_RETENTION_SECONDS = 7 * 24 * 3600
 """Run counters untouched this long are dropped: no agent run lasts a week."""
@@ -72,9 +79,16 @@ class _Transaction:
         self._committed = False
 
     def view(self, scope: DecisionScope | None, now: float) -> StateView:
+        try:
+            return self._view(scope, now)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
+
+    def _view(self, scope: DecisionScope | None, now: float) -> StateView:
         switches = _kill_switches(self._db)
         if scope is None:
             return StateView(kill_switches=switches)
+        revocation = _revocation(self._db, scope.token_ids) if scope.token_ids else None
         stored = None
         if scope.idempotency_key:
             row = self._db.execute(
@@ -110,6 +124,7 @@ class _Transaction:
             rate=RateBucket(bucket[0], bucket[1]) if bucket else None,
             approval=approval.record if approval else None,
             open_approval=open_approval.record if open_approval else None,
+            revocation=revocation,
         )
 
     def commit(
@@ -291,6 +306,20 @@ class _ApprovalTransaction:
         _event(self._db, approval_id, event, actor, now)
 
 
+_REVOCATION_COLUMNS = "token_id, reason, revoked_by, revoked_at, expires_at"
+
+
+def _revocation(db: sqlite3.Connection, token_ids: tuple[str, ...]) -> Revocation | None:
+    """The earliest revocation among ``token_ids`` (a lineage: at most 9 ids), if any."""
+    marks = ", ".join("?" * len(token_ids))
+    row = db.execute(
+        f"SELECT {_REVOCATION_COLUMNS} FROM revocations "  # noqa: S608 - only '?' marks
+        f"WHERE token_id IN ({marks}) ORDER BY revoked_at, token_id LIMIT 1",
+        token_ids,
+    ).fetchone()
+    return Revocation(*row) if row is not None else None
+
+
 def _kill_switches(db: sqlite3.Connection) -> tuple[KillSwitch, ...]:
     rows = db.execute(
         "SELECT scope, target, reason, engaged_by, engaged_at FROM kill_switches "
@@ -397,11 +426,54 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
 
+    def revoke(self, revocation: Revocation) -> tuple[Revocation, bool]:
+        with self._write():
+            created = self._db.execute(
+                "INSERT INTO revocations (token_id, reason, revoked_by, revoked_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_id) DO NOTHING",
+                (revocation.token_id, revocation.reason, revocation.revoked_by,
+                 revocation.revoked_at, revocation.expires_at),
+            ).rowcount  # fmt: skip
+            stored = _revocation(self._db, (revocation.token_id,))
+        if stored is None:  # pragma: no cover - inserted or present in the same transaction
+            raise StoreUnavailableError("revocation vanished while being recorded")
+        return stored, created == 1
+
+    def revocation(self, token_ids: tuple[str, ...]) -> Revocation | None:
+        if not token_ids:
+            return None
+        try:
+            return _revocation(self._db, token_ids)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
+
+    def record_issued(self, token: IssuedToken) -> None:
+        with self._write():
+            self._db.execute(
+                "INSERT INTO issued_tokens (token_id, agent, issued_by, parent_id, expires_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_id) DO NOTHING",
+                (token.token_id, token.agent, token.issued_by, token.parent_id, token.expires_at),
+            )
+
+    def issued(self, token_id: str) -> IssuedToken | None:
+        try:
+            row = self._db.execute(
+                "SELECT token_id, agent, issued_by, expires_at, parent_id FROM issued_tokens "
+                "WHERE token_id = ?",
+                (token_id,),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
+        return IssuedToken(*row) if row is not None else None
+
     def prune(self, now: float) -> int:
         with self._write():
-            removed = self._db.execute(
-                "DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,)
-            ).rowcount
+            removed = 0
+            for table in ("idempotency_keys", "revocations", "issued_tokens"):
+                removed += self._db.execute(
+                    f"DELETE FROM {table} WHERE expires_at <= ?",  # noqa: S608 - fixed names
+                    (now,),
+                ).rowcount
             stale = now - RUN_USAGE_RETENTION_SECONDS
             for table in ("run_usage", "run_tool_usage"):
                 removed += self._db.execute(

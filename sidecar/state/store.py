@@ -17,6 +17,7 @@ from sidecar.engine import (
     ApprovalRecord,
     ApprovalStatus,
     Decision,
+    Revocation,
     StateChanges,
     StateView,
     Verdict,
@@ -28,7 +29,8 @@ from sidecar.policy.model import KillScope, KillSwitch
 class DecisionScope:
     """Which rows one Check reads and writes.
 
-    ``run_key`` is the Check's run id, or ``token:<jti>`` when it has none.
+    ``run_key`` is the Check's run id, or ``token:<jti>`` when it has none. ``token_ids`` is
+    the token's lineage (its ancestors' ids and its own), looked up in the revocations.
     """
 
     agent: str
@@ -39,6 +41,18 @@ class DecisionScope:
     run_id: str = ""
     approval_id: str = ""
     may_need_approval: bool = False
+    token_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """A token this sidecar minted: for whom, by whom, from which parent, until when."""
+
+    token_id: str
+    agent: str
+    issued_by: str
+    expires_at: float
+    parent_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +103,12 @@ class StateTransaction(Protocol):
     """Reads and writes of one Check, committed together."""
 
     def view(self, scope: DecisionScope | None, now: float) -> StateView:
-        """Kill switches, and (with a scope) idempotency record, run usage and rate bucket."""
+        """Kill switches, and (with a scope) a revocation of any of its token ids, the
+        idempotency record, run usage and rate bucket.
+
+        Raises:
+            StoreUnavailableError: state could not be read (the Check must not answer).
+        """
         ...
 
     def commit(
@@ -131,8 +150,28 @@ class Store(Protocol):
         """Every switch engaged through the API, oldest first."""
         ...
 
+    def revoke(self, revocation: Revocation) -> tuple[Revocation, bool]:
+        """Record a revocation; the first one of a token id stands.
+
+        Returns the revocation as stored and whether this call created it.
+        """
+        ...
+
+    def revocation(self, token_ids: tuple[str, ...]) -> Revocation | None:
+        """The earliest revocation of any of ``token_ids`` (outside a Check's transaction)."""
+        ...
+
+    def record_issued(self, token: IssuedToken) -> None:
+        """Remember a minted token (idempotent per token id)."""
+        ...
+
+    def issued(self, token_id: str) -> IssuedToken | None:
+        """The token minted with this id, if this store has seen it (and not pruned it)."""
+        ...
+
     def prune(self, now: float) -> int:
-        """Drop expired idempotency records and stale run usage; returns rows removed."""
+        """Drop expired idempotency records, stale run usage, and revocations and issued-token
+        records whose tokens have expired; returns rows removed."""
         ...
 
     def approvals(self) -> AbstractContextManager[ApprovalTransaction]:

@@ -38,6 +38,12 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
         ("test",),
         ("token",),
         ("token", "issue"),
+        ("token", "attenuate"),
+        ("token", "revoke"),
+        ("token", "inspect"),
+        ("keys",),
+        ("keys", "list"),
+        ("keys", "rotate"),
         ("check",),
         ("kill",),
         ("kill", "engage"),
@@ -178,9 +184,10 @@ def test_serve_starts_answers_health_and_stops(tmp_path: Path) -> None:
         assert all(f.stat().st_mode & 0o777 == 0o600 for f in key_files)
     finally:
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=20)
+        stdout, stderr = process.communicate(timeout=20)
     assert process.returncode == 0, stderr
     assert "WARNING dev mode" in stderr, "dev mode is announced loudly"
+    assert "proviso token issue --as orchestrator@service" in stdout, "how to get a token"
 
 
 def test_serve_refuses_a_broken_policy(tmp_path: Path) -> None:
@@ -299,3 +306,60 @@ def test_policy_tests_fail_readably_on_a_wrong_expectation(tmp_path: Path) -> No
     assert "decision: expected ALLOW, got NEEDS_APPROVAL" in result.stdout
     assert "tier:     expected auto, got supervisor" in result.stdout
     assert result.stdout.strip().endswith("passed, 1 failed")
+
+
+async def test_token_lifecycle_from_the_command_line(sidecar: Sidecar) -> None:
+    """issue (as the dev orchestrator) -> attenuate -> inspect -> revoke, as a user runs it:
+    the child is allowed its call, then denied as revoked, and inspect says why."""
+    state = str(sidecar.app.settings.state_dir)
+    server = ["--target", sidecar.target, "--state-dir", state]
+    issued = await asyncio.to_thread(
+        run, "token", "issue", "--as", "orchestrator@service", *server, "--format", "json",
+        "--agent", "billing-resolution-agent@service",
+        "--grant", "requestRefund:invoice_id=in_93K2,amount<=50,currency in USD|EUR",
+    )  # fmt: skip
+    assert issued.returncode == 0, issued.stderr
+    parent = json.loads(issued.stdout)
+    child = await asyncio.to_thread(
+        run, "token", "attenuate", "--token", parent["token"], "--target", sidecar.target,
+        "--grant", "requestRefund:invoice_id=in_93K2,amount<=20,currency in USD",
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    child_token = child.stdout.strip()
+    arguments = '{"invoice_id": "in_93K2", "amount": 30, "currency": "USD", "reason": "dup"}'
+    out_of_scope = await asyncio.to_thread(
+        run, "token", "inspect", "--token", child_token, "--state-dir", state,
+        "--tool", "requestRefund", "--args", arguments,
+    )  # fmt: skip
+    assert out_of_scope.returncode == 1
+    assert "OUT_OF_SCOPE" in out_of_scope.stderr
+    assert "amount <= 20" in out_of_scope.stderr
+    revoked = await asyncio.to_thread(
+        run, "token", "revoke", "--token", parent["token"], "--reason", "run aborted",
+        "--as", "orchestrator@service", *server,
+    )  # fmt: skip
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked by orchestrator@service" in revoked.stdout
+    inspected = await asyncio.to_thread(
+        run, "token", "inspect", "--token", child_token, "--state-dir", state, "--format", "json"
+    )
+    assert inspected.returncode == 1
+    report = json.loads(inspected.stdout)
+    assert report["refusal_code"] == "TOKEN_REVOKED"
+    assert report["claims (unverified)"]["parent"] == [parent["token_id"]]
+
+
+def test_keys_rotate_and_list(tmp_path: Path) -> None:
+    """keys rotate makes a new active key; keys list shows it and the old one still verifying."""
+    empty = run("keys", "list", "--state-dir", str(tmp_path), "--format", "json")
+    assert (empty.returncode, json.loads(empty.stdout)) == (0, [])
+    rotated = run("keys", "rotate", "--state-dir", str(tmp_path), "--format", "json")
+    assert rotated.returncode == 0, rotated.stderr
+    rows = json.loads(rotated.stdout)
+    assert [row["status"] for row in rows] == ["active", "verifying"]
+    assert f"new active key {rows[0]['kid']}" in rotated.stderr
+    assert rows[1]["trusted_until"] - rows[1]["retired_at"] == 30 * 60 + 30, (
+        "the example's longest role TTL (30m) plus the largest leeway"
+    )
+    listed = run("keys", "list", "--state-dir", str(tmp_path), "--format", "json")
+    assert json.loads(listed.stdout) == rows

@@ -18,12 +18,14 @@ from sidecar.engine import (
     RateBucket,
     Reason,
     ReasonCode,
+    Revocation,
     StateChanges,
+    StateView,
     Verdict,
 )
 from sidecar.errors import StoreUnavailableError
 from sidecar.policy.model import KillScope, KillSwitch
-from sidecar.state import DecisionScope, NewApproval, Store
+from sidecar.state import DecisionScope, IssuedToken, NewApproval, Store
 from sidecar.state.sqlite import SQLiteStore
 
 WINDOW = 3600
@@ -347,3 +349,95 @@ def test_due_requests_expire_with_an_event(open_store: Callable[[], Store]) -> N
     assert stored is not None
     assert stored.record.status is ApprovalStatus.EXPIRED
     assert store.approval_events(0, 10)[-1].event == "expired"
+
+
+# ------------------------------------------------------------------ revocations
+
+
+def _revocation(token_id: str, *, at: float = 100.0, expires: float = 5000.0) -> Revocation:
+    return Revocation(token_id, f"reason {token_id}", "olivia@example.com", at, expires)
+
+
+def _view_for(store: Store, *token_ids: str) -> StateView:
+    scope = DecisionScope(agent="a@service", tool="t", run_key="r", token_ids=token_ids)
+    with store.decision() as transaction:
+        return transaction.view(scope, 1000.0)
+
+
+def test_a_revoked_id_in_the_lineage_shows_in_the_view(open_store: Callable[[], Store]) -> None:
+    """A revocation of any id of the token's lineage is read in the Check's transaction."""
+    store = open_store()
+    assert _view_for(store, "root", "child").revocation is None
+    store.revoke(_revocation("root"))
+    view = _view_for(store, "root", "child")
+    assert view.revocation == _revocation("root")
+    assert _view_for(store, "child").revocation is None
+    assert _view_for(store).revocation is None, "no token ids, nothing to look up"
+    assert store.revocation(("child", "root")) == _revocation("root")
+    assert store.revocation(("child",)) is None
+    assert store.revocation(()) is None
+
+
+def test_the_earliest_revocation_of_a_lineage_is_reported(open_store: Callable[[], Store]) -> None:
+    """With an ancestor and the token both revoked, the earlier revocation is the one shown."""
+    store = open_store()
+    store.revoke(_revocation("child", at=50.0))
+    store.revoke(_revocation("root", at=70.0))
+    assert _view_for(store, "root", "child").revocation == _revocation("child", at=50.0)
+
+
+def test_the_first_revocation_stands(open_store: Callable[[], Store]) -> None:
+    """Revoking twice keeps the first reason and says the second created nothing."""
+    store = open_store()
+    first, created = store.revoke(_revocation("t1"))
+    again, created_again = store.revoke(Revocation("t1", "other", "x", 200.0, 9000.0))
+    assert (created, created_again) == (True, False)
+    assert first == again == _revocation("t1")
+
+
+def test_revocations_outlive_the_process(open_store: Callable[[], Store]) -> None:
+    """A revocation written by one store is seen by another opened later (a restart)."""
+    open_store().revoke(_revocation("t1"))
+    assert _view_for(open_store(), "t1").revocation == _revocation("t1")
+
+
+def test_issued_tokens_are_remembered(open_store: Callable[[], Store]) -> None:
+    """A minted token's agent and expiry can be looked up by id; recording twice is harmless."""
+    store = open_store()
+    token = IssuedToken("t1", "a@service", "orchestrator@service", 900.0, parent_id="t0")
+    store.record_issued(token)
+    store.record_issued(token)
+    assert store.issued("t1") == token
+    assert open_store().issued("t1") == token
+    assert store.issued("nope") is None
+
+
+def test_prune_drops_revocations_and_issued_tokens_once_expired(
+    open_store: Callable[[], Store],
+) -> None:
+    """Records of expired tokens are pruned; those of live tokens are kept."""
+    store = open_store()
+    store.revoke(_revocation("old", expires=500.0))
+    store.revoke(_revocation("live", expires=5000.0))
+    store.record_issued(IssuedToken("old", "a", "i", 500.0))
+    store.record_issued(IssuedToken("live", "a", "i", 5000.0))
+    assert store.prune(1000.0) == 2
+    assert _view_for(store, "old").revocation is None
+    assert _view_for(store, "live").revocation is not None
+    assert (store.issued("old"), store.issued("live")) == (
+        None,
+        IssuedToken("live", "a", "i", 5000.0),
+    )
+
+
+def test_an_unreadable_revocation_table_is_unavailable_not_allow(tmp_path: Path) -> None:
+    """If revocations cannot be read, the view raises StoreUnavailableError (fail closed)."""
+    store = SQLiteStore(tmp_path / "state.db")
+    try:
+        saboteur = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        saboteur.execute("DROP TABLE revocations")
+        saboteur.close()
+        with pytest.raises(StoreUnavailableError, match="revocations"):
+            _view_for(store, "t1")
+    finally:
+        store.close()

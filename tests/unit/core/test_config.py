@@ -7,7 +7,15 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import Address, Settings, SettingsError, build
+import tokens
+from sidecar.config import (
+    DEFAULT_LEEWAY_SECONDS,
+    MAX_LEEWAY_SECONDS,
+    Address,
+    Settings,
+    SettingsError,
+    build,
+)
 
 
 def _build(env: dict[str, str] | None = None, **flags: Any) -> Settings:
@@ -130,3 +138,34 @@ def test_idp_jwks_with_an_issuer_leaves_dev_mode() -> None:
     assert settings.idp_jwks == Path("/etc/jwks.json")
     assert settings.idp_issuer == "https://idp"
     assert settings.dev_mode is False
+
+
+def test_the_token_leeway_is_configurable_within_bounds() -> None:
+    """--token-leeway (or PROVISO_TOKEN_LEEWAY) sets the leeway, 0 to 30 s; default 5."""
+    assert _build().leeway_seconds == 5
+    assert _build(token_leeway="0").leeway_seconds == 0
+    assert _build({"PROVISO_TOKEN_LEEWAY": "30"}).leeway_seconds == 30
+    for bad in ("31", "-1", "5.5", "five", "3600"):
+        with pytest.raises(SettingsError, match="token-leeway"):
+            _build(token_leeway=bad)
+
+
+def test_the_leeway_bound_is_the_token_librarys() -> None:
+    """The setting's bound is the one tokens.verify enforces, so they cannot drift apart."""
+    assert MAX_LEEWAY_SECONDS == tokens.MAX_LEEWAY_SECONDS
+    assert DEFAULT_LEEWAY_SECONDS == tokens.DEFAULT_LEEWAY_SECONDS
+
+
+def test_an_https_idp_jwks_is_a_url_and_turns_dev_mode_off() -> None:
+    """--idp-jwks with an https URL is fetched, not read as a file; a CA bundle may be named."""
+    settings = _build(
+        idp_jwks="https://idp.example.com/.well-known/jwks.json",
+        idp_issuer="https://idp.example.com/",
+        idp_ca_file="/etc/ssl/idp-ca.pem",
+    )
+    assert settings.idp_jwks_url == "https://idp.example.com/.well-known/jwks.json"
+    assert settings.idp_jwks is None
+    assert settings.idp_ca_file == Path("/etc/ssl/idp-ca.pem")
+    assert settings.dev_mode is False
+    with pytest.raises(SettingsError, match="idp-issuer"):
+        _build(idp_jwks="https://idp.example.com/jwks.json")

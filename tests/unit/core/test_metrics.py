@@ -33,6 +33,8 @@ def test_the_exposition_parses_and_names_every_instrument() -> None:
         "proviso_check_duration_seconds",
         "proviso_policy_info",
         "proviso_tokens_issued",
+        "proviso_tokens_rejected",
+        "proviso_tokens_revoked",
         "proviso_audit_write_duration_seconds",
         "proviso_audit_write_errors",
     } <= set(families)

@@ -36,6 +36,8 @@ from tokens import (
     TokenExpiredError,
     TokenMalformedError,
     TokenNotYetValidError,
+    TokenOutOfScopeError,
+    TokenRevokedError,
     TokenUnknownKeyError,
     TokenWrongAlgorithmError,
     TokenWrongAudienceError,
@@ -402,7 +404,8 @@ def test_now_must_be_finite_and_non_negative(now: float) -> None:
 @pytest.mark.parametrize(
     ("header", "payload"),
     [
-        pytest.param(GOOD_HEADER, with_claims(parent="jti-0"), id="unknown claim parent"),
+        pytest.param(GOOD_HEADER, with_claims(future="x"), id="unknown claim"),
+        pytest.param(GOOD_HEADER, with_claims(parent=["jti-0"]), id="parent chain"),
         pytest.param(GOOD_HEADER, with_claims(grants=[{"tool": "t", "pins": {}}]), id="empty pins"),
         pytest.param(GOOD_HEADER, with_claims(run_id="run-7"), id="run_id"),
         pytest.param(with_header(cty="json"), GOOD_CLAIMS, id="unknown header member"),
@@ -657,6 +660,73 @@ VECTORS: Final = [
     grants_vector("pin value a list", [{"tool": "t", "pins": {"invoice_id": ["a"]}}], "invoice_id"),
     grants_vector("pin name empty", [{"tool": "t", "pins": {"": "x"}}], "pins"),
     grants_vector("pin name look-alike", [{"tool": "t", "pins": {"invoice_\u0456d": "x"}}], "pins"),
+    # Step 8, argument constraints: plain data, strictly typed, unknown operators refused.
+    grants_vector("constraints a list", [{"tool": "t", "constraints": []}], "constraints"),
+    grants_vector(
+        "constraint a string", [{"tool": "t", "constraints": {"n": "<=5"}}], "constraints.n"
+    ),
+    grants_vector(
+        "constraint unknown operator",
+        [{"tool": "t", "constraints": {"n": {"max": "5", "regex": ".*"}}}],
+        "regex",
+    ),
+    grants_vector(
+        "constraint bound a JSON number",
+        [{"tool": "t", "constraints": {"n": {"max": 5}}}],
+        "constraints.n.max",
+    ),
+    grants_vector(
+        "constraint bound with exponent",
+        [{"tool": "t", "constraints": {"n": {"max": "5e3"}}}],
+        "decimal",
+    ),
+    grants_vector(
+        "constraint bound NaN", [{"tool": "t", "constraints": {"n": {"min": "NaN"}}}], "decimal"
+    ),
+    grants_vector("constraint empty", [{"tool": "t", "constraints": {"n": {}}}], "needs min, max"),
+    grants_vector(
+        "constraint min above max",
+        [{"tool": "t", "constraints": {"n": {"min": "5", "max": "1"}}}],
+        "above max",
+    ),
+    grants_vector(
+        "constraint set and bound",
+        [{"tool": "t", "constraints": {"c": {"in": ["USD"], "max": "1"}}}],
+        "not both",
+    ),
+    grants_vector(
+        "constraint set not a list",
+        [{"tool": "t", "constraints": {"c": {"in": "USD"}}}],
+        "constraints.c.in",
+    ),
+    grants_vector(
+        "constraint set of numbers",
+        [{"tool": "t", "constraints": {"c": {"in": [1, 2]}}}],
+        "strings only",
+    ),
+    grants_vector(
+        "constraint set empty", [{"tool": "t", "constraints": {"c": {"in": []}}}], "empty"
+    ),
+    grants_vector(
+        "constraint set repeats",
+        [{"tool": "t", "constraints": {"c": {"in": ["USD", "USD"]}}}],
+        "repeats",
+    ),
+    grants_vector(
+        "constraint name empty",
+        [{"tool": "t", "constraints": {"": {"max": "1"}}}],
+        "constraint name",
+    ),
+    # Step 8, the attenuation chain: a short list of distinct ids.
+    claims_vector("parent a string", _MALFORMED, "parent", parent="jti-0"),
+    claims_vector("parent empty", _MALFORMED, "parent", parent=[]),
+    claims_vector("parent a number", _MALFORMED, "parent[0]", parent=[7]),
+    claims_vector("parent empty id", _MALFORMED, "parent[1]", parent=["a", ""]),
+    claims_vector("parent repeats", _MALFORMED, "repeats", parent=["a", "a"]),
+    claims_vector("parent names itself", _MALFORMED, "repeats", parent=["jti-1"]),
+    claims_vector(
+        "parent chain too long", _MALFORMED, "more than 8", parent=[f"j{n}" for n in range(9)]
+    ),
     # Step 9: issuer, then audience; exact comparison.
     claims_vector("wrong issuer", TokenWrongIssuerError, "evil", iss="https://evil.test"),
     claims_vector("issuer in other case", TokenWrongIssuerError, iss=ISSUER.upper()),
@@ -683,9 +753,13 @@ def test_vector_is_refused_with_its_error(vector: Vector, forbid_io: list[str]) 
     assert forbid_io == []
 
 
+CALL_ERRORS: Final = {TokenOutOfScopeError, TokenRevokedError}
+"""Refusals of a call rather than of a token: verify never raises them (see test_tokens_call)."""
+
+
 def test_vectors_cover_every_error_class() -> None:
-    """The table exercises every TokenError subclass, so a new error class needs vectors."""
-    assert {v.error for v in VECTORS} == set(TokenError.__subclasses__())
+    """The table exercises every token-level TokenError subclass, so a new one needs vectors."""
+    assert {v.error for v in VECTORS} == set(TokenError.__subclasses__()) - CALL_ERRORS
 
 
 def test_vector_names_are_unique() -> None:

@@ -14,6 +14,8 @@ from tokens import (
     TokenExpiredError,
     TokenMalformedError,
     TokenNotYetValidError,
+    TokenOutOfScopeError,
+    TokenRevokedError,
     TokenUnknownKeyError,
     TokenWrongAlgorithmError,
     TokenWrongAudienceError,
@@ -22,11 +24,14 @@ from tokens import (
 
 EXPECTED_EXPORTS = [
     "ALGORITHM",
+    "AttenuationError",
     "CapabilityClaims",
+    "Constraint",
     "DEFAULT_LEEWAY_SECONDS",
     "Grant",
     "KeyFormatError",
     "MAX_LEEWAY_SECONDS",
+    "MAX_PARENT_CHAIN",
     "MAX_TOKEN_BYTES",
     "SigningKey",
     "TOKEN_TYPE",
@@ -35,13 +40,18 @@ EXPECTED_EXPORTS = [
     "TokenExpiredError",
     "TokenMalformedError",
     "TokenNotYetValidError",
+    "TokenOutOfScopeError",
+    "TokenRevokedError",
     "TokenUnknownKeyError",
     "TokenWrongAlgorithmError",
     "TokenWrongAudienceError",
     "TokenWrongIssuerError",
     "VerificationKeys",
+    "VerifiedCall",
+    "attenuate",
     "issue",
     "verify",
+    "verify_call",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -60,10 +70,11 @@ def test_constants_are_pinned() -> None:
     assert tokens.MAX_TOKEN_BYTES == 8192
     assert tokens.MAX_LEEWAY_SECONDS == 30
     assert tokens.DEFAULT_LEEWAY_SECONDS == 5
+    assert tokens.MAX_PARENT_CHAIN == 8
 
 
 def test_error_codes_are_pinned() -> None:
-    """Each refusal has its stable code, mirroring the REASON_CODE_TOKEN_* names."""
+    """Each refusal has its stable code, mirroring the REASON_CODE_* names of the API."""
     codes = {
         cls.__name__: cls.code
         for cls in (
@@ -75,6 +86,8 @@ def test_error_codes_are_pinned() -> None:
             TokenNotYetValidError,
             TokenWrongAudienceError,
             TokenWrongIssuerError,
+            TokenRevokedError,
+            TokenOutOfScopeError,
         )
     }
     assert codes == {
@@ -86,6 +99,8 @@ def test_error_codes_are_pinned() -> None:
         "TokenNotYetValidError": "TOKEN_NOT_YET_VALID",
         "TokenWrongAudienceError": "TOKEN_WRONG_AUDIENCE",
         "TokenWrongIssuerError": "TOKEN_WRONG_ISSUER",
+        "TokenRevokedError": "TOKEN_REVOKED",
+        "TokenOutOfScopeError": "OUT_OF_SCOPE",
     }
     assert set(TokenError.__subclasses__()) == {
         TokenMalformedError,
@@ -96,6 +111,8 @@ def test_error_codes_are_pinned() -> None:
         TokenNotYetValidError,
         TokenWrongAudienceError,
         TokenWrongIssuerError,
+        TokenRevokedError,
+        TokenOutOfScopeError,
     }
 
 
@@ -120,8 +137,9 @@ def test_key_format_error_is_a_value_error_not_a_token_error() -> None:
 def test_tokens_imports_nothing_from_sidecar() -> None:
     """Importing tokens (in a fresh interpreter) loads no sidecar module: it stands alone."""
     code = (
-        "import sys, tokens, tokens.claims, tokens.errors, tokens.issue, tokens.keys, "
-        "tokens.verify; print(sorted(m for m in sys.modules if m.split('.')[0] == 'sidecar'))"
+        "import sys, tokens, tokens.attenuate, tokens.call, tokens.claims, tokens.errors, "
+        "tokens.issue, tokens.keys, tokens.scope, tokens.verify; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sidecar'))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
