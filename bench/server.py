@@ -1,7 +1,7 @@
 """The benchmark's server process: a real sidecar plus a no-op method on the same gRPC server.
 
 Run by bench.run as ``python -m bench.server --state-dir DIR``. It prints one JSON line
-(``{"port": ..., "token": ..., "pid": ...}``) once it is serving, then runs until SIGINT,
+(``{"port", "token", "pids", "metrics_ports"}``) once it is serving, then runs until SIGINT,
 SIGTERM or end of stdin; the last means an orphaned server exits when its parent dies.
 """
 
@@ -82,7 +82,12 @@ async def serve(policies: Path, state_dir: Path, token_ttl: int) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         threading.Thread(target=_stop_on_eof, args=(loop, stop), daemon=True).start()
-        ready = {"port": app.grpc_port, "token": token, "pid": os.getpid()}
+        ready = {
+            "port": app.grpc_port,
+            "token": token,
+            "pids": [os.getpid()],
+            "metrics_ports": [app.http.port],
+        }
         print(json.dumps(ready), flush=True)
         await stop.wait()
     finally:
@@ -96,7 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--policies", type=Path, default=EXAMPLE_POLICIES)
     parser.add_argument("--token-ttl", type=int, default=900, help="seconds")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
     args = parser.parse_args(argv)
+    if args.workers != 1:
+        parser.error("only --workers 1 is supported")
     return asyncio.run(serve(args.policies, args.state_dir, args.token_ttl))
 
 
