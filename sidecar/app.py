@@ -195,7 +195,7 @@ class App:
         )
         identities = identity_verifier(settings, dev_idp)
         services: list[AuthorizationService | TokenService | AdminService | ApprovalService] = [
-            AuthorizationService(authorizer),
+            AuthorizationService(authorizer, metrics=metrics, max_in_flight=settings.max_in_flight),
             TokenService(
                 holder,
                 keys,
@@ -214,7 +214,7 @@ class App:
                 clock=clock,
                 reloader=reloader,
                 shadow=shadow,
-                audit_path=settings.audit_path,
+                audit_path=settings.audit_path if settings.workers == 1 else settings.audit_dir,
             ),
             ApprovalService(holder, identities=identities, approvals=approvals, clock=clock),
         ]
@@ -228,6 +228,7 @@ class App:
                 [*(s.handler() for s in services), *extra_handlers],
                 [s.name for s in services],
                 str(settings.listen),
+                reuse_port=settings.reuse_port,
             )
         except BaseException:
             http.stop()

@@ -61,7 +61,7 @@ def serve(
         [sys.executable, "-c", LAUNCHER, str(file_limit), "serve",
          "--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
          "--metrics-listen", f"127.0.0.1:{metrics_port}", "--state-dir", str(state_dir),
-         "--log-level", "ERROR"],
+         "--log-level", "ERROR", "--workers", "1"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
