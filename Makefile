@@ -11,7 +11,7 @@ STATE_DIR ?= .proviso
 LISTEN ?= 127.0.0.1:50051
 METRICS_LISTEN ?= 127.0.0.1:9464
 
-.PHONY: install proto lint test run bench clean
+.PHONY: install proto lint test run bench h2load clean
 
 install: $(STAMP) proto
 
@@ -40,8 +40,19 @@ run: install
 	$(BIN)/proviso serve --policies $(POLICIES) --listen $(LISTEN) \
 		--metrics-listen $(METRICS_LISTEN) --state-dir $(STATE_DIR)
 
-bench: install
+bench: install h2load
 	$(BIN)/python -m bench.run
+
+# The bench's load generator (Debian's nghttp2-client). Installed when missing and possible (as
+# root, or with sudo); if not, bench.run falls back to Python clients and says so loudly.
+h2load:
+	@command -v h2load >/dev/null 2>&1 || { \
+		echo "bench: h2load not found; installing Debian's nghttp2-client"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		{ $$SUDO apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nghttp2-client; \
+		} >/dev/null 2>&1 || echo "bench: could not install nghttp2-client (no apt, no root?)"; \
+	}
 
 clean:
 	rm -rf $(VENV) $(PROTO_OUT) .proviso .pytest_cache .mypy_cache .ruff_cache

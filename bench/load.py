@@ -42,7 +42,7 @@ class Plan:
     warmup_s: float
     seconds: float
     rpc_timeout_s: float
-    server_pid: int | None = None  # set for one client only: it samples the server's CPU
+    server_pids: tuple[int, ...] = ()  # set for one client only: it samples the server's CPU
 
 
 @dataclass(slots=True)
@@ -81,6 +81,19 @@ def cpu_seconds(pid: int) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _server_cpu(pids: tuple[int, ...]) -> float | None:
+    """CPU used so far by every server process, or None without /proc (or without pids)."""
+    if not pids:
+        return None
+    total = 0.0
+    for pid in pids:
+        used = cpu_seconds(pid)
+        if used is None:
+            return None
+        total += used
+    return total
+
+
 async def _sample_cpu(plan: Plan, result: WorkerResult, start_ns: int, end_ns: int) -> None:
     """CPU used by this process, and by the server if ours to sample, during the window.
 
@@ -88,10 +101,10 @@ async def _sample_cpu(plan: Plan, result: WorkerResult, start_ns: int, end_ns: i
     """
     await asyncio.sleep(max(0, start_ns - time.perf_counter_ns()) / NS_PER_S)
     client_before = time.process_time()
-    server_before = cpu_seconds(plan.server_pid) if plan.server_pid else None
+    server_before = _server_cpu(plan.server_pids)
     await asyncio.sleep(max(0, end_ns - time.perf_counter_ns()) / NS_PER_S)
     result.client_cpu_s = time.process_time() - client_before
-    server_after = cpu_seconds(plan.server_pid) if plan.server_pid else None
+    server_after = _server_cpu(plan.server_pids)
     if server_before is not None and server_after is not None:
         result.server_cpu_s = server_after - server_before
 

@@ -27,6 +27,7 @@ class Summary:
     p50_ns: int
     p90_ns: int
     p99_ns: int
+    p999_ns: int
     max_ns: int
 
     @classmethod
@@ -38,6 +39,7 @@ class Summary:
             p50_ns=percentile(ordered, 50),
             p90_ns=percentile(ordered, 90),
             p99_ns=percentile(ordered, 99),
+            p999_ns=percentile(ordered, 99.9),
             max_ns=ordered[-1],
         )
 
@@ -48,5 +50,6 @@ class Summary:
             "p50": round(self.p50_ns / ns_per_unit, 3),
             "p90": round(self.p90_ns / ns_per_unit, 3),
             "p99": round(self.p99_ns / ns_per_unit, 3),
+            "p99.9": round(self.p999_ns / ns_per_unit, 3),
             "max": round(self.max_ns / ns_per_unit, 3),
         }

@@ -239,7 +239,7 @@ class App:
             # Fetch once now, off the event loop, so the first issuer call does not wait.
             await asyncio.to_thread(identities.source.refresh)
         services: list[AuthorizationService | TokenService | AdminService | ApprovalService] = [
-            AuthorizationService(authorizer),
+            AuthorizationService(authorizer, metrics=metrics, max_in_flight=settings.max_in_flight),
             TokenService(
                 holder,
                 keys,
@@ -261,7 +261,7 @@ class App:
                 clock=clock,
                 reloader=reloader,
                 shadow=shadow,
-                audit_path=settings.audit_path,
+                audit_path=settings.audit_path if settings.workers == 1 else settings.audit_dir,
             ),
             ApprovalService(holder, identities=identities, approvals=approvals, clock=clock),
         ]
@@ -275,6 +275,7 @@ class App:
                 [*(s.handler() for s in services), *extra_handlers],
                 [s.name for s in services],
                 str(settings.listen),
+                reuse_port=settings.reuse_port,
             )
         except BaseException:
             http.stop()

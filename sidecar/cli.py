@@ -21,7 +21,7 @@ import grpc
 from google.protobuf import json_format
 
 from sidecar import cli_identity, config
-from sidecar.audit.files import AuditLogNotFoundError, log_files, records, verify_log
+from sidecar.audit.files import AuditLogNotFoundError, logs, records, verify_log
 from sidecar.audit.writer import AuditLogCorruptError
 from sidecar.durations import parse_duration
 from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError, SidecarError
@@ -70,11 +70,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             shadow_policies=args.shadow_policies,
             watch_interval=args.watch_interval,
+            workers=args.workers,
+            max_in_flight=args.max_in_flight,
         )
     except config.SettingsError as exc:
         return _fail(str(exc), EXIT_USAGE)
     json_logging.configure(settings.log_level)
     try:
+        if settings.workers > 1:
+            return _serve_workers(settings)
         return asyncio.run(_serve(settings))
     except ShadowPolicyLoadError as exc:
         print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
@@ -86,6 +90,66 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(f"not serving: {exc}")
     except (OSError, ValueError) as exc:
         return _fail(f"cannot start: {exc}")
+
+
+def _announce_callers(settings: config.Settings, target: str) -> None:
+    """Say loudly when dev mode is on, and how an issuer gets a token from this server."""
+    if settings.dev_mode:
+        print(
+            "proviso: WARNING dev mode: no IdP configured; the dev IdP in "
+            f"{settings.state_dir / 'dev-idp'} is trusted for issuers, approvers and admins. "
+            "Never use dev mode in production (configure --idp-jwks).",
+            file=sys.stderr,
+            flush=True,
+        )
+        print(
+            "proviso: dev issuer credential: --as orchestrator@service mints it from the dev "
+            f"IdP in {settings.state_dir} (or pass --identity-token JWT from your IdP), e.g.\n"
+            f"  proviso token issue --as orchestrator@service --state-dir {settings.state_dir} "
+            f"--target {target} --agent billing-resolution-agent@service "
+            "--grant 'requestRefund:invoice_id=in_93K2,amount<=50,currency in USD|EUR' --ttl 15m",
+            flush=True,
+        )
+    else:
+        print(
+            f"proviso: issuers mint with: proviso token issue --identity-token JWT "
+            f"--target {target} --agent AGENT --grant TOOL[:ARG=VALUE,...]",
+            flush=True,
+        )
+
+
+def _serve_workers(settings: config.Settings) -> int:
+    """``serve --workers N``: N processes on one port, supervised by this one."""
+    from sidecar import supervisor  # noqa: PLC0415 - keep `proviso lint` and `check` fast
+
+    policy = load_policy(settings.policies)  # errors are reported here, before any worker
+    if settings.shadow_policies is not None:
+        try:
+            load_policy(settings.shadow_policies)
+        except PolicyLoadError as exc:
+            raise ShadowPolicyLoadError(exc.issues) from None
+    try:
+        workers = supervisor.start_workers(settings)
+    except supervisor.WorkerStartError as exc:
+        return _fail(f"cannot start: {exc}")
+    host = settings.listen.host
+    print(
+        f"proviso: serving gRPC on {host}:{workers[0].grpc_port} "
+        f"({len(workers)} worker processes, SO_REUSEPORT)",
+        flush=True,
+    )
+    for worker in workers:
+        print(
+            f"proviso: worker {worker.index} pid {worker.pid}: metrics on "
+            f"http://{settings.metrics_listen.host}:{worker.metrics_port}/metrics, "
+            f"audit chain {worker.audit_path}",
+            flush=True,
+        )
+    print(f"proviso: policy {settings.policies} version {policy.version}", flush=True)
+    _announce_callers(settings, f"{host}:{workers[0].grpc_port}")
+    status = supervisor.supervise(workers)
+    print("proviso: stopped", flush=True)
+    return status
 
 
 async def _serve(settings: config.Settings) -> int:
@@ -104,30 +168,7 @@ async def _serve(settings: config.Settings) -> int:
             "(evaluated beside the active one; never decides)",
             flush=True,
         )
-    if settings.dev_mode:
-        print(
-            "proviso: WARNING dev mode: no IdP configured; the dev IdP in "
-            f"{settings.state_dir / 'dev-idp'} is trusted for issuers, approvers and admins. "
-            "Never use dev mode in production (configure --idp-jwks).",
-            file=sys.stderr,
-            flush=True,
-        )
-    target = f"{settings.listen.host}:{app.grpc_port}"
-    if settings.dev_mode:
-        print(
-            "proviso: dev issuer credential: --as orchestrator@service mints it from the dev "
-            f"IdP in {settings.state_dir} (or pass --identity-token JWT from your IdP), e.g.\n"
-            f"  proviso token issue --as orchestrator@service --state-dir {settings.state_dir} "
-            f"--target {target} --agent billing-resolution-agent@service "
-            "--grant 'requestRefund:invoice_id=in_93K2,amount<=50,currency in USD|EUR' --ttl 15m",
-            flush=True,
-        )
-    else:
-        print(
-            f"proviso: issuers mint with: proviso token issue --identity-token JWT "
-            f"--target {target} --agent AGENT --grant TOOL[:ARG=VALUE,...]",
-            flush=True,
-        )
+    _announce_callers(settings, f"{settings.listen.host}:{app.grpc_port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -958,12 +999,29 @@ def _verification_keys(args: argparse.Namespace) -> VerificationKeys:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """Prove the audit log's hash chain and checkpoint signatures; exit 1 at the first break."""
+    """Prove the audit log's hash chain and checkpoint signatures; exit 1 at the first break.
+
+    A directory may hold several chains (``serve --workers N`` writes one per worker): each is
+    verified on its own, and all must verify.
+    """
     try:
         keys = _verification_keys(args)
-        files = log_files(_audit_path(args.path, args.state_dir))
+        chains = logs(_audit_path(args.path, args.state_dir))
     except (UsageError, AuditLogNotFoundError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    reports = [_verify_chain(files, keys, args) for files in chains]
+    ok = all(report["ok"] for report in reports)
+    if args.format == "json":
+        print(
+            json.dumps(reports[0] if len(reports) == 1 else {"ok": ok, "logs": reports}, indent=2)
+        )
+    return EXIT_OK if ok else EXIT_REFUSED
+
+
+def _verify_chain(
+    files: list[Path], keys: VerificationKeys, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Verify one chain; print its summary unless the output is JSON."""
     result = verify_log(files, keys)
     state, broken = result.state, result.broken
     unsealed = state.unsealed
@@ -987,9 +1045,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             "message": broken.message,
         },
     }
-    if args.format == "json":
-        print(json.dumps(report, indent=2))
-    else:
+    if args.format != "json":
         span = f"seq {state.first_seq}-{state.seq}" if state.seq else "no records"
         summary = (
             f"{span}, {state.records} records, {state.checkpoints} signed checkpoints "
@@ -999,7 +1055,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             print(f"BROKEN at {broken}")
             print(f"verified before it: {summary}")
         else:
-            print(f"ok: {summary}")
+            print(f"ok: {summary}" + (f" ({files[-1].name})" if len(files) else ""))
         if unsealed and broken is None:
             print(
                 f"{'error' if args.require_sealed else 'note'}: the last {unsealed} record(s) "
@@ -1007,7 +1063,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                 "but not signed yet, so a cut there would not show (a live or crashed sidecar's "
                 "tail; a cleanly stopped one ends with a checkpoint)"
             )
-    return EXIT_OK if report["ok"] else EXIT_REFUSED
+    return report
 
 
 def cmd_audit_trace(args: argparse.Namespace) -> int:
@@ -1035,7 +1091,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from sidecar.audit import replay  # noqa: PLC0415 - only this command needs it
 
     try:
-        files = log_files(_audit_path(args.audit, args.state_dir))
+        chains = logs(_audit_path(args.audit, args.state_dir))
     except AuditLogNotFoundError as exc:
         return _fail(str(exc), EXIT_USAGE)
     try:
@@ -1043,7 +1099,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except PolicyLoadError as exc:
         print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
         return _fail(f"policy bundle {args.policies} has errors")
-    report = replay.replay(records(files), policy, examples=args.examples, run_id=args.run_id)
+    recorded = (record for files in chains for record in records(files))
+    report = replay.replay(recorded, policy, examples=args.examples, run_id=args.run_id)
     if args.format == "json":
         print(json.dumps(replay.to_json(report), indent=2, ensure_ascii=False))
     else:
@@ -1098,12 +1155,8 @@ def _add_test_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     test.set_defaults(handler=cmd_test)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="proviso", description="Policy-as-code authorization sidecar for AI agents."
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``serve``: run the sidecar."""
     serve = commands.add_parser("serve", help="run the sidecar", description=cmd_serve.__doc__)
     serve.add_argument("--policies", metavar="DIR", help="policy bundle (default: policies)")
     serve.add_argument("--listen", metavar="HOST:PORT", help=f"gRPC (default {DEFAULT_TARGET})")
@@ -1126,7 +1179,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="poll the policy directories for changes this often (default 1; 0 = off); "
         "SIGHUP and AdminService.ReloadPolicy reload too",
     )
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="server processes sharing the port (SO_REUSEPORT), each with its own audit chain "
+        "and /metrics port (default: the number of CPUs; 1 = this process alone)",
+    )
+    serve.add_argument(
+        "--max-in-flight",
+        metavar="N",
+        help="Checks decided at once per process; more are refused at once with "
+        f"RESOURCE_EXHAUSTED (default {config.DEFAULT_MAX_IN_FLIGHT})",
+    )
     serve.set_defaults(handler=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proviso", description="Policy-as-code authorization sidecar for AI agents."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_serve_command(commands)
 
     lint = commands.add_parser("lint", help="check a policy bundle", description=cmd_lint.__doc__)
     lint.add_argument("directory", metavar="DIR")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -16,6 +16,8 @@ DEFAULT_TOKEN_ISSUER = "proviso"
 DEFAULT_LEEWAY_SECONDS = 5
 MAX_LEEWAY_SECONDS = 30
 """Clock skew tolerated on capability tokens' nbf/exp; bounded, as tokens.verify bounds it."""
+DEFAULT_MAX_IN_FLIGHT = 256
+MAX_WORKERS = 64
 
 
 class SettingsError(ValueError):
@@ -80,6 +82,12 @@ class Settings:
     """OpenTelemetry exporters (``OTEL_TRACES_EXPORTER``); empty: tracing is off."""
     trace_service_name: str | None = "proviso"
     """None when ``OTEL_SERVICE_NAME`` is set: the OpenTelemetry SDK then reads it itself."""
+    workers: int = 1
+    """Server processes sharing the listen port (``serve --workers``); each its own audit chain."""
+    reuse_port: bool = False
+    """Bind with SO_REUSEPORT: only worker processes do, so a taken port is otherwise an error."""
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    """Checks decided at once per process; more are refused with RESOURCE_EXHAUSTED."""
 
     @property
     def dev_mode(self) -> bool:
@@ -91,12 +99,40 @@ class Settings:
         """Where decisions are recorded; by default inside the state directory."""
         return self.audit_log or self.state_dir / "audit" / "decisions.jsonl"
 
+    @property
+    def audit_dir(self) -> Path:
+        """The directory of the audit log: every worker's chain is in it."""
+        return self.audit_path.parent
+
+    def for_worker(self, index: int, *, listen_port: int, metrics_port: int) -> Settings:
+        """This process's settings as worker ``index`` of ``workers``: the shared port (with
+        SO_REUSEPORT), its own audit chain (``decisions.w0.jsonl``…) and metrics port."""
+        active = self.audit_path
+        return replace(
+            self,
+            listen=Address(self.listen.host, listen_port),
+            metrics_listen=Address(self.metrics_listen.host, metrics_port),
+            audit_log=active.with_name(f"{active.stem}.w{index}{active.suffix}"),
+            reuse_port=True,
+        )
+
 
 def setting(flag: str | None, env_name: str, default: str, env: Mapping[str, str]) -> str:
     """A flag wins over ``PROVISO_<NAME>``, which wins over the default."""
     if flag is not None:
         return flag
     return env.get(f"PROVISO_{env_name}", default)
+
+
+def _count(name: str, text: str, maximum: int) -> int:
+    """A whole number from 1 to ``maximum``.
+
+    Raises:
+        SettingsError: it is not one.
+    """
+    if not text.strip().isdigit() or not 1 <= int(text) <= maximum:
+        raise SettingsError(f"{name}: expected a whole number from 1 to {maximum}, got {text!r}")
+    return int(text)
 
 
 def _trace_exporters(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -120,6 +156,8 @@ def build(
     log_level: str | None = None,
     shadow_policies: str | None = None,
     watch_interval: str | None = None,
+    workers: str | None = None,
+    max_in_flight: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Settings from flags and the environment.
@@ -147,6 +185,14 @@ def build(
         raise SettingsError(
             f"--token-leeway: whole seconds from 0 to {MAX_LEEWAY_SECONDS}, got {leeway_text!r}"
         )
+    worker_count = _count(
+        "--workers", setting(workers, "WORKERS", str(os.cpu_count() or 1), env), MAX_WORKERS
+    )
+    in_flight = _count(
+        "--max-in-flight",
+        setting(max_in_flight, "MAX_IN_FLIGHT", str(DEFAULT_MAX_IN_FLIGHT), env),
+        1_000_000,
+    )
     settings = Settings(
         policies=Path(setting(policies, "POLICIES", "policies", env)),
         listen=Address.parse(setting(listen, "LISTEN", DEFAULT_LISTEN, env), "--listen"),
@@ -165,6 +211,8 @@ def build(
         watch_interval_seconds=interval,
         trace_exporters=_trace_exporters(env),
         trace_service_name=None if env.get("OTEL_SERVICE_NAME") else "proviso",
+        workers=worker_count,
+        max_in_flight=in_flight,
     )
     for name, address in (
         ("--listen", settings.listen),

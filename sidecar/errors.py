@@ -32,6 +32,14 @@ class ConflictError(SidecarError):
     """The request conflicts with the current state."""
 
 
+class OverloadedError(SidecarError):
+    """Too many calls in flight: refused at once rather than queued without bound."""
+
+
+class DeadlineExceededError(SidecarError):
+    """The caller's deadline passed before the call could be decided; nothing was decided."""
+
+
 class StoreUnavailableError(SidecarError):
     """State or audit storage cannot be read or written; decisions must fail closed."""
 

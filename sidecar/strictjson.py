@@ -42,12 +42,24 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise JSONInputError(f"duplicate key {key!r}")
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise JSONInputError(f"duplicate key {key!r}")
+            seen.add(key)
     return result
+
+
+# One decoder for every call: json.loads with hooks would build a decoder (and its scanner)
+# each time. Decoding keeps no state between calls, so sharing it is safe.
+_DECODER = json.JSONDecoder(
+    parse_float=_decimal,
+    parse_constant=_refuse_constant,
+    object_pairs_hook=_object_without_duplicates,
+)
+_UTF8_BYTES_PER_CHAR = 4
 
 
 def _depth(text: str) -> int:
@@ -69,18 +81,15 @@ def parse_object(
     Raises:
         JSONInputError: with a message fit to show the caller.
     """
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > max_bytes:
-        raise JSONInputError(f"{size} bytes exceeds the limit of {max_bytes}")
-    if _depth(text) > max_depth:
+    if len(text) * _UTF8_BYTES_PER_CHAR > max_bytes:  # else it cannot be too large
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            raise JSONInputError(f"{size} bytes exceeds the limit of {max_bytes}")
+    # Nesting cannot be deeper than the number of opening brackets: count them (in C) first.
+    if text.count("{") + text.count("[") > max_depth and _depth(text) > max_depth:
         raise JSONInputError(f"nesting deeper than {max_depth} levels")
     try:
-        value = json.loads(
-            text,
-            parse_float=_decimal,
-            parse_constant=_refuse_constant,
-            object_pairs_hook=_object_without_duplicates,
-        )
+        value = _DECODER.decode(text)
     except JSONInputError:
         raise
     except (ValueError, RecursionError) as exc:
@@ -117,19 +126,29 @@ def _number(value: Decimal | int) -> str:
     return format(Decimal((sign, digits, exponent)), "f")
 
 
+_string = json.encoder.encode_basestring
+"""JSON string text as ``json.dumps(value, ensure_ascii=False)`` writes it, without its overhead."""
+
+
 def canonical(value: Any) -> str:
     """Canonical JSON text: keys sorted, no whitespace, numbers in shortest exact form.
 
     Two documents that mean the same call have the same canonical form, so the digest binds
     approvals and idempotency keys to the call, not to its formatting.
     """
+    kind = type(value)
+    if kind is str:
+        return _string(value)
+    if kind is dict:
+        return "{" + _members(value) + "}"
+    if kind is Decimal or kind is int:
+        return _number(value)
+    if kind is list:
+        return "[" + ",".join([canonical(v) for v in value]) + "]"
     if isinstance(value, dict):
-        items = ",".join(
-            f"{json.dumps(k, ensure_ascii=False)}:{canonical(v)}" for k, v in sorted(value.items())
-        )
-        return "{" + items + "}"
+        return "{" + _members(value) + "}"
     if isinstance(value, list):
-        return "[" + ",".join(canonical(v) for v in value) + "]"
+        return "[" + ",".join([canonical(v) for v in value]) + "]"
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, int | Decimal):
@@ -137,6 +156,18 @@ def canonical(value: Any) -> str:
     if isinstance(value, float):
         return _number(Decimal(repr(value)))
     raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+def _members(value: dict[Any, Any]) -> str:
+    """The members in key order (a key that is not a string as ``json.dumps`` writes it)."""
+    return ",".join(
+        [
+            (_string(k) if isinstance(k, str) else json.dumps(k, ensure_ascii=False))
+            + ":"
+            + canonical(v)
+            for k, v in sorted(value.items())
+        ]
+    )
 
 
 def digest(value: Any) -> str:

@@ -96,18 +96,48 @@ def _object(members: Mapping[str, str]) -> str:
     return "{" + ",".join([_string(k) + ":" + members[k] for k in _order(members)]) + "}"
 
 
+class Encoded:
+    """A JSON value already in canonical form (from ``encoded``): written as is, not re-encoded.
+
+    For parts of records that repeat unchanged from record to record (a token's claims), so
+    they are encoded once. Only ``encoded`` makes one, so the text is always ``_encode``'s.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def encoded(value: Any) -> Encoded:
+    """``value`` in canonical form, to place in record bodies as is.
+
+    Raises:
+        CanonicalJSONError: ``value`` is not JSON.
+    """
+    return Encoded(_encode(value))
+
+
 def _encode(value: Any) -> str:
     kind = type(value)
     if kind is str:
         return _string(value)
-    if kind is dict or isinstance(value, Mapping):
+    if kind is Encoded:
+        return value.text  # type: ignore[no-any-return]
+    if kind is dict:
         return _object(_members(value))
+    if kind is int:
+        return str(value)
     if value is True:
         return "true"
     if value is False:
         return "false"
     if value is None:
         return "null"
+    if kind is list:
+        return "[" + ",".join([_encode(item) for item in value]) + "]"
+    if isinstance(value, Mapping):
+        return _object(_members(value))
     if isinstance(value, str):
         return _string(value)
     if isinstance(value, int | float | Decimal):
@@ -188,6 +218,49 @@ class Sealed:
     hash: str
 
 
+class Prepared:
+    """A record body encoded ahead of its place in the chain: only ``seq`` and ``prev`` are missing.
+
+    Encoding the body is most of the cost of sealing, and it does not depend on where the record
+    lands, so callers do it on their own thread (``prepare``); the audit writer then only fills
+    in the chain fields (``seal``), in write order. The bytes are exactly ``seal``'s.
+    """
+
+    __slots__ = ("_hash_at", "_members", "_prev_at", "_seq_at")
+
+    def __init__(self, members: Mapping[str, str]) -> None:
+        names = _order([*members, *CHAIN_FIELDS])
+        self._members = [
+            name if name in CHAIN_FIELDS else _string(name) + ":" + members[name] for name in names
+        ]
+        self._seq_at = names.index("seq")
+        self._prev_at = names.index("prev")
+        self._hash_at = names.index("hash")
+
+    def seal(self, *, seq: int, prev: str) -> Sealed:
+        """The record at ``seq`` after the record whose hash is ``prev``."""
+        members = self._members.copy()
+        members[self._seq_at] = '"seq":' + str(seq)
+        members[self._prev_at] = '"prev":' + _string(prev)
+        at = self._hash_at
+        digest = _digest("{" + ",".join(members[:at] + members[at + 1 :]) + "}")
+        members[at] = '"hash":' + _string(digest)
+        return Sealed(_utf8("{" + ",".join(members) + "}\n"), seq, digest)
+
+
+def prepare(body: Mapping[str, Any]) -> Prepared:
+    """Encode ``body`` for sealing later (see ``Prepared``).
+
+    Raises:
+        CanonicalJSONError: the body is not JSON.
+        ValueError: the body already carries ``seq``, ``prev`` or ``hash``.
+    """
+    taken = [name for name in CHAIN_FIELDS if name in body]
+    if taken:
+        raise ValueError(f"a record body must not set {', '.join(taken)}: the writer does")
+    return Prepared(_members(body))
+
+
 def seal(body: Mapping[str, Any], *, seq: int, prev: str) -> Sealed:
     """Put ``body`` in the chain at ``seq`` after the record whose hash is ``prev``.
 
@@ -197,15 +270,7 @@ def seal(body: Mapping[str, Any], *, seq: int, prev: str) -> Sealed:
         CanonicalJSONError: the body is not JSON.
         ValueError: the body already carries ``seq``, ``prev`` or ``hash``.
     """
-    taken = [name for name in CHAIN_FIELDS if name in body]
-    if taken:
-        raise ValueError(f"a record body must not set {', '.join(taken)}: the writer does")
-    members = _members(body)
-    members["seq"] = str(seq)
-    members["prev"] = _string(prev)
-    digest = _digest(_object(members))
-    members["hash"] = _string(digest)
-    return Sealed(_utf8(_object(members) + "\n"), seq, digest)
+    return prepare(body).seal(seq=seq, prev=prev)
 
 
 def record_hash(record: Mapping[str, Any]) -> str:

@@ -70,6 +70,26 @@ def log_files(path: Path) -> list[Path]:
     return files
 
 
+def logs(path: Path) -> list[list[Path]]:
+    """Every log at ``path``, each as its files in chain order.
+
+    ``path`` is one log's active file, or a directory: then every log in it, one per stem
+    (``serve --workers N`` writes one chain per worker process: ``decisions.w0.jsonl``…).
+
+    Raises:
+        AuditLogNotFoundError: no log there.
+    """
+    if not path.is_dir():
+        return [log_files(path)]
+    stems = sorted(
+        {p.stem for p in path.glob("*.jsonl") if not _SEGMENT_RE.match(p.stem)}
+        | {m["stem"] for p in path.glob("*.jsonl") if (m := _SEGMENT_RE.match(p.stem))}
+    )
+    if not stems:
+        raise AuditLogNotFoundError(f"no audit log in {path}")
+    return [log_files(path / f"{stem}.jsonl") for stem in stems]
+
+
 def lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
     """``(line number, bytes without the newline, complete)`` for each line of a file."""
     with path.open("rb") as stream:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from sidecar.audit.chain import Encoded, encoded
 from sidecar.engine import Decision, ToolCall
 from tokens import CapabilityClaims, Grant
 
@@ -100,7 +101,7 @@ class AuditRecord:
             "redacted": list(self.redacted),
             "context": call.context,
             "token_id": d.token_id,
-            "token": token_claims(self.token) if self.token is not None else None,
+            "token": _claims_json(self.token) if self.token is not None else None,
             "policy_version": d.policy_version,
             "decision": d.outcome.value,
             "reasons": [
@@ -144,6 +145,27 @@ def token_claims(claims: CapabilityClaims) -> dict[str, Any]:
         "grants": [grant.to_claim() for grant in claims.grants],
         "kid": claims.key_id,
     }
+
+
+_ENCODED_CLAIMS_MAX = 4096
+_encoded_claims: dict[int, tuple[CapabilityClaims, Encoded]] = {}
+
+
+def _claims_json(claims: CapabilityClaims) -> Encoded:
+    """``token_claims`` in canonical form, encoded once per claims object.
+
+    An agent reuses its token, and the server its verified claims object, so every record of a
+    run carries the same claims: they are encoded the first time only. The entry holds the
+    object, so its id cannot be reused while cached.
+    """
+    entry = _encoded_claims.get(id(claims))
+    if entry is not None and entry[0] is claims:
+        return entry[1]
+    if len(_encoded_claims) >= _ENCODED_CLAIMS_MAX:
+        _encoded_claims.clear()
+    value = encoded(token_claims(claims))
+    _encoded_claims[id(claims)] = (claims, value)
+    return value
 
 
 def claims_from_record(recorded: Mapping[str, Any]) -> CapabilityClaims:

@@ -14,7 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sidecar.audit.files import log_files, records
+from sidecar.audit.files import logs, records
 from sidecar.audit.record import KIND_DECISION
 
 
@@ -120,7 +120,9 @@ def step_from_record(record: Mapping[str, Any]) -> TraceStep:
     )
 
 
-def build_trace(log: Iterable[Mapping[str, Any]], run_id: str) -> RunTrace | None:
+def build_trace(
+    log: Iterable[Mapping[str, Any]], run_id: str, *, by_time: bool = False
+) -> RunTrace | None:
     """The run's trace from the log's records, or None if no Check of the run is there."""
     steps = [
         step_from_record(record)
@@ -129,16 +131,22 @@ def build_trace(log: Iterable[Mapping[str, Any]], run_id: str) -> RunTrace | Non
     ]
     if not steps:
         return None
-    return RunTrace(run_id, tuple(sorted(steps, key=lambda step: step.seq)))
+    order = (lambda step: (step.time, step.seq)) if by_time else (lambda step: step.seq)
+    return RunTrace(run_id, tuple(sorted(steps, key=order)))
 
 
 def load_trace(path: Path, run_id: str) -> RunTrace | None:
     """Read the log at ``path`` (file or directory) and build the run's trace.
 
+    A directory may hold several chains (one per worker process); a run's Checks may have been
+    answered by any of them, so its steps are then ordered by time (``seq`` is per chain).
+
     Raises:
         AuditLogNotFoundError: there is no log at ``path``.
     """
-    return build_trace(records(log_files(path)), run_id)
+    chains = logs(path)
+    merged = [record for files in chains for record in records(files)]
+    return build_trace(merged, run_id, by_time=len(chains) > 1)
 
 
 def to_json(trace: RunTrace) -> dict[str, Any]:

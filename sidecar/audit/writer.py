@@ -1,9 +1,12 @@
 """A durable, append-only, hash-chained audit log with group commit.
 
-Callers hand a record body to ``append`` and await it. One writer thread takes every body
-queued so far, gives each its place in the chain (``seq``, ``prev``, ``hash``: assigned here, in
-write order, so concurrent Checks can never interleave the chain), writes them, and calls
-``fsync`` once for the whole batch, so concurrent Checks share the cost of durability.
+Callers hand a record body to ``append`` and await it. The body is encoded on the caller's
+thread (the costly part, and independent of where the record lands: ``chain.prepare``). One
+writer thread takes every record queued so far, gives each its place in the chain (``seq``,
+``prev``, ``hash``: assigned here, in write order, so concurrent Checks can never interleave the
+chain), writes them, and calls ``fsync`` once for the whole batch, so concurrent Checks share
+the cost of durability. The writer does little Python work of its own (it holds the GIL only
+briefly, so it does not slow the event loop down) and wakes each event loop once per batch.
 ``append`` returns only once the record is on disk, and raises ``AuditWriteError`` if it could
 not be: the caller must then not answer ALLOW.
 
@@ -28,7 +31,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +39,10 @@ from typing import Any
 from sidecar.audit.chain import (
     ChainState,
     ChainVerifier,
+    Prepared,
     Problem,
     parse_line,
-    seal,
+    prepare,
     seal_checkpoint,
 )
 from sidecar.audit.files import segment_path, segments
@@ -62,7 +66,21 @@ class Receipt:
     hash: str
 
 
-_Pending = tuple[Mapping[str, Any], concurrent.futures.Future[Receipt]]
+Waiter = concurrent.futures.Future[Receipt] | asyncio.Future[Receipt]
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A record waiting for its place in the chain, and who waits for it to be durable.
+
+    ``loop`` is set when ``waiter`` is an asyncio future: it is settled on that loop.
+    """
+
+    record: Prepared
+    waiter: Waiter
+    loop: asyncio.AbstractEventLoop | None = None
+
+
 _STOP = object()
 CommitObserver = Callable[[int, bool], None]
 """Called by the writer thread after each durable write: (records in it, checkpoint added)."""
@@ -109,7 +127,7 @@ class AuditLog:
         self._checkpoint_seconds = checkpoint_seconds
         self._max_file_bytes = max_file_bytes
         self._on_commit = on_commit
-        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Pending | list[_Pending] | object] = queue.SimpleQueue()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -122,7 +140,12 @@ class AuditLog:
         self._last_checkpoint = time.monotonic()
         self._size = os.fstat(self._fd).st_size if self._regular else 0
         self._broken = ""
-        self._inflight: list[concurrent.futures.Future[Receipt]] = []
+        self._inflight: list[_Pending] = []
+        # Records appended on an event loop, not yet handed to the writer (see ``append``).
+        self._batch: list[_Pending] = []
+        self._batch_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scheduled = False
+        self._batch_in_flight = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -138,25 +161,89 @@ class AuditLog:
         ``body`` is a JSON object without ``seq``, ``prev`` and ``hash``; numbers may be
         ``int`` or ``Decimal``.
 
+        Records appended on an event loop are handed to the writer in batches: all those
+        appended while the previous batch was being written go together (group commit), so the
+        writer thread wakes, and wakes the loop, once per batch rather than once per record.
+
         Raises:
             AuditWriteError: the record could not be written and synced.
         """
-        return await asyncio.wrap_future(self.submit(body))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Receipt] = loop.create_future()
+        record = self._prepare(body, waiter)
+        if record is not None:
+            if self._batch_loop is not loop:
+                self._flush_batch()  # another loop's records (tests): hand them over now
+                self._batch_loop = loop
+            self._batch.append(_Pending(record, waiter, loop))
+            if not (self._flush_scheduled or self._batch_in_flight):
+                self._flush_scheduled = True
+                loop.call_soon(self._flush_scheduled_batch)
+        return await waiter
 
     def submit(self, body: Mapping[str, Any]) -> concurrent.futures.Future[Receipt]:
         """Queue one record; the future resolves once it is durable (or fails)."""
         future: concurrent.futures.Future[Receipt] = concurrent.futures.Future()
-        if self._closed or self._broken:
-            future.set_exception(AuditWriteError(self._broken or "the audit log is closed"))
-            return future
-        self._queue.put((body, future))
+        self._enqueue(body, future, None)
         return future
+
+    def _enqueue(
+        self, body: Mapping[str, Any], waiter: Waiter, loop: asyncio.AbstractEventLoop | None
+    ) -> None:
+        record = self._prepare(body, waiter)
+        if record is not None:
+            self._queue.put(_Pending(record, waiter, loop))
+
+    def _prepare(self, body: Mapping[str, Any], waiter: Waiter) -> Prepared | None:
+        """The record encoded for the writer, or None once ``waiter`` holds the failure."""
+        if self._closed or self._broken:
+            waiter.set_exception(AuditWriteError(self._broken or "the audit log is closed"))
+            return None
+        try:
+            return prepare(body)
+        except (ValueError, RecursionError) as exc:
+            waiter.set_exception(AuditWriteError(f"not a valid audit record: {exc}"))
+            return None
+
+    def _flush_scheduled_batch(self) -> None:
+        """On the loop, after every Check of this iteration appended: send the batch."""
+        self._flush_scheduled = False
+        if not self._batch_in_flight:
+            self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._batch_in_flight = True
+            self._queue.put(batch)
+
+    def _settle(self, outcomes: Sequence[tuple[_Pending, Outcome]]) -> None:
+        """Resolve waiters: futures here; a loop's batch with one wake-up of that loop.
+
+        A waiter already done is one whose caller gave up (a deadline cancelled it): skipped.
+        """
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Waiter, Outcome]]] = {}
+        for pending, outcome in outcomes:
+            if pending.loop is None:
+                _resolve(pending.waiter, outcome)
+            else:
+                by_loop.setdefault(pending.loop, []).append((pending.waiter, outcome))
+        for loop, waiters in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: no one is waiting
+                loop.call_soon_threadsafe(self._batch_done, waiters)
+
+    def _batch_done(self, waiters: list[tuple[Waiter, Outcome]]) -> None:
+        """On the loop, when the writer is done with a batch: settle it, send the next."""
+        _resolve_all(waiters)
+        self._batch_in_flight = False
+        self._flush_batch()
 
     def close(self) -> None:
         """Write what is queued, seal it with a last checkpoint, stop, and close the file."""
         if self._closed:
             return
         self._closed = True
+        self._flush_batch()
         self._queue.put(_STOP)
         self._thread.join()
         os.close(self._fd)
@@ -172,9 +259,7 @@ class AuditLog:
                 log.exception("the audit writer failed; every Check now fails closed")
                 self._broken = f"the audit writer failed ({type(exc).__name__})"
                 error = AuditWriteError(self._broken)
-                for future in self._inflight:
-                    if not future.done():  # a caller that gave up (deadline) cancelled it
-                        future.set_exception(error)
+                self._settle([(pending, error) for pending in self._inflight])
                 continue
             return
 
@@ -187,7 +272,8 @@ class AuditLog:
                 continue
             if item is _STOP:
                 break
-            batch: list[_Pending] = [item]  # type: ignore[list-item]
+            batch: list[_Pending] = []
+            _add(batch, item)
             stop = False
             while len(batch) < self._max_batch:
                 try:
@@ -197,8 +283,8 @@ class AuditLog:
                 if more is _STOP:
                     stop = True
                     break
-                batch.append(more)  # type: ignore[arg-type]
-            self._inflight = [future for _, future in batch]
+                _add(batch, more)
+            self._inflight = batch
             self._commit(batch)
             self._maybe_rotate()
             if stop:
@@ -213,26 +299,18 @@ class AuditLog:
         return max(0.0, self._last_checkpoint + self._checkpoint_seconds - time.monotonic())
 
     def _commit(self, batch: list[_Pending], *, force_checkpoint: bool = False) -> bool:
-        """Seal, write and fsync ``batch`` (plus a checkpoint if one is due); resolve futures."""
+        """Seal, write and fsync ``batch`` (plus a checkpoint if one is due); settle its waiters."""
         if self._broken:
-            error = AuditWriteError(self._broken)
-            for _, future in batch:
-                if not future.done():  # a caller that gave up (deadline) cancelled it
-                    future.set_exception(error)
+            self._settle([(pending, AuditWriteError(self._broken)) for pending in batch])
             return False
         seq, head = self._seq, self._head
         lines: list[bytes] = []
-        done: list[tuple[concurrent.futures.Future[Receipt], Receipt]] = []
-        for body, future in batch:
-            try:
-                sealed = seal(body, seq=seq + 1, prev=head)
-            except (ValueError, RecursionError) as exc:
-                if not future.done():  # a caller that gave up (deadline) cancelled it
-                    future.set_exception(AuditWriteError(f"not a valid audit record: {exc}"))
-                continue
+        done: list[tuple[_Pending, Receipt]] = []
+        for pending in batch:
+            sealed = pending.record.seal(seq=seq + 1, prev=head)
             seq, head = sealed.seq, sealed.hash
             lines.append(sealed.line)
-            done.append((future, Receipt(seq, head)))
+            done.append((pending, Receipt(seq, head)))
         unsealed = seq - self._sealed_seq
         checkpoint = unsealed > 0 and (
             force_checkpoint
@@ -255,9 +333,7 @@ class AuditLog:
             self._write(b"".join(lines))
         except OSError as exc:
             error = AuditWriteError(f"audit write failed: {exc.strerror or exc}")
-            for future, _ in done:
-                if not future.done():  # a caller that gave up (deadline) cancelled it
-                    future.set_exception(error)
+            self._settle([(pending, error) for pending, _ in done])
             return False
         if self._regular and not self._file_first_seq:
             self._file_first_seq = self._seq + 1
@@ -265,9 +341,7 @@ class AuditLog:
         if checkpoint:
             self._sealed_seq = seq
             self._last_checkpoint = time.monotonic()
-        for future, receipt in done:
-            if not future.done():  # a caller that gave up (deadline) cancelled it
-                future.set_result(receipt)
+        self._settle(done)
         if self._on_commit is not None:
             try:
                 self._on_commit(len(done), checkpoint)
@@ -394,6 +468,32 @@ class AuditLog:
         elif broken is not None:
             raise AuditLogCorruptError(self.path, f"its last checkpoint: {broken.message}")
         return ChainState(seq=seq, head=str(record["hash"]), sealed_seq=seq)
+
+
+Outcome = Receipt | AuditWriteError
+
+
+def _add(batch: list[_Pending], item: object) -> None:
+    """Add a queued item (one record, or an event loop's batch) to ``batch``."""
+    if isinstance(item, list):
+        batch.extend(item)
+    else:
+        batch.append(item)  # type: ignore[arg-type]
+
+
+def _resolve_all(waiters: list[tuple[Waiter, Outcome]]) -> None:
+    for waiter, outcome in waiters:
+        _resolve(waiter, outcome)
+
+
+def _resolve(waiter: Waiter, outcome: Outcome) -> None:
+    if waiter.done():
+        return
+    with contextlib.suppress(concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+        if isinstance(outcome, Receipt):
+            waiter.set_result(outcome)
+        else:
+            waiter.set_exception(outcome)
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:

@@ -126,6 +126,16 @@ class Metrics:
             "Signed checkpoints written to the audit log.",
             registry=self.registry,
         )
+        self.checks_rejected = Counter(
+            "proviso_checks_rejected",
+            "Checks refused with RESOURCE_EXHAUSTED because too many were in flight (per worker).",
+            registry=self.registry,
+        )
+        self.checks_in_flight = Gauge(
+            "proviso_checks_in_flight",
+            "Checks being decided now (per worker process).",
+            registry=self.registry,
+        )
         self._policy_labels: tuple[str, str] | None = None
         self._shadow_labels: tuple[str, str] | None = None
 

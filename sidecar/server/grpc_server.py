@@ -12,9 +12,16 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 
 
 async def start(
-    handlers: Sequence[grpc.GenericRpcHandler], service_names: Sequence[str], listen: str
+    handlers: Sequence[grpc.GenericRpcHandler],
+    service_names: Sequence[str],
+    listen: str,
+    *,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Bind ``listen`` (port 0 picks a free one), start, and report SERVING.
+
+    ``reuse_port`` lets several worker processes share the port (SO_REUSEPORT: the kernel
+    spreads connections over them). Off by default, so a port already taken is an error.
 
     Returns the server, the bound port and the health servicer (to report NOT_SERVING on stop).
     """
@@ -22,7 +29,7 @@ async def start(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
     )
     server.add_generic_rpc_handlers(tuple(handlers))

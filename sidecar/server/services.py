@@ -31,7 +31,13 @@ from sidecar.audit.trace import load_trace
 from sidecar.audit.writer import AuditLog
 from sidecar.authorizer import Authorizer, PolicyHolder, TokenVerifier
 from sidecar.clock import Clock, timestamp
-from sidecar.errors import InvalidRequestError, NotFoundError, UnauthenticatedError
+from sidecar.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    UnauthenticatedError,
+)
 from sidecar.identity import Identity, IdentityVerifier
 from sidecar.keystore import KeyStore
 from sidecar.minting import MintedToken, attenuate_token, authorize_issuer, mint
@@ -112,17 +118,41 @@ def server_stream(
 
 
 class AuthorizationService:
-    """proviso.v1.AuthorizationService."""
+    """proviso.v1.AuthorizationService.
+
+    At most ``max_in_flight`` Checks are decided at once in this process; one more is refused
+    at once with RESOURCE_EXHAUSTED (the caller retries, with backoff, or fails over), so a
+    burst never turns into an unbounded queue whose answers all come too late. A Check whose
+    deadline has already passed is not decided at all (DEADLINE_EXCEEDED); one whose deadline
+    passes while it is being decided is cancelled by gRPC, and its caller never sees an ALLOW.
+    """
 
     name = "proviso.v1.AuthorizationService"
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(
+        self, authorizer: Authorizer, *, metrics: Metrics, max_in_flight: int = 256
+    ) -> None:
         self._authorizer = authorizer
+        self._metrics = metrics
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
 
     async def check(
         self, request: authz_pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> authz_pb.CheckResponse:
-        result = await self._authorizer.check(convert.check_input(request))
+        if self._in_flight >= self._max_in_flight:
+            self._metrics.checks_rejected.inc()
+            raise OverloadedError(f"more than {self._max_in_flight} Checks in flight; retry later")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceededError("the deadline passed before the Check was decided")
+        self._in_flight += 1
+        self._metrics.checks_in_flight.set(self._in_flight)
+        try:
+            result = await self._authorizer.check(convert.check_input(request))
+        finally:
+            self._in_flight -= 1
+            self._metrics.checks_in_flight.set(self._in_flight)
         return convert.check_response(result)
 
     def handler(self) -> grpc.GenericRpcHandler:

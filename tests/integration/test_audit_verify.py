@@ -120,10 +120,13 @@ Lines = list[bytes]
 
 
 def edit_field(lines: Lines) -> Lines:
-    """Turn line 5's decision into another one, as someone covering their tracks might."""
-    was = json.loads(lines[4])["decision"]
+    """Change what line 5 says, as someone covering their tracks might: a decision's outcome,
+    or the actor of an approval event (the order of concurrent records is not fixed)."""
+    record = json.loads(lines[4])
+    field = "decision" if "decision" in record else "actor"
+    was = record[field]
     other = "DENY" if was == "ALLOW" else "ALLOW"
-    lines[4] = lines[4].replace(f'"decision":"{was}"'.encode(), f'"decision":"{other}"'.encode())
+    lines[4] = lines[4].replace(f'"{field}":"{was}"'.encode(), f'"{field}":"{other}"'.encode())
     return lines
 
 

@@ -54,7 +54,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
         [
             *PROVISO, "serve", "--policies", str(bundle), "--listen", "127.0.0.1:0",
             "--metrics-listen", "127.0.0.1:0", "--state-dir", str(state),
-            "--watch-interval", "0",
+            "--watch-interval", "0", "--workers", "1",
         ],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

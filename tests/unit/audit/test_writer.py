@@ -44,6 +44,19 @@ async def test_concurrent_appends_share_fsyncs_and_chain_in_write_order(tmp_path
     assert verify_log(log_files(tmp_path / "a.jsonl"), KEYS).broken is None
 
 
+async def test_appends_on_a_loop_go_to_the_writer_in_batches(tmp_path: Path) -> None:
+    """Records appended while a batch is being written all go in the next one (group commit)."""
+    commits: list[int] = []
+    log = open_log(tmp_path / "a.jsonl", on_commit=lambda n, _: commits.append(n))
+    first = asyncio.ensure_future(log.append({"kind": "t", "i": 0}))
+    await asyncio.sleep(0)  # the first record is on its way to the writer
+    rest = [asyncio.ensure_future(log.append({"kind": "t", "i": i})) for i in range(1, 50)]
+    await asyncio.gather(first, *rest)
+    log.close()
+    assert [n for n in commits if n][:2] == [1, 49]
+    assert verify_log(log_files(tmp_path / "a.jsonl"), KEYS).broken is None
+
+
 def test_appends_from_many_threads_never_interleave_the_chain(tmp_path: Path) -> None:
     """Threads submitting at once still yield one unbroken chain."""
     log = open_log(tmp_path / "a.jsonl", checkpoint_every=25)

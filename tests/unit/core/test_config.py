@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,26 @@ def test_an_https_idp_jwks_is_a_url_and_turns_dev_mode_off() -> None:
     assert settings.dev_mode is False
     with pytest.raises(SettingsError, match="idp-issuer"):
         _build(idp_jwks="https://idp.example.com/jwks.json")
+
+
+def test_workers_default_to_the_cpu_count_and_flags_win() -> None:
+    """--workers defaults to the number of CPUs; PROVISO_WORKERS and the flag override it."""
+    assert _build().workers == (os.cpu_count() or 1)
+    assert _build({"PROVISO_WORKERS": "3"}).workers == 3
+    assert _build({"PROVISO_WORKERS": "3"}, workers="1").workers == 1
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "two", "", "65"])
+def test_a_bad_worker_count_is_refused(text: str) -> None:
+    """A worker count that is not a whole number from 1 to 64 is a usage error."""
+    with pytest.raises(SettingsError, match="--workers"):
+        _build(workers=text)
+
+
+def test_each_worker_gets_its_own_chain_and_metrics_port() -> None:
+    """Worker settings share the port (SO_REUSEPORT) and name their own audit chain."""
+    settings = _build(workers="2")
+    worker = settings.for_worker(1, listen_port=7000, metrics_port=9465)
+    assert (worker.listen.port, worker.metrics_listen.port, worker.reuse_port) == (7000, 9465, True)
+    assert worker.audit_path == Path(".proviso/audit/decisions.w1.jsonl")
+    assert not settings.reuse_port, "a single process never shares its port"

@@ -364,3 +364,29 @@ def test_the_digest_ignores_key_insertion_order(value: dict[str, Any]) -> None:
         return v
 
     assert digest(reversed_keys(value)) == digest(value)
+
+
+def _canonical_as_first_released(value: Any) -> str:
+    """canonical() as it was first written: digests are stored (idempotency keys, approvals),
+    so a faster canonical() must produce exactly these bytes, forever."""
+    if isinstance(value, dict):
+        items = ",".join(
+            f"{json.dumps(k, ensure_ascii=False)}:{_canonical_as_first_released(v)}"
+            for k, v in sorted(value.items())
+        )
+        return "{" + items + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_canonical_as_first_released(v) for v in value) + "]"
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, int | Decimal):
+        return canonical(value)
+    assert isinstance(value, float)
+    return canonical(Decimal(repr(value)))
+
+
+@PROPERTY_SETTINGS
+@given(value=json_objects)
+def test_canonical_text_never_changes(value: dict[str, Any]) -> None:
+    """The canonical form (and so every stored digest) is the one first released."""
+    assert canonical(value) == _canonical_as_first_released(value)

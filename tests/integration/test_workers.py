@@ -1,0 +1,125 @@
+"""`proviso serve --workers 2`: two processes on one port, one state store, one chain each."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
+from sidecar._proto.proviso.v1 import authorization_service_pb2_grpc as pb_grpc
+from sidecar.audit.files import logs, records
+from sidecar.keystore import load_or_create
+from tests.conftest import BILLING_AGENT, EXAMPLE_POLICIES, ROOT
+from tests.integration.test_check import INVOICE_CONTEXT, refund
+from tokens import Grant, issue
+
+PROVISO = [sys.executable, "-m", "sidecar.cli"]
+CHANNELS = 8
+CHECKS_PER_CHANNEL = 10
+
+
+async def _checks(target: str, token: str) -> list[pb.Decision.ValueType]:
+    """Checks over several connections (the kernel spreads connections, not calls)."""
+
+    async def one_channel(c: int) -> list[pb.Decision.ValueType]:
+        async with grpc.aio.insecure_channel(
+            target, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            stub = pb_grpc.AuthorizationServiceStub(channel)
+            answers = []
+            for i in range(CHECKS_PER_CHANNEL):
+                response = await stub.Check(
+                    pb.CheckRequest(
+                        token=token, tool="requestRefund", arguments_json=refund("10"),
+                        context_json=INVOICE_CONTEXT, run_id=f"run-{c}",
+                        idempotency_key=f"k-{c}-{i}",
+                    ),
+                    timeout=10,
+                )  # fmt: skip
+                answers.append(response.decision)
+            return answers
+
+    results = await asyncio.gather(*(one_channel(c) for c in range(CHANNELS)))
+    return [decision for answers in results for decision in answers]
+
+
+def _decisions(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("proviso_decisions_total{")
+    )
+
+
+def test_two_workers_share_the_port_the_store_and_stop_together(tmp_path: Path) -> None:
+    """Both answer on one port, each keeps its own verifiable chain and metrics, SIGHUP reaches
+    them, and SIGTERM stops them all cleanly."""
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [
+            *PROVISO, "serve", "--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0", "--state-dir", str(state), "--workers", "2",
+            "--log-level", "ERROR",
+        ],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(3)]
+        match = re.search(r"serving gRPC on (\S+) \(2 worker processes", lines[0])
+        assert match, "".join(lines) + (process.stderr.read() if process.stderr else "")
+        metrics_ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)/metrics", "".join(lines))]
+        pids = [int(p) for p in re.findall(r"pid (\d+)", "".join(lines))]
+        assert len(metrics_ports) == len(pids) == 2
+        token = issue(
+            load_or_create(state).active, issuer="proviso", subject=BILLING_AGENT,
+            audience="proviso", grants=(Grant("requestRefund", {"invoice_id": "in_93K2"}),),
+            ttl_seconds=600, now=int(time.time()),
+        )  # fmt: skip
+        answers = asyncio.run(_checks(match.group(1), token))
+        assert answers == [pb.DECISION_ALLOW] * (CHANNELS * CHECKS_PER_CHANNEL)
+        counted = [_decisions(port) for port in metrics_ports]
+        assert sum(counted) == CHANNELS * CHECKS_PER_CHANNEL, counted
+        process.send_signal(signal.SIGHUP)  # forwarded: a policy reload, not a stop
+        time.sleep(0.5)
+        assert all(_pid_alive(pid) for pid in pids)
+        assert asyncio.run(_checks(match.group(1), token))[0] == pb.DECISION_ALLOW
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert not any(_pid_alive(pid) for pid in pids), "workers stop with their parent"
+    chains = logs(state / "audit")
+    assert [files[-1].name for files in chains] == ["decisions.w0.jsonl", "decisions.w1.jsonl"]
+    decided = [r for files in chains for r in records(files) if r["kind"] == "decision"]
+    assert len(decided) == 2 * CHANNELS * CHECKS_PER_CHANNEL
+    verify = subprocess.run(
+        [*PROVISO, "audit", "verify", "--state-dir", str(state), "--require-sealed",
+         "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    report = json.loads(verify.stdout)
+    assert report["ok"] is True
+    assert len(report["logs"]) == 2
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/status").read_text().count("State:\tZ")
