@@ -17,7 +17,9 @@ from typing import Any
 MAX_JSON_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32
 
-_STRINGS_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A string runs to its closing quote or, unterminated, to the end of the text: the possessive
+# quantifier never backtracks, so hostile input (many unterminated quotes) stays linear.
+_STRINGS_RE = re.compile(r'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _BRACKETS_RE = re.compile(r"[\[\]{}]")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 

@@ -390,3 +390,14 @@ def _canonical_as_first_released(value: Any) -> str:
 def test_canonical_text_never_changes(value: dict[str, Any]) -> None:
     """The canonical form (and so every stored digest) is the one first released."""
     assert canonical(value) == _canonical_as_first_released(value)
+
+
+def test_hostile_unterminated_strings_are_refused_in_linear_time() -> None:
+    """Many unterminated quotes under the size cap are refused at once, not after seconds."""
+    hostile = "[" * 33 + '"\\' * 21000
+    started = time.perf_counter()
+    with pytest.raises(JSONInputError):
+        parse_object(hostile)
+    assert time.perf_counter() - started < 0.25
+    nested_quotes = '{"a": "' + '\\"' * 20000 + '"}'
+    assert parse_object(nested_quotes)["a"] == '"' * 20000
