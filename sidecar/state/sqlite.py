@@ -376,8 +376,13 @@ class SQLiteStore:
             raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
         try:
             yield _Transaction(self._db)
+        except sqlite3.Error as exc:
+            # Any failure inside the decision (a read, a write, a constraint) means the store
+            # cannot decide: UNAVAILABLE for the caller, never INTERNAL, never a half commit.
+            self._rollback_quietly()
+            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback_quietly()
             raise
         try:
             self._db.execute("COMMIT")

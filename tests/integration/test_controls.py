@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import MappingProxyType
@@ -356,3 +357,15 @@ async def test_dry_runs_consume_nothing(sidecar: Sidecar) -> None:
     assert real.decision_id != dry.decision_id
     assert real.decision == pb.DECISION_ALLOW, "the 25 dry runs did not spend the run's budget"
     assert [r["dry_run"] for r in audit_lines(sidecar)][-2:] == [True, False]
+
+
+async def test_a_store_failure_while_deciding_is_unavailable(sidecar: Sidecar) -> None:
+    """A Check whose state write fails answers UNAVAILABLE (decide safely or not at all)."""
+    database = sqlite3.connect(sidecar.app.settings.state_dir / "state.db", isolation_level=None)
+    database.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON run_usage BEGIN SELECT RAISE(ABORT, 'io'); END"
+    )
+    database.close()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await check(sidecar, sidecar.token(), "requestRefund", refund("10"))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

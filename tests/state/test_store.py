@@ -441,3 +441,20 @@ def test_an_unreadable_revocation_table_is_unavailable_not_allow(tmp_path: Path)
             _view_for(store, "t1")
     finally:
         store.close()
+
+
+def test_a_failing_write_inside_a_decision_is_unavailable(tmp_path: Path) -> None:
+    """An SQLite error while committing a decision is StoreUnavailableError, rolled back."""
+    store = SQLiteStore(tmp_path / "state.db")
+    blocker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    blocker.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON run_usage BEGIN SELECT RAISE(ABORT, 'no'); END"
+    )
+    blocker.close()
+    try:
+        with pytest.raises(StoreUnavailableError, match="no"):
+            commit(store, StateChanges(count_call=True, failure_streak=1))
+        with store.decision() as transaction:
+            assert transaction.view(SCOPE, 0.0).usage.failure_streak == 0, "rolled back"
+    finally:
+        store.close()
