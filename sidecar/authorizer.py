@@ -6,6 +6,7 @@ failure to write it raises (the server answers UNAVAILABLE), so no ALLOW is ever
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -32,7 +33,7 @@ from sidecar.engine import (
     decide,
     evaluate,
 )
-from sidecar.errors import AuditWriteError
+from sidecar.errors import AuditWriteError, StoreUnavailableError
 from sidecar.observability.metrics import Metrics, bounded
 from sidecar.policy.model import Policy, TierAction
 from sidecar.state import DecisionScope, NewApproval, Store
@@ -330,6 +331,16 @@ class Authorizer:
         except AuditWriteError:
             self._metrics.audit_write_errors.inc()
             log.error("audit write failed; failing the check closed", extra={"tool": call.tool})
+            if scope is not None and not call.dry_run:
+                # The answer is UNAVAILABLE: a retry must not replay this unrecorded decision
+                # as ALLOW, and an approval it consumed must stay usable.
+                with contextlib.suppress(StoreUnavailableError):
+                    self._store.undo_decision(
+                        scope,
+                        record_id,
+                        consumed_approval=evaluation.changes.consume_approval,
+                        now=now,
+                    )
             raise
         finished = time.perf_counter()
         if not call.dry_run:

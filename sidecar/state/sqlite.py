@@ -396,6 +396,24 @@ class SQLiteStore:
         except sqlite3.Error:
             return
 
+    def undo_decision(
+        self, scope: DecisionScope, decision_id: str, *, consumed_approval: str, now: float
+    ) -> None:
+        with self._write():
+            if scope.idempotency_key:
+                self._db.execute(
+                    "DELETE FROM idempotency_keys WHERE agent = ? AND key = ? AND decision_id = ?",
+                    (scope.agent, scope.idempotency_key, decision_id),
+                )
+            if consumed_approval:
+                restored = self._db.execute(
+                    "UPDATE approvals SET status = 'approved', closed_at = NULL "
+                    "WHERE id = ? AND status = 'consumed'",
+                    (consumed_approval,),
+                ).rowcount
+                if restored:
+                    _event(self._db, consumed_approval, "restored", "proviso", now)
+
     def set_kill_switch(self, switch: KillSwitch) -> KillSwitch:
         with self._write():
             self._db.execute(

@@ -138,6 +138,13 @@ class Store(Protocol):
         """
         ...
 
+    def undo_decision(
+        self, scope: DecisionScope, decision_id: str, *, consumed_approval: str, now: float
+    ) -> None:
+        """Forget a committed decision that could not be audited: its idempotency record, and
+        the consumption of an approval (back to approved). Budgets stay spent (the safe side)."""
+        ...
+
     def set_kill_switch(self, switch: KillSwitch) -> KillSwitch:
         """Engage (or update) a switch; returns it as stored."""
         ...

@@ -369,3 +369,27 @@ async def test_a_store_failure_while_deciding_is_unavailable(sidecar: Sidecar) -
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await check(sidecar, sidecar.token(), "requestRefund", refund("10"))
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_decision_that_could_not_be_audited_is_never_replayed(
+    tmp_path: Path,
+) -> None:
+    """Disk full: the Check is UNAVAILABLE; after a restart the same key gets a fresh,
+    audited decision, not a replay of the unrecorded one."""
+    state = tmp_path / "state"
+    broken = Sidecar.connect(await App.start(make_settings(state, audit_log=Path("/dev/full"))))
+    token = broken.token()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await check(broken, token, "requestRefund", refund("10"), key="k-lost")
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await broken.close()
+    fixed = Sidecar.connect(await App.start(make_settings(state)))
+    try:
+        again = await check(fixed, token, "requestRefund", refund("10"), key="k-lost")
+        assert again.decision == pb.DECISION_ALLOW
+        assert not again.replayed
+        assert again.decision_id in {r["record_id"] for r in audit_lines(fixed)}
+    finally:
+        await fixed.close()

@@ -458,3 +458,20 @@ def test_a_failing_write_inside_a_decision_is_unavailable(tmp_path: Path) -> Non
             assert transaction.view(SCOPE, 0.0).usage.failure_streak == 0, "rolled back"
     finally:
         store.close()
+
+
+def test_an_unaudited_decision_can_be_undone(open_store: Callable[[], Store]) -> None:
+    """Undo forgets the decision's idempotency record and puts a consumed approval back."""
+    store = open_store()
+    _open(store, _request())
+    with store.approvals() as transaction:
+        transaction.set_status("apr_1", ApprovalStatus.CONSUMED, 1001.0)
+    commit(store, StateChanges(remember=True), decision_id="dec_lost")
+    store.undo_decision(SCOPE, "dec_lost", consumed_approval="apr_1", now=1002.0)
+    with store.decision() as transaction:
+        assert transaction.view(SCOPE, 1002.0).idempotent is None
+    restored = store.get_approval("apr_1")
+    assert restored is not None
+    assert restored.record.status is ApprovalStatus.APPROVED
+    assert store.approval_events(0, 10)[-1].event == "restored"
+    store.undo_decision(SCOPE, "dec_other", consumed_approval="", now=1003.0)  # a no-op
