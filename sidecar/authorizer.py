@@ -29,9 +29,9 @@ from sidecar.engine import (
     ApprovalStatus,
     Decision,
     StateChanges,
+    StateView,
     ToolCall,
     decide,
-    evaluate,
 )
 from sidecar.errors import AuditWriteError, StoreUnavailableError
 from sidecar.observability.metrics import Metrics, bounded
@@ -295,7 +295,7 @@ class Authorizer:
                 )
         self._metrics.kill_switches_active.set(len(policy.kill_switches) + len(view.kill_switches))
         decision = evaluation.decision
-        shadow = self._evaluate_shadow(policy, call, token, decision)
+        shadow = self._evaluate_shadow(policy, call, token, decision, view=view, now=now)
         arguments, redacted = self._redactor.redact(call.arguments, tool.redact if tool else ())
         record = AuditRecord(
             record_id=record_id,
@@ -383,6 +383,9 @@ class Authorizer:
         call: ToolCall,
         token: CapabilityClaims | TokenError | None,
         active: Decision,
+        *,
+        view: StateView,
+        now: float,
     ) -> ShadowResult | None:
         """What the candidate policy would decide, for the record only: it never decides.
 
@@ -393,7 +396,9 @@ class Authorizer:
             return None
         policy = self._shadow.current
         try:
-            decision = evaluate(policy, call, token)
+            # Same inputs and the same state as the active decision (revocations, kill
+            # switches, approvals, budgets); its state changes are discarded.
+            decision = decide(policy, call, token, view, now).decision
             agrees = (
                 decision.outcome is active.outcome and decision.matched_tier == active.matched_tier
             )

@@ -439,6 +439,15 @@ def _time_claim(payload: Mapping[str, Any], name: str) -> int:
     return value
 
 
+def grant_from_claim(value: object, index: int = 0) -> Grant:
+    """A grant from its claim form (``Grant.to_claim``), parsed as strictly as in a token.
+
+    Raises:
+        TokenMalformedError: the value is not a well-formed grant claim.
+    """
+    return _grant_claim(value, index)
+
+
 def _grant_claim(value: object, index: int) -> Grant:
     where = f"claim 'grants[{index}]'"
     if not isinstance(value, dict):

@@ -16,7 +16,8 @@ from typing import Any
 
 from sidecar.audit.chain import Encoded, encoded
 from sidecar.engine import Decision, ToolCall
-from tokens import CapabilityClaims, Grant
+from tokens import CapabilityClaims
+from tokens.claims import grant_from_claim
 
 KIND_DECISION = "decision"
 
@@ -144,6 +145,7 @@ def token_claims(claims: CapabilityClaims) -> dict[str, Any]:
         "run_id": claims.run_id,
         "grants": [grant.to_claim() for grant in claims.grants],
         "kid": claims.key_id,
+        "parents": list(claims.parents),
     }
 
 
@@ -174,9 +176,7 @@ def claims_from_record(recorded: Mapping[str, Any]) -> CapabilityClaims:
     Raises:
         ValueError, KeyError, TypeError: the record does not hold well-formed claims.
     """
-    grants = tuple(
-        Grant(tool=grant["tool"], pins=dict(grant.get("pins", {}))) for grant in recorded["grants"]
-    )
+    grants = tuple(grant_from_claim(grant, index) for index, grant in enumerate(recorded["grants"]))
     run_id = recorded.get("run_id")
     return CapabilityClaims(
         issuer=str(recorded["issuer"]),
@@ -189,4 +189,5 @@ def claims_from_record(recorded: Mapping[str, Any]) -> CapabilityClaims:
         grants=grants,
         run_id=str(run_id) if run_id is not None else None,
         key_id=str(recorded.get("kid", "")),
+        parents=tuple(str(parent) for parent in recorded.get("parents", ())),
     )

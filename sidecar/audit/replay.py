@@ -83,6 +83,7 @@ def _mapping(record: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
 
 _STATEFUL_REASONS = frozenset(
     {
+        "TOKEN_REVOKED",
         "KILL_SWITCH",
         "BUDGET_EXCEEDED",
         "RATE_LIMITED",
@@ -134,7 +135,7 @@ def replay_record(record: Mapping[str, Any], policy: Policy) -> Decision | str:
     if isinstance(recorded_token, dict):
         try:
             claims = claims_from_record(recorded_token)
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, TokenError):
             return "inputs not recorded"
         return evaluate(policy, call, claims)
     reasons = record.get("reasons")

@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from types import MappingProxyType
@@ -21,6 +22,7 @@ from sidecar import config, strictjson
 from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
 from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
+from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
 from sidecar.app import App
 from sidecar.audit import replay
 from sidecar.audit.files import log_files, records, verify_log
@@ -30,7 +32,7 @@ from sidecar.policy.loader import load_policy
 from tests.conftest import EXAMPLE_POLICIES, ROOT, TRIAGE_AGENT, Sidecar, make_settings
 from tests.integration.test_check import INVOICE_CONTEXT, refund
 from tests.integration.test_server import identity
-from tokens import Grant
+from tokens import Constraint, Grant
 
 NOTE_GRANT = Grant("addInternalNote", MappingProxyType({"ticket_id": "T-1"}))
 CARD_NOTE = '{"ticket_id": "T-1", "body": "customer read out 4111111111111111"}'
@@ -260,3 +262,29 @@ def test_tracing_is_off_unless_an_exporter_is_named() -> None:
     started.shutdown()
     with pytest.raises(tracing.TracingConfigError, match="not installed"):
         tracing.start(("no-such-exporter",))
+
+
+async def test_replay_keeps_revocations_and_constraints_faithful(sidecar: Sidecar) -> None:
+    """A revoked token's denial is not re-decided without state, and a grant's constraint
+    still bites in replay: the same policy changes nothing."""
+    capped = Grant(
+        "requestRefund",
+        MappingProxyType({"invoice_id": "in_93K2"}),
+        MappingProxyType({"amount": Constraint(max="20")}),
+    )
+    limited = sidecar.token(grants=(capped,))
+    over = await ask(sidecar, limited, "requestRefund", refund("30"), "run-c")
+    assert over.decision == pb.DECISION_DENY
+    revoked = sidecar.token()
+    claims = sidecar.app.tokens.verify(revoked, time.time())
+    assert claims is not None
+    assert not isinstance(claims, Exception)
+    await sidecar.tokens.RevokeToken(
+        token_pb.RevokeTokenRequest(token_id=claims.token_id, reason="leaked"),
+        metadata=identity(sidecar, "olivia@example.com"),
+    )
+    denied = await ask(sidecar, revoked, "requestRefund", refund("10"), "run-c")
+    assert denied.decision == pb.DECISION_DENY
+    report = replay.replay(logged(sidecar), sidecar.app.policy.current)
+    assert report.changed == 0, report.transitions
+    assert sum(report.unreplayable.values()) == 1, "the revoked token's denial depended on state"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import MappingProxyType
@@ -14,6 +15,7 @@ import pytest
 from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
 from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
+from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
 from sidecar.app import App
 from sidecar.errors import ShadowPolicyLoadError
 from sidecar.policy.model import Policy
@@ -144,3 +146,20 @@ async def test_a_broken_shadow_bundle_refuses_to_start(tmp_path: Path) -> None:
     (candidate / "bad.yaml").write_text("agents:\n  x@service:\n    rolez: [r]\n")
     with pytest.raises(ShadowPolicyLoadError):
         await App.start(make_settings(tmp_path / "state", shadow_policies=candidate))
+
+
+async def test_the_shadow_sees_the_same_state(shadowed: Sidecar) -> None:
+    """A revoked token is denied by both: the shadow reads the Check's state, not none."""
+    token = shadowed.token()
+    claims = shadowed.app.tokens.verify(token, time.time())
+    assert not isinstance(claims, Exception)
+    assert claims is not None
+    await shadowed.tokens.RevokeToken(
+        token_pb.RevokeTokenRequest(token_id=claims.token_id, reason="leaked"),
+        metadata=identity(shadowed, "olivia@example.com"),
+    )
+    response = await check(shadowed, token, "requestRefund", refund("10"))
+    assert response.decision == pb.DECISION_DENY
+    record = [r for r in audit_records(shadowed) if r.get("kind") == "decision"][-1]
+    assert record["shadow"]["decision"] == "DENY"
+    assert record["shadow"]["agrees"] is True
