@@ -231,6 +231,11 @@ def revocation(revoked: Revocation) -> token_pb.Revocation:
     )
 
 
+def agent_id(value: str) -> str:
+    """A required agent identity from a request: printable ASCII, matched byte-exact."""
+    return _identifier("agent", value, required=True)
+
+
 def optional_run_id(value: str) -> str | None:
     """An optional run id from a request (a token bound to no run)."""
     return _identifier("run_id", value, required=False) or None

@@ -203,22 +203,22 @@ class TokenService:
         now = self._clock.now()
         issuer = caller(context, self._identities, now)
         policy = self._policy.current
-        if not request.agent:
-            raise InvalidRequestError("agent", "is required")
-        authorize_issuer(policy, issuer.subject, request.agent)
+        agent = convert.agent_id(request.agent)
+        run_id = convert.optional_run_id(request.run_id)
+        authorize_issuer(policy, issuer.subject, agent)
         minted = mint(
             policy,
             self._keys.signing_key(),
-            agent=request.agent,
+            agent=agent,
             grants=convert.grants(request.grants),
             ttl_seconds=convert.ttl_seconds(request.ttl),
             now=now,
             issuer=self._issuer,
             audience=self._audience,
-            run_id=request.run_id or None,
+            run_id=run_id,
         )
-        self._record(minted, request.agent, issuer.subject)
-        self._metrics.tokens_issued.labels(bounded(request.agent, policy.agents)).inc()
+        self._record(minted, agent, issuer.subject)
+        self._metrics.tokens_issued.labels(bounded(agent, policy.agents)).inc()
         return convert.issue_token_response(minted)
 
     async def get_jwks(

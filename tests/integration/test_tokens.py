@@ -373,3 +373,19 @@ async def test_an_issuer_authenticated_by_an_https_idp_jwks_mints(
         denied = sidecar.tokens.IssueToken(request, metadata=forged)
         assert await status_of(denied) == grpc.StatusCode.UNAUTHENTICATED
         assert idp.requests == ["/jwks.json"], "fetched at start, then cached"
+
+
+@pytest.mark.parametrize(("field", "value"), [("agent", "billing agent"), ("run_id", "run 1")])
+async def test_issue_token_refuses_malformed_identifiers(
+    sidecar: Sidecar, field: str, value: str
+) -> None:
+    """An agent or run id no Check could ever match is INVALID_ARGUMENT, naming the field."""
+    request = token_pb.IssueTokenRequest(
+        agent="billing-resolution-agent@service",
+        grants=[token_pb.Grant(tool="getInvoice")],
+    )
+    setattr(request, field, value)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await sidecar.tokens.IssueToken(request, metadata=identity(sidecar, "orchestrator@service"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (caught.value.details() or "")
