@@ -136,7 +136,11 @@ class TokenVerifier:
         if not token:
             return None
         cached = self._cache.get(token)
-        if cached is not None and cached.expires_at > now - self._leeway:
+        if (
+            cached is not None
+            and cached.expires_at > now - self._leeway
+            and cached.key_id in self._keys.verification_keys()  # a removed key stops at once
+        ):
             return cached
         self._keys.refresh()  # rate-limited in the key source: at most one look a second
         try:
@@ -364,7 +368,12 @@ class Authorizer:
     async def _approval_events(
         self, changes: StateChanges, created: NewApproval | None, scope: DecisionScope | None
     ) -> None:
-        """Audit and announce what this Check did to approval requests."""
+        """Audit and announce what this Check did to approval requests.
+
+        The decision is already durable (its record names the approval) and committed, so a
+        failure here must not turn it into an error the agent would retry into a used
+        approval: it is logged and counted as an audit write error instead.
+        """
         actor = scope.agent if scope else ""
         events = [
             (created.record.id if created else "", "created"),
@@ -372,10 +381,18 @@ class Authorizer:
             (changes.expire_approval, "expired"),
         ]
         for approval_id, event in events:
-            if approval_id:
+            if not approval_id:
+                continue
+            try:
                 stored = self._store.get_approval(approval_id)
                 if stored is not None:
                     await self._approvals.record_event(stored, event, actor)
+            except (StoreUnavailableError, AuditWriteError):
+                self._metrics.audit_write_errors.inc()
+                log.exception(
+                    "approval event not recorded",
+                    extra={"approval_id": approval_id, "event": event},
+                )
 
     def _evaluate_shadow(
         self,

@@ -11,7 +11,7 @@ from typing import Any, Final
 import pytest
 
 from sidecar.authorizer import TokenVerifier
-from sidecar.keystore import KeyStore
+from sidecar.keystore import KeyStore, rotate
 from tokens import (
     CapabilityClaims,
     Grant,
@@ -120,3 +120,16 @@ def test_an_unknown_kid_reads_no_file_it_names(
     allowed = {str(directory), str(directory / "active"), str(directory / "retired.json")}
     assert looked_at
     assert set(looked_at) <= allowed
+
+
+def test_a_cached_token_stops_when_its_key_is_removed(tmp_path: Path) -> None:
+    """An operator deleting a compromised key ends its tokens at once, cached or not."""
+    keys, verifier = _setup(tmp_path)
+    token = _token(keys)
+    assert isinstance(verifier.verify(token, NOW), CapabilityClaims)
+    old = keys.active.kid
+    rotate(tmp_path, NOW, 930.0)
+    (tmp_path / "keys" / f"{old}.pem").unlink()
+    keys.refresh(force=True)
+    assert old not in keys.verification_keys()
+    assert isinstance(verifier.verify(token, NOW + 1), TokenUnknownKeyError)
