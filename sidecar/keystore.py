@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -210,6 +211,8 @@ class KeyStore:
         self._clock = clock
         self._interval = refresh_interval
         self._checked = time.monotonic()
+        # The HTTP thread (JWKS) and the event loop both refresh: one reload at a time.
+        self._reloading = threading.Lock()
         load_or_create(state_dir)  # a first key on first use
         self._signature = self._stat()
         self._load()
@@ -267,6 +270,10 @@ class KeyStore:
         started = time.monotonic()
         if not force and started - self._checked < self._interval:
             return False
+        with self._reloading:
+            return self._reload(started)
+
+    def _reload(self, started: float) -> bool:
         self._checked = started
         signature = self._stat()
         if signature == self._signature and self._clock() < self._next_expiry:
