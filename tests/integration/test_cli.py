@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -160,19 +161,26 @@ def test_token_issue_refuses_beyond_the_ceiling(tmp_path: Path) -> None:
 
 def test_serve_starts_answers_health_and_stops(tmp_path: Path) -> None:
     """`proviso serve` prints where it listens, answers health checks, and stops on SIGTERM."""
-    process = subprocess.Popen(
-        [
-            *PROVISO, "serve", "--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
-            "--metrics-listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"),
-        ],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    # stdout goes to a file: reading a pipe line by line and then communicate() can lose what
+    # the text wrapper had already buffered.
+    out_path = tmp_path / "stdout.txt"
+    with out_path.open("w") as out:
+        process = subprocess.Popen(
+            [
+                *PROVISO, "serve", "--policies", str(EXAMPLE_POLICIES), "--listen",
+                "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+                "--state-dir", str(tmp_path / "state"),
+            ],
+            cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
     try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        match = re.search(r"serving gRPC on 127\.0\.0\.1:(\d+)", line)
-        assert match, line + (process.stderr.read() if process.stderr else "")
+        deadline = time.monotonic() + 30
+        match = None
+        while match is None and time.monotonic() < deadline and process.poll() is None:
+            match = re.search(r"serving gRPC on 127\.0\.0\.1:(\d+)", out_path.read_text())
+            time.sleep(0.05)
+        assert match, out_path.read_text()
         with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=10
@@ -184,7 +192,8 @@ def test_serve_starts_answers_health_and_stops(tmp_path: Path) -> None:
         assert all(f.stat().st_mode & 0o777 == 0o600 for f in key_files)
     finally:
         process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=20)
+        _, stderr = process.communicate(timeout=20)
+    stdout = out_path.read_text()
     assert process.returncode == 0, stderr
     assert "WARNING dev mode" in stderr, "dev mode is announced loudly"
     assert "proviso token issue --as orchestrator@service" in stdout, "how to get a token"
