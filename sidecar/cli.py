@@ -12,7 +12,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -47,6 +47,24 @@ DEFAULT_TARGET = cli_identity.DEFAULT_TARGET
 
 class UsageError(Exception):
     """Bad command-line input: exit 2."""
+
+
+def _call(
+    args: argparse.Namespace,
+    stub_type: Callable[[grpc.Channel], Any],
+    method: str,
+    request: Any,
+    metadata: Sequence[tuple[str, str]] = (),
+) -> Any | None:
+    """One unary call to the server at ``--target``; on an RPC error, say it and return None."""
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            return getattr(stub_type(channel), method)(
+                request, metadata=metadata, timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            _fail(f"{exc.code().name}: {exc.details()}")
+            return None
 
 
 def _fail(message: str, code: int = EXIT_REFUSED) -> int:
@@ -363,13 +381,9 @@ def _issue_remote(args: argparse.Namespace, grants: Sequence[Grant], ttl: int) -
         ttl=Duration(seconds=ttl),
         run_id=args.run_id or "",
     )
-    with grpc.insecure_channel(args.target) as channel:
-        try:
-            response = token_grpc.TokenServiceStub(channel).IssueToken(
-                request, metadata=metadata, timeout=args.timeout
-            )
-        except grpc.RpcError as exc:
-            return _fail(f"{exc.code().name}: {exc.details()}")
+    response = _call(args, token_grpc.TokenServiceStub, "IssueToken", request, metadata)
+    if response is None:
+        return EXIT_REFUSED
     _print_minted(
         {
             "token": response.token,
@@ -400,13 +414,9 @@ def cmd_token_attenuate(args: argparse.Namespace) -> int:
         ttl=Duration(seconds=ttl),
         run_id=args.run_id or "",
     )
-    with grpc.insecure_channel(args.target) as channel:
-        try:
-            response = token_grpc.TokenServiceStub(channel).AttenuateToken(
-                request, timeout=args.timeout
-            )
-        except grpc.RpcError as exc:
-            return _fail(f"{exc.code().name}: {exc.details()}")
+    response = _call(args, token_grpc.TokenServiceStub, "AttenuateToken", request)
+    if response is None:
+        return EXIT_REFUSED
     _print_minted(
         {
             "token": response.token,
@@ -459,13 +469,9 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     except (UsageError, cli_identity.IdentityOptionError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     request = token_pb.RevokeTokenRequest(token_id=token_id, reason=args.reason)
-    with grpc.insecure_channel(args.target) as channel:
-        try:
-            response = token_grpc.TokenServiceStub(channel).RevokeToken(
-                request, metadata=metadata, timeout=args.timeout
-            )
-        except grpc.RpcError as exc:
-            return _fail(f"{exc.code().name}: {exc.details()}")
+    response = _call(args, token_grpc.TokenServiceStub, "RevokeToken", request, metadata)
+    if response is None:
+        return EXIT_REFUSED
     revoked = json_format.MessageToDict(response, preserving_proto_field_name=True)
     if args.format == "json":
         print(json.dumps(revoked, indent=2))
@@ -705,12 +711,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         run_metadata=metadata,
     )
-    with grpc.insecure_channel(args.target) as channel:
-        stub = authz_grpc.AuthorizationServiceStub(channel)
-        try:
-            response = stub.Check(request, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            return _fail(f"{exc.code().name}: {exc.details()}")
+    response = _call(args, authz_grpc.AuthorizationServiceStub, "Check", request)
+    if response is None:
+        return EXIT_REFUSED
     print(
         json.dumps(json_format.MessageToDict(response, preserving_proto_field_name=True), indent=2)
     )
