@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
+import os
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -475,3 +480,40 @@ def test_an_unaudited_decision_can_be_undone(open_store: Callable[[], Store]) ->
     assert restored.record.status is ApprovalStatus.APPROVED
     assert store.approval_events(0, 10)[-1].event == "restored"
     store.undo_decision(SCOPE, "dec_other", consumed_approval="", now=1003.0)  # a no-op
+
+
+def _hold_writer_lock(path: str, held: Any, release: Any) -> None:
+    """In another process: take the writers' lock, say so, and keep it until told."""
+    descriptor = os.open(path, os.O_RDWR)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    held.set()
+    release.wait(30)
+    os.close(descriptor)
+
+
+def test_writers_of_one_directory_wait_for_each_other_and_time_out(tmp_path: Path) -> None:
+    """A decision waits while another process writes, then goes on; past the timeout it fails
+    closed (UNAVAILABLE), never deciding without the lock."""
+    store = SQLiteStore(tmp_path / "state.db", busy_timeout_seconds=0.3)
+    context = multiprocessing.get_context("spawn")
+    held, release = context.Event(), context.Event()
+    holder = context.Process(
+        target=_hold_writer_lock, args=(str(tmp_path / "state.db.lock"), held, release)
+    )
+    holder.start()
+    try:
+        assert held.wait(30)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="another writer"):
+            commit(store, StateChanges(count_call=True))
+        assert time.monotonic() - started >= 0.3
+        threading.Timer(0.1, release.set).start()
+        started = time.monotonic()
+        commit(store, StateChanges(count_call=True))  # waits for the release, then writes
+        assert time.monotonic() - started >= 0.05
+        with store.decision() as transaction:
+            assert transaction.view(SCOPE, 0.0).usage.calls == 1, "only the second one counted"
+    finally:
+        release.set()
+        holder.join(30)
+        store.close()
