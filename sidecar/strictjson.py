@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 MAX_JSON_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32
@@ -132,12 +135,87 @@ _string = json.encoder.encode_basestring
 """JSON string text as ``json.dumps(value, ensure_ascii=False)`` writes it, without its overhead."""
 
 
+# ---------------------------------------------------------------- the orjson fast path
+
+JSON_LEAVES: frozenset[type] = frozenset({str, int, bool, type(None), Decimal})
+"""The scalar types ``sorted_json`` writes (Decimals through its ``default``)."""
+_BELOW_UTF16_SURROGATES = "\ue000"
+"""Keys below this sort alike by code point (orjson, Python) and by UTF-16 code unit (JCS)."""
+
+
+def _plain(value: Any, leaves: frozenset[type], utf16_keys: bool) -> bool:
+    """True if orjson writes ``value`` as the Python encoders here do.
+
+    That holds for dicts with string keys, lists, tuples, strings, booleans, None, ints and
+    Decimals (through ``default``): not for floats (orjson writes ``1.0`` and ``1e-7``) nor
+    anything else. With ``utf16_keys`` a non-ASCII key must also sort the same by code point
+    as by UTF-16 code unit. Ints beyond 64 bits make orjson raise, which callers also catch.
+    """
+    kind = type(value)
+    if kind is list or kind is tuple:
+        items = value
+    elif kind is dict or (kind not in leaves and isinstance(value, Mapping)):
+        try:
+            keys = "".join(value)  # TypeError unless every key is a string
+        except TypeError:
+            return False
+        if utf16_keys and not keys.isascii() and max(keys) >= _BELOW_UTF16_SURROGATES:
+            return False
+        items = value.values()
+    else:
+        return kind in leaves
+    for item in items:
+        if type(item) not in leaves and not _plain(item, leaves, utf16_keys):
+            return False
+    return True
+
+
+def sorted_json(
+    value: Any,
+    default: Callable[[Any], Any],
+    *,
+    leaves: frozenset[type] = JSON_LEAVES,
+    utf16_keys: bool = False,
+) -> bytes | None:
+    """``value`` as compact JSON with sorted keys, written by orjson, or None if orjson cannot
+    write it exactly as the Python encoder would (the caller then uses that).
+
+    ``default`` turns a ``Decimal`` (or another type of ``leaves``) into an ``orjson.Fragment``
+    of its exact text, and any other ``Mapping`` into a dict. orjson escapes strings exactly as
+    ``json.encoder.encode_basestring`` does and sorts keys by code point, as ``sorted`` does.
+    """
+    if not _plain(value, leaves, utf16_keys):
+        return None
+    try:
+        return orjson.dumps(value, default=default, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # an int beyond 64 bits, a NaN Decimal, a lone surrogate
+        return None
+
+
+def _default(value: Any) -> Any:
+    if type(value) is Decimal:
+        return orjson.Fragment(_number(value))
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(type(value).__name__)
+
+
+# ---------------------------------------------------------------- canonical form
+
+
 def canonical(value: Any) -> str:
     """Canonical JSON text: keys sorted, no whitespace, numbers in shortest exact form.
 
     Two documents that mean the same call have the same canonical form, so the digest binds
     approvals and idempotency keys to the call, not to its formatting.
     """
+    fast = sorted_json(value, _default)
+    if fast is not None:
+        return fast.decode("utf-8")
+    return _canonical(value)
+
+
+def _canonical(value: Any) -> str:
     kind = type(value)
     if kind is str:
         return _string(value)
@@ -146,11 +224,11 @@ def canonical(value: Any) -> str:
     if kind is Decimal or kind is int:
         return _number(value)
     if kind is list:
-        return "[" + ",".join([canonical(v) for v in value]) + "]"
+        return "[" + ",".join([_canonical(v) for v in value]) + "]"
     if isinstance(value, dict):
         return "{" + _members(value) + "}"
     if isinstance(value, list):
-        return "[" + ",".join([canonical(v) for v in value]) + "]"
+        return "[" + ",".join([_canonical(v) for v in value]) + "]"
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, int | Decimal):
@@ -166,7 +244,7 @@ def _members(value: dict[Any, Any]) -> str:
         [
             (_string(k) if isinstance(k, str) else json.dumps(k, ensure_ascii=False))
             + ":"
-            + canonical(v)
+            + _canonical(v)
             for k, v in sorted(value.items())
         ]
     )
@@ -174,4 +252,7 @@ def _members(value: dict[Any, Any]) -> str:
 
 def digest(value: Any) -> str:
     """``sha256:`` + hex digest of the canonical form."""
-    return "sha256:" + hashlib.sha256(canonical(value).encode()).hexdigest()
+    text = sorted_json(value, _default)
+    if text is None:
+        text = _canonical(value).encode()
+    return "sha256:" + hashlib.sha256(text).hexdigest()

@@ -38,8 +38,10 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+import orjson
 from cryptography.exceptions import InvalidSignature
 
+from sidecar.strictjson import JSON_LEAVES, sorted_json
 from tokens import SigningKey, VerificationKeys
 
 GENESIS = "sha256:" + "0" * 64
@@ -100,13 +102,15 @@ class Encoded:
     """A JSON value already in canonical form (from ``encoded``): written as is, not re-encoded.
 
     For parts of records that repeat unchanged from record to record (a token's claims), so
-    they are encoded once. Only ``encoded`` makes one, so the text is always ``_encode``'s.
+    they are encoded once. Only ``encoded`` makes one, so the text is always ``_encode``'s
+    (or one of the writer's placeholders for the chain fields).
     """
 
-    __slots__ = ("text",)
+    __slots__ = ("fragment", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
+        self.fragment = orjson.Fragment(text)
 
 
 def encoded(value: Any) -> Encoded:
@@ -156,12 +160,33 @@ def _members(value: Mapping[Any, Any]) -> dict[str, str]:
     return members
 
 
+def _default(value: Any) -> Any:
+    """orjson's hook: exact decimals, pre-encoded parts, and other mappings."""
+    kind = type(value)
+    if kind is Decimal:
+        return orjson.Fragment(_number(value))
+    if kind is Encoded:
+        return value.fragment
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(kind.__name__)
+
+
+_LEAVES: frozenset[type] = JSON_LEAVES | frozenset({Encoded})
+
+
 def canonical(value: Any) -> bytes:
     """The canonical JSON of ``value`` (see the module docstring), as UTF-8.
+
+    orjson writes it when it can write it exactly (``strictjson.sorted_json``: the usual case,
+    many times faster); the Python encoder below writes everything else, and is the reference.
 
     Raises:
         CanonicalJSONError: ``value`` is not JSON (a set, a non-string key, NaN…).
     """
+    fast = sorted_json(value, _default, leaves=_LEAVES, utf16_keys=True)
+    if fast is not None:
+        return fast
     return _utf8(_encode(value))
 
 
@@ -205,10 +230,6 @@ def parse_line(raw: bytes) -> dict[str, Any]:
 # ---------------------------------------------------------------- sealing records
 
 
-def _digest(text: str) -> str:
-    return "sha256:" + hashlib.sha256(_utf8(text)).hexdigest()
-
-
 @dataclass(frozen=True, slots=True)
 class Sealed:
     """A record ready to append: its line (ending in a newline), ``seq`` and ``hash``."""
@@ -218,34 +239,42 @@ class Sealed:
     hash: str
 
 
+_SEQ_MARK, _PREV_MARK, _HASH_MARK = "\x00seq", "\x00prev", "\x00hash"
+"""Placeholders for the chain fields: a raw NUL never occurs in JSON text (strings escape it)."""
+_PLACEHOLDERS = {
+    "seq": Encoded(_SEQ_MARK),
+    "prev": Encoded(_PREV_MARK),
+    "hash": Encoded(_HASH_MARK),
+}
+_HASH_MEMBER = b'"hash":' + _HASH_MARK.encode()
+
+
 class Prepared:
     """A record body encoded ahead of its place in the chain: only ``seq`` and ``prev`` are missing.
 
     Encoding the body is most of the cost of sealing, and it does not depend on where the record
-    lands, so callers do it on their own thread (``prepare``); the audit writer then only fills
-    in the chain fields (``seal``), in write order. The bytes are exactly ``seal``'s.
+    lands, so callers do it on their own thread (``prepare``): the canonical text of the body
+    with placeholders for the three chain fields, in their sorted places. The audit writer then
+    only fills them in (``seal``), in write order.
     """
 
-    __slots__ = ("_hash_at", "_members", "_prev_at", "_seq_at")
+    __slots__ = ("_text",)
 
-    def __init__(self, members: Mapping[str, str]) -> None:
-        names = _order([*members, *CHAIN_FIELDS])
-        self._members = [
-            name if name in CHAIN_FIELDS else _string(name) + ":" + members[name] for name in names
-        ]
-        self._seq_at = names.index("seq")
-        self._prev_at = names.index("prev")
-        self._hash_at = names.index("hash")
+    def __init__(self, text: bytes) -> None:
+        self._text = text
 
     def seal(self, *, seq: int, prev: str) -> Sealed:
         """The record at ``seq`` after the record whose hash is ``prev``."""
-        members = self._members.copy()
-        members[self._seq_at] = '"seq":' + str(seq)
-        members[self._prev_at] = '"prev":' + _string(prev)
-        at = self._hash_at
-        digest = _digest("{" + ",".join(members[:at] + members[at + 1 :]) + "}")
-        members[at] = '"hash":' + _string(digest)
-        return Sealed(_utf8("{" + ",".join(members) + "}\n"), seq, digest)
+        text = self._text.replace(_SEQ_MARK.encode(), str(seq).encode(), 1)
+        text = text.replace(_PREV_MARK.encode(), _utf8(_string(prev)), 1)
+        at = text.index(_HASH_MEMBER)
+        if text[at - 1 : at] == b",":
+            unhashed = text[: at - 1] + text[at + len(_HASH_MEMBER) :]
+        else:  # the first member: drop the comma after it
+            unhashed = text[:at] + text[at + len(_HASH_MEMBER) + 1 :]
+        digest = "sha256:" + hashlib.sha256(unhashed).hexdigest()
+        line = text.replace(_HASH_MARK.encode(), _utf8(_string(digest)), 1)
+        return Sealed(line + b"\n", seq, digest)
 
 
 def prepare(body: Mapping[str, Any]) -> Prepared:
@@ -258,7 +287,7 @@ def prepare(body: Mapping[str, Any]) -> Prepared:
     taken = [name for name in CHAIN_FIELDS if name in body]
     if taken:
         raise ValueError(f"a record body must not set {', '.join(taken)}: the writer does")
-    return Prepared(_members(body))
+    return Prepared(canonical({**body, **_PLACEHOLDERS}))
 
 
 def seal(body: Mapping[str, Any], *, seq: int, prev: str) -> Sealed:
@@ -279,7 +308,10 @@ def record_hash(record: Mapping[str, Any]) -> str:
     Raises:
         CanonicalJSONError: the record is not JSON.
     """
-    return _digest(_object(_members({k: v for k, v in record.items() if k != "hash"})))
+    return (
+        "sha256:"
+        + hashlib.sha256(canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
+    )
 
 
 def _b64url(data: bytes) -> str:

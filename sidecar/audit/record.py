@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from sidecar.audit.chain import Encoded, encoded
@@ -114,12 +115,12 @@ class AuditRecord:
             "approval_requirement": None,
             "idempotency_key": call.idempotency_key,
             "dry_run": call.dry_run,
-            "latency_ms": round(self.latency_ms, 3),
+            "latency_ms": _milli(self.latency_ms),
             "run_metadata": dict(self.run_metadata),
             "replay_of": self.replay_of,
         }
         if d.retry_after_seconds:
-            body["retry_after_seconds"] = round(d.retry_after_seconds, 3)
+            body["retry_after_seconds"] = _milli(d.retry_after_seconds)
         if self.shadow is not None:
             body["shadow"] = self.shadow.to_json()
         if d.approval is not None:
@@ -130,6 +131,12 @@ class AuditRecord:
                 "ttl_seconds": d.approval.ttl_seconds,
             }
         return body
+
+
+def _milli(value: float) -> Decimal:
+    """``value`` to three decimals, as the exact decimal the line shows (floats keep records off
+    the canonical encoder's fast path)."""
+    return Decimal(repr(round(value, 3)))
 
 
 def token_claims(claims: CapabilityClaims) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar import strictjson
 from sidecar.strictjson import (
     MAX_JSON_BYTES,
     MAX_JSON_DEPTH,
@@ -401,3 +402,42 @@ def test_hostile_unterminated_strings_are_refused_in_linear_time() -> None:
     assert time.perf_counter() - started < 0.25
     nested_quotes = '{"a": "' + '\\"' * 20000 + '"}'
     assert parse_object(nested_quotes)["a"] == '"' * 20000
+
+
+_any_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.decimals(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet=st.sampled_from(["a", "\x00", "\x7f", '"', "\\", "é", "\ue000", "😀"]))
+)
+_any_values = st.recursive(
+    _any_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@PROPERTY_SETTINGS
+@given(_any_values)
+def test_the_orjson_fast_path_writes_exactly_what_the_python_encoder_writes(value: Any) -> None:
+    """canonical() and digest() take orjson when they can; the text must be the reference's."""
+    reference = strictjson._canonical(value)
+    assert canonical(value) == reference
+    assert digest(value) == "sha256:" + hashlib.sha256(reference.encode()).hexdigest()
+
+
+def test_orjson_writes_the_usual_values_and_declines_the_rest() -> None:
+    """The fast path is taken for what requests hold, and declined where orjson would differ."""
+    usual = {"b": [1, "x", None, True], "a": Decimal("49.00"), "c": {"é": Decimal("1E+2")}}
+    assert strictjson.sorted_json(usual, strictjson._default) == (
+        '{"a":49,"b":[1,"x",null,true],"c":{"é":100}}'.encode()
+    )
+    for declined in ({"a": 1.0}, {"a": 2**64}, {1: "a"}, {"a": {1, 2}}):
+        assert strictjson.sorted_json(declined, strictjson._default) is None
+    keys = {"\ue000": 1, "😀": 2}  # code point order and UTF-16 order differ
+    assert strictjson.sorted_json(keys, strictjson._default) is not None
+    assert strictjson.sorted_json(keys, strictjson._default, utf16_keys=True) is None
