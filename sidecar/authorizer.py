@@ -250,7 +250,9 @@ class Authorizer:
         now = self._clock.now()
         policy = self._policy.current
         token = self._tokens.verify(request.token, now)
-        call = replace(request.call, args_digest=strictjson.digest(request.call.arguments))
+        call = request.call
+        if not call.args_digest:  # convert.check_input computes it; other callers may not
+            call = replace(call, args_digest=strictjson.digest(call.arguments))
         record_id = self._new_id(now)
         scope = None
         tool = policy.tools.get(call.tool)

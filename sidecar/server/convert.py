@@ -23,7 +23,7 @@ from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
 from sidecar.audit.trace import RunTrace, TraceStep
 from sidecar.authorizer import CheckInput, CheckResult
-from sidecar.engine import ApprovalStatus, Outcome, Revocation, ToolCall
+from sidecar.engine import ApprovalStatus, Outcome, ReasonCode, Revocation, ToolCall
 from sidecar.errors import InvalidRequestError
 from sidecar.minting import MintedToken
 from sidecar.policy.model import KillScope, KillSwitch, Policy
@@ -40,6 +40,10 @@ _DECISIONS = {
     Outcome.DENY: authz_pb.DECISION_DENY,
     Outcome.NEEDS_APPROVAL: authz_pb.DECISION_NEEDS_APPROVAL,
 }
+_REASON_CODES = {
+    code: authz_pb.ReasonCode.Value(f"REASON_CODE_{code.value}") for code in ReasonCode
+}
+"""Each engine reason code and its proto twin, paired at import: a code without one fails start."""
 
 
 def _identifier(field: str, value: str, *, required: bool) -> str:
@@ -82,15 +86,17 @@ def check_input(request: authz_pb.CheckRequest) -> CheckInput:
     Raises:
         InvalidRequestError: a field is malformed; its name is in ``field``.
     """
+    arguments = _json_object("arguments_json", request.arguments_json)
     call = ToolCall(
         tool=_identifier("tool", request.tool, required=True),
-        arguments=_json_object("arguments_json", request.arguments_json),
+        arguments=arguments,
         context=_json_object("context_json", request.context_json),
         run_id=_identifier("run_id", request.run_id, required=False),
         step_id=_identifier("step_id", request.step_id, required=False),
         idempotency_key=_identifier("idempotency_key", request.idempotency_key, required=False),
         approval_id=_identifier("approval_id", request.approval_id, required=False),
         dry_run=request.dry_run,
+        args_digest=strictjson.digest(arguments),
     )
     return CheckInput(
         token=request.token, call=call, run_metadata=_run_metadata(request.run_metadata)
@@ -104,7 +110,7 @@ def check_response(result: CheckResult) -> authz_pb.CheckResponse:
         decision=_DECISIONS[decision.outcome],
         reasons=[
             authz_pb.Reason(
-                code=authz_pb.ReasonCode.Value(f"REASON_CODE_{r.code.value}"),
+                code=_REASON_CODES[r.code],
                 message=r.message,
                 field=r.field,
             )
