@@ -227,7 +227,7 @@ def _canonical(value: Any) -> str:
         return "[" + ",".join([_canonical(v) for v in value]) + "]"
     if isinstance(value, dict):
         return "{" + _members(value) + "}"
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ",".join([_canonical(v) for v in value]) + "]"
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)

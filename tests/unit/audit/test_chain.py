@@ -26,6 +26,7 @@ from sidecar.audit.chain import (
     seal,
     seal_checkpoint,
 )
+from tests.json_values import any_values
 from tokens import SigningKey, VerificationKeys
 
 KEY = SigningKey.generate(kid="audit-test")
@@ -212,32 +213,6 @@ def test_an_encoded_value_is_written_exactly_as_the_value_itself(value: Any) -> 
     inline = seal({"v": value, "w": [value]}, seq=1, prev=GENESIS)
     once = encoded(value)
     assert seal({"v": once, "w": [once]}, seq=1, prev=GENESIS) == inline
-
-
-# Everything a record body can hold, and more than orjson writes alike: floats, big ints,
-# tuples, decimals of any exponent, keys above U+E000 (UTF-16 order differs from code points).
-any_scalars = (
-    json_scalars
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.decimals(allow_nan=False, allow_infinity=False)
-    | st.text(alphabet=st.sampled_from(["a", "\x00", "\x1f", '"', "\\", "é", "\ue000", "😀"]))
-)
-any_values = st.recursive(
-    any_scalars,
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.lists(children, max_size=3).map(tuple)
-        | st.dictionaries(
-            st.text(
-                alphabet=st.sampled_from(["a", "b", "é", "\ue000", "\uffff", "😀"]), max_size=3
-            ),
-            children,
-            max_size=4,
-        )
-    ),
-    max_leaves=20,
-)
 
 
 @given(any_values)

@@ -22,6 +22,7 @@ from sidecar.strictjson import (
     digest,
     parse_object,
 )
+from tests.json_values import any_values
 
 PROPERTY_SETTINGS: Final = settings(max_examples=200, deadline=None, database=None)
 
@@ -404,25 +405,8 @@ def test_hostile_unterminated_strings_are_refused_in_linear_time() -> None:
     assert parse_object(nested_quotes)["a"] == '"' * 20000
 
 
-_any_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.decimals(allow_nan=False, allow_infinity=False)
-    | st.text(alphabet=st.sampled_from(["a", "\x00", "\x7f", '"', "\\", "é", "\ue000", "😀"]))
-)
-_any_values = st.recursive(
-    _any_scalars,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4)
-    ),
-    max_leaves=20,
-)
-
-
 @PROPERTY_SETTINGS
-@given(_any_values)
+@given(any_values)
 def test_the_orjson_fast_path_writes_exactly_what_the_python_encoder_writes(value: Any) -> None:
     """canonical() and digest() take orjson when they can; the text must be the reference's."""
     reference = strictjson._canonical(value)
