@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -142,6 +143,7 @@ class App:
     shadow: PolicyHolder | None = None
     shadow_reloader: PolicyReloader | None = None
     watchers: list[asyncio.Task[None]] = field(default_factory=list)
+    hangup_reloads: set[asyncio.Task[None]] = field(default_factory=set)
     traces: tracing.Tracing | None = None
 
     @classmethod
@@ -315,6 +317,16 @@ class App:
     def reloaders(self) -> list[PolicyReloader]:
         """The active bundle's reloader, then the shadow's if there is one."""
         return [self.reloader] + ([self.shadow_reloader] if self.shadow_reloader else [])
+
+    def reload_on_sighup(self) -> None:
+        """Reload every bundle when the process gets SIGHUP (call on the running loop)."""
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_all)
+
+    def _reload_all(self) -> None:
+        for reloader in self.reloaders():
+            task = reloader.request("sighup")
+            self.hangup_reloads.add(task)  # held until done: the loop keeps only weak refs
+            task.add_done_callback(self.hangup_reloads.discard)
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
         """Stop taking calls, finish those in flight, then flush and close the audit log."""

@@ -191,15 +191,7 @@ async def _serve(settings: config.Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    reloads: set[asyncio.Task[None]] = set()
-
-    def reload_on_hangup() -> None:
-        for reloader in app.reloaders():
-            task = reloader.request("sighup")
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload_on_hangup)
+    app.reload_on_sighup()
     await stop.wait()
     print("proviso: stopping (finishing calls in flight)", flush=True)
     await app.stop()

@@ -211,15 +211,7 @@ async def _serve(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    reloads: set[asyncio.Task[None]] = set()
-
-    def reload_on_hangup() -> None:
-        for reloader in app.reloaders():
-            task = reloader.request("sighup")
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload_on_hangup)
+    app.reload_on_sighup()
     channel.send(
         {
             "pid": os.getpid(),
