@@ -286,6 +286,16 @@ def parse_grant(text: str) -> Grant:
         raise UsageError(f"--grant {text!r}: {exc}") from None
 
 
+def _served_token(response: Any) -> dict[str, object]:
+    """What ``_print_minted`` shows of an IssueTokenResponse or AttenuateTokenResponse."""
+    return {
+        "token": response.token,
+        "token_id": response.token_id,
+        "key_id": response.key_id,
+        "expires_at": response.expire_time.seconds,
+    }
+
+
 def _print_minted(fields: dict[str, object], fmt: str) -> None:
     if fmt == "json":
         print(json.dumps(fields))
@@ -376,15 +386,7 @@ def _issue_remote(args: argparse.Namespace, grants: Sequence[Grant], ttl: int) -
     response = _call(args, token_grpc.TokenServiceStub, "IssueToken", request, metadata)
     if response is None:
         return EXIT_REFUSED
-    _print_minted(
-        {
-            "token": response.token,
-            "token_id": response.token_id,
-            "key_id": response.key_id,
-            "expires_at": response.expire_time.seconds,
-        },
-        args.format,
-    )
+    _print_minted(_served_token(response), args.format)
     return EXIT_OK
 
 
@@ -409,16 +411,8 @@ def cmd_token_attenuate(args: argparse.Namespace) -> int:
     response = _call(args, token_grpc.TokenServiceStub, "AttenuateToken", request)
     if response is None:
         return EXIT_REFUSED
-    _print_minted(
-        {
-            "token": response.token,
-            "token_id": response.token_id,
-            "key_id": response.key_id,
-            "expires_at": response.expire_time.seconds,
-            "parent_token_ids": list(response.parent_token_ids),
-        },
-        args.format,
-    )
+    fields = {**_served_token(response), "parent_token_ids": list(response.parent_token_ids)}
+    _print_minted(fields, args.format)
     return EXIT_OK
 
 
