@@ -335,6 +335,16 @@ async def test_token_lifecycle_from_the_command_line(sidecar: Sidecar) -> None:
     )  # fmt: skip
     assert child.returncode == 0, child.stderr
     child_token = child.stdout.strip()
+    described = await asyncio.to_thread(
+        run, "token", "attenuate", "--token", parent["token"], "--target", sidecar.target,
+        "--grant", "requestRefund:invoice_id=in_93K2,amount<=20,currency in USD",
+        "--format", "json",
+    )  # fmt: skip
+    assert described.returncode == 0, described.stderr
+    shown = json.loads(described.stdout)
+    assert set(shown) == {"token", "token_id", "key_id", "expires_at", "parent_token_ids"}
+    assert shown["parent_token_ids"] == [parent["token_id"]]
+    assert shown["expires_at"] <= parent["expires_at"]
     arguments = '{"invoice_id": "in_93K2", "amount": 30, "currency": "USD", "reason": "dup"}'
     out_of_scope = await asyncio.to_thread(
         run, "token", "inspect", "--token", child_token, "--state-dir", state,
