@@ -246,7 +246,8 @@ _PLACEHOLDERS = {
     "prev": Encoded(_PREV_MARK),
     "hash": Encoded(_HASH_MARK),
 }
-_HASH_MEMBER = b'"hash":' + _HASH_MARK.encode()
+_SEQ_BYTES, _PREV_BYTES, _HASH_BYTES = (m.encode() for m in (_SEQ_MARK, _PREV_MARK, _HASH_MARK))
+_HASH_MEMBER = b'"hash":' + _HASH_BYTES
 
 
 class Prepared:
@@ -265,15 +266,15 @@ class Prepared:
 
     def seal(self, *, seq: int, prev: str) -> Sealed:
         """The record at ``seq`` after the record whose hash is ``prev``."""
-        text = self._text.replace(_SEQ_MARK.encode(), str(seq).encode(), 1)
-        text = text.replace(_PREV_MARK.encode(), _utf8(_string(prev)), 1)
+        text = self._text.replace(_SEQ_BYTES, str(seq).encode(), 1)
+        text = text.replace(_PREV_BYTES, _utf8(_string(prev)), 1)
         at = text.index(_HASH_MEMBER)
         if text[at - 1 : at] == b",":
             unhashed = text[: at - 1] + text[at + len(_HASH_MEMBER) :]
         else:  # the first member: drop the comma after it
             unhashed = text[:at] + text[at + len(_HASH_MEMBER) + 1 :]
         digest = "sha256:" + hashlib.sha256(unhashed).hexdigest()
-        line = text.replace(_HASH_MARK.encode(), _utf8(_string(digest)), 1)
+        line = text.replace(_HASH_BYTES, _utf8(_string(digest)), 1)
         return Sealed(line + b"\n", seq, digest)
 
 
