@@ -11,7 +11,6 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -26,12 +25,6 @@ KIND_DECISION = "decision"
 def new_record_id(now: float, prefix: str = "dec") -> str:
     """A time-ordered, unguessable id: milliseconds then 64 random bits."""
     return f"{prefix}_{int(now * 1000):012x}{secrets.token_hex(8)}"
-
-
-def timestamp(now: float) -> str:
-    """RFC 3339 UTC with milliseconds, as every audit line writes time."""
-    moment = datetime.fromtimestamp(now, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def event_body(kind: str, record_id: str, time: str, fields: Mapping[str, Any]) -> dict[str, Any]:
