@@ -221,7 +221,7 @@ class App:
             issuer=settings.token_issuer,
             leeway_seconds=settings.leeway_seconds,
         )
-        store = SQLiteStore(settings.state_dir / "state.db", background_checkpoints=True)
+        store = SQLiteStore(settings.state_dir / "state.db")
         approvals = Approvals(store, audit, metrics, clock, ApprovalFeed())
         approvals.refresh_pending()
         authorizer = Authorizer(

@@ -15,13 +15,6 @@ SQLite's lock free. Readers take neither: WAL readers never wait for writers.
 Durability: ``synchronous=NORMAL`` in WAL mode survives a process crash (the OS has the
 pages); a power loss can lose the last transactions, which only under-counts budgets and
 forgets idempotency keys from the last moments. The audit log (fsynced) is the record.
-
-Checkpoints: SQLite copies the WAL back into the database when it passes 1,000 pages, on the
-connection that committed last, and fsyncs both files there: in a server, on the event loop,
-stalling one Check every ~100 by 1-3 ms. The server's store (``background_checkpoints``) has
-a thread of its own do it with its own connection instead (``PASSIVE``: it never blocks a
-writer); the committing connection only checkpoints past a far larger WAL, should that
-thread fall behind.
 """
 
 from __future__ import annotations
@@ -29,11 +22,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import logging
 import os
 import re
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,8 +56,6 @@ from sidecar.state.store import (
     StoredApproval,
 )
 
-log = logging.getLogger("proviso.state")
-
 RUN_USAGE_RETENTION_SECONDS = 7 * 24 * 3600
 """Run counters untouched this long are dropped: no agent run lasts a week."""
 
@@ -76,12 +65,6 @@ _COMMENT_RE = re.compile(r"--[^\n]*")
 _LOCK_FIRST_WAIT_SECONDS = 25e-6
 _LOCK_LONGEST_WAIT_SECONDS = 1e-3
 """Polling of the writers' file lock: from 25 µs, doubling, to at most 1 ms between tries."""
-
-CHECKPOINT_INTERVAL_SECONDS = 0.1
-"""How often the background checkpointer copies the WAL into the database."""
-
-_BACKSTOP_CHECKPOINT_PAGES = 10_000
-"""With background checkpoints, the WAL size (4 KiB pages) at which a commit checkpoints."""
 
 _COST_DIGITS = 6
 """Costs are stored in millionths, so sums are exact integers (tool costs have <= 6 decimals)."""
@@ -366,21 +349,7 @@ def _kill_switches(db: sqlite3.Connection) -> tuple[KillSwitch, ...]:
 class SQLiteStore:
     """The Store on one SQLite file (``STATE_DIR/state.db``)."""
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        busy_timeout_seconds: float = 5.0,
-        background_checkpoints: bool = False,
-    ) -> None:
-        """Open (creating and migrating) the store.
-
-        ``background_checkpoints``: a thread copies the WAL into the database, so commits do
-        not (for long-running servers; a CLI command leaves it to SQLite).
-
-        Raises:
-            StoreUnavailableError: the file or its lock cannot be opened, or migration failed.
-        """
+    def __init__(self, path: Path, *, busy_timeout_seconds: float = 5.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_timeout = busy_timeout_seconds
         lock_path = path.with_name(path.name + ".lock")
@@ -398,15 +367,10 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
-            if background_checkpoints:
-                self._db.execute(f"PRAGMA wal_autocheckpoint = {_BACKSTOP_CHECKPOINT_PAGES}")
         except sqlite3.Error as exc:
             os.close(self._lock_fd)
             raise StoreUnavailableError(f"cannot open the state store {path}: {exc}") from exc
         path.chmod(0o600)
-        self._checkpointer = (
-            _Checkpointer(path, busy_timeout_seconds) if background_checkpoints else None
-        )
 
     def _lock_writers(self) -> None:
         """Take the writers' file lock, waiting at most the busy timeout.
@@ -689,40 +653,5 @@ class SQLiteStore:
             raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
 
     def close(self) -> None:
-        if self._checkpointer is not None:
-            self._checkpointer.stop()
         self._db.close()
         os.close(self._lock_fd)
-
-
-class _Checkpointer:
-    """Copies the WAL into the database every ``CHECKPOINT_INTERVAL_SECONDS``, on its own thread.
-
-    A failed checkpoint is logged and tried again next time: the WAL only grows meanwhile, and
-    past ``_BACKSTOP_CHECKPOINT_PAGES`` the committing connection checkpoints itself.
-    """
-
-    def __init__(self, path: Path, busy_timeout_seconds: float) -> None:
-        self._db = sqlite3.connect(
-            path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
-        )
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="state-checkpointer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        failing = False
-        while not self._stopping.wait(CHECKPOINT_INTERVAL_SECONDS):
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error as exc:
-                if not failing:
-                    log.warning("state checkpoint failed; retrying", extra={"error": str(exc)})
-                failing = True
-            else:
-                failing = False
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join()
-        self._db.close()

@@ -229,45 +229,6 @@ def test_a_locked_store_is_unavailable_not_a_hang(tmp_path: Path) -> None:
         store.close()
 
 
-def _calls_in_database_file(path: Path) -> int:
-    """The run's call count as the database file alone holds it (the WAL ignored)."""
-    reader = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
-    try:
-        row = reader.execute("SELECT calls FROM run_usage WHERE run_key = 'run-1'").fetchone()
-    except sqlite3.OperationalError:  # not even the tables are in the file yet
-        return 0
-    finally:
-        reader.close()
-    return int(row[0]) if row else 0
-
-
-def test_background_checkpoints_copy_the_wal_into_the_database(tmp_path: Path) -> None:
-    """The server's store checkpoints on its own thread, below the size at which a commit would."""
-    store = SQLiteStore(tmp_path / "state.db", background_checkpoints=True)
-    try:
-        for index in range(400):  # ~1,600 WAL pages: past SQLite's own 1,000, below the backstop
-            commit(store, StateChanges(count_call=True), decision_id=f"d{index}")
-        deadline = time.monotonic() + 5
-        while _calls_in_database_file(tmp_path / "state.db") != 400:
-            assert time.monotonic() < deadline, "no checkpoint copied the WAL in 5 s"
-            time.sleep(0.05)
-    finally:
-        store.close()
-    assert not [t for t in threading.enumerate() if t.name == "state-checkpointer"]
-
-
-def test_without_background_checkpoints_the_store_checkpoints_itself(tmp_path: Path) -> None:
-    """A CLI's store leaves checkpoints to SQLite: they happen on commit, no thread needed."""
-    store = SQLiteStore(tmp_path / "state.db")
-    try:
-        for index in range(400):
-            commit(store, StateChanges(count_call=True), decision_id=f"d{index}")
-        assert not [t for t in threading.enumerate() if t.name == "state-checkpointer"]
-        assert _calls_in_database_file(tmp_path / "state.db") > 0
-    finally:
-        store.close()
-
-
 def test_an_unopenable_store_is_unavailable(tmp_path: Path) -> None:
     """A state file that is not a database is reported, not a traceback."""
     (tmp_path / "state.db").write_bytes(b"not a database at all" * 100)
