@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -28,7 +27,8 @@ from sidecar._proto.proviso.v1 import authorization_service_pb2_grpc as pb_grpc
 from sidecar.audit.chain import parse_line
 from sidecar.audit.files import lines, log_files, verify_log
 from sidecar.keystore import load_or_create, load_verification_keys
-from tests.conftest import BILLING_AGENT, EXAMPLE_POLICIES, REFUND_GRANT, ROOT
+from tests.conftest import BILLING_AGENT, EXAMPLE_POLICIES, REFUND_GRANT
+from tests.integration.serve_process import serve_process
 from tests.integration.test_check import INVOICE_CONTEXT, refund
 from tokens import issue
 
@@ -55,25 +55,19 @@ def free_port() -> int:
 def serve(
     state_dir: Path, *, file_limit: int = 0
 ) -> Iterator[tuple[subprocess.Popen[str], str, int]]:
-    """`proviso serve` in its own process: (process, gRPC target, metrics port)."""
+    """`proviso serve` in its own process: (process, gRPC target, metrics port).
+
+    Its stdout and stderr go to files beside ``state_dir``.
+    """
     metrics_port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(file_limit), "serve",
-         "--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
+    with serve_process(
+        ["--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
          "--metrics-listen", f"127.0.0.1:{metrics_port}", "--state-dir", str(state_dir),
          "--log-level", "ERROR", "--workers", "1"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        match = re.search(r"serving gRPC on (\S+)", process.stdout.readline())
-        assert match, process.stderr.read() if process.stderr else "no output"
-        yield process, match.group(1), metrics_port
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=30)
+        directory=state_dir.parent, command=[sys.executable, "-c", LAUNCHER, str(file_limit)],
+        stop_timeout=30,
+    ) as server:  # fmt: skip
+        yield server.process, server.target, metrics_port
 
 
 def token(state_dir: Path) -> str:

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -19,9 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
 from tests.conftest import EXAMPLE_POLICIES, ROOT, Sidecar
+from tests.integration.serve_process import PROVISO, serve_process
 from tests.integration.test_check import INVOICE_CONTEXT, check, refund
-
-PROVISO = [sys.executable, "-m", "sidecar.cli"]
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -161,27 +156,15 @@ def test_token_issue_refuses_beyond_the_ceiling(tmp_path: Path) -> None:
 
 def test_serve_starts_answers_health_and_stops(tmp_path: Path) -> None:
     """`proviso serve` prints where it listens, answers health checks, and stops on SIGTERM."""
-    # stdout goes to a file: reading a pipe line by line and then communicate() can lose what
-    # the text wrapper had already buffered.
-    out_path = tmp_path / "stdout.txt"
-    with out_path.open("w") as out:
-        process = subprocess.Popen(
-            [
-                *PROVISO, "serve", "--policies", str(EXAMPLE_POLICIES), "--listen",
-                "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-                "--state-dir", str(tmp_path / "state"),
-            ],
-            cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        match = None
-        while match is None and time.monotonic() < deadline and process.poll() is None:
-            match = re.search(r"serving gRPC on 127\.0\.0\.1:(\d+)", out_path.read_text())
-            time.sleep(0.05)
-        assert match, out_path.read_text()
-        with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+    with serve_process(
+        [
+            "--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"),
+        ],
+        directory=tmp_path, stop_timeout=20,
+    ) as server:  # fmt: skip
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", server.target), server.banner
+        with grpc.insecure_channel(server.target) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=10
             )
@@ -190,13 +173,10 @@ def test_serve_starts_answers_health_and_stops(tmp_path: Path) -> None:
         key_files = list((tmp_path / "state" / "keys").glob("*.pem"))
         assert key_files
         assert all(f.stat().st_mode & 0o777 == 0o600 for f in key_files)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=20)
-    stdout = out_path.read_text()
-    assert process.returncode == 0, stderr
+    stderr = server.stderr
+    assert server.returncode == 0, stderr
     assert "WARNING dev mode" in stderr, "dev mode is announced loudly"
-    assert "proviso token issue --as orchestrator@service" in stdout, "how to get a token"
+    assert "proviso token issue --as orchestrator@service" in server.stdout, "how to get a token"
 
 
 def test_serve_refuses_a_broken_policy(tmp_path: Path) -> None:

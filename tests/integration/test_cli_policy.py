@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -14,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.integration.test_cli import PROVISO, run
+from tests.integration.serve_process import serve_process
+from tests.integration.test_cli import run
 from tests.integration.test_reload import copy_bundle, set_variant, write
 
 
@@ -50,24 +49,16 @@ def served(tmp_path: Path) -> Iterator[Served]:
     """`proviso serve` with the watcher off, so only SIGHUP or ReloadPolicy reload."""
     bundle = copy_bundle(tmp_path / "bundle")
     state = tmp_path / "state"
-    process = subprocess.Popen(
+    with serve_process(
         [
-            *PROVISO, "serve", "--policies", str(bundle), "--listen", "127.0.0.1:0",
+            "--policies", str(bundle), "--listen", "127.0.0.1:0",
             "--metrics-listen", "127.0.0.1:0", "--state-dir", str(state),
             "--watch-interval", "0", "--workers", "1",
         ],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        match = re.search(r"serving gRPC on 127\.0\.0\.1:(\d+)", line)
-        assert match, line
-        yield Served(process, f"127.0.0.1:{match.group(1)}", bundle, state)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=20)
+        directory=tmp_path, stop_timeout=20,
+    ) as server:  # fmt: skip
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", server.target), server.banner
+        yield Served(server.process, server.target, bundle, state)
 
 
 def test_policy_show_names_the_version_in_force(served: Served) -> None:

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -20,10 +19,10 @@ from sidecar._proto.proviso.v1 import authorization_service_pb2_grpc as pb_grpc
 from sidecar.audit.files import logs, records
 from sidecar.keystore import load_or_create
 from tests.conftest import BILLING_AGENT, EXAMPLE_POLICIES, ROOT
+from tests.integration.serve_process import PROVISO, serve_process
 from tests.integration.test_check import INVOICE_CONTEXT, refund
 from tokens import Grant, issue
 
-PROVISO = [sys.executable, "-m", "sidecar.cli"]
 CHANNELS = 8
 CHECKS_PER_CHANNEL = 10
 
@@ -67,20 +66,17 @@ def test_two_workers_share_the_port_the_store_and_stop_together(tmp_path: Path) 
     """Both answer on one port, each keeps its own verifiable chain and metrics, SIGHUP reaches
     them, and SIGTERM stops them all cleanly."""
     state = tmp_path / "state"
-    process = subprocess.Popen(
+    with serve_process(
         [
-            *PROVISO, "serve", "--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
+            "--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
             "--metrics-listen", "127.0.0.1:0", "--state-dir", str(state), "--workers", "2",
             "--log-level", "ERROR",
         ],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(3)]
+        directory=tmp_path, banner_lines=3, stop_timeout=60,
+    ) as server:  # fmt: skip
+        lines = server.banner.splitlines(keepends=True)
         match = re.search(r"serving gRPC on (\S+) \(2 worker processes", lines[0])
-        assert match, "".join(lines) + (process.stderr.read() if process.stderr else "")
+        assert match, "".join(lines) + server.stderr
         metrics_ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)/metrics", "".join(lines))]
         pids = [int(p) for p in re.findall(r"pid (\d+)", "".join(lines))]
         assert len(metrics_ports) == len(pids) == 2
@@ -93,14 +89,11 @@ def test_two_workers_share_the_port_the_store_and_stop_together(tmp_path: Path) 
         assert answers == [pb.DECISION_ALLOW] * (CHANNELS * CHECKS_PER_CHANNEL)
         counted = [_decisions(port) for port in metrics_ports]
         assert sum(counted) == CHANNELS * CHECKS_PER_CHANNEL, counted
-        process.send_signal(signal.SIGHUP)  # forwarded: a policy reload, not a stop
+        server.process.send_signal(signal.SIGHUP)  # forwarded: a policy reload, not a stop
         time.sleep(0.5)
         assert all(_pid_alive(pid) for pid in pids)
         assert asyncio.run(_checks(match.group(1), token))[0] == pb.DECISION_ALLOW
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr
+    assert server.returncode == 0, server.stderr
     assert not any(_pid_alive(pid) for pid in pids), "workers stop with their parent"
     chains = logs(state / "audit")
     assert [files[-1].name for files in chains] == ["decisions.w0.jsonl", "decisions.w1.jsonl"]
