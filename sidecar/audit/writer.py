@@ -144,7 +144,6 @@ class AuditLog:
         # Records appended on an event loop, not yet handed to the writer (see ``append``).
         self._batch: list[_Pending] = []
         self._batch_loop: asyncio.AbstractEventLoop | None = None
-        self._flush_scheduled = False
         self._batch_in_flight = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
@@ -176,9 +175,10 @@ class AuditLog:
                 self._flush_batch()  # another loop's records (tests): hand them over now
                 self._batch_loop = loop
             self._batch.append(_Pending(record, waiter, loop))
-            if not (self._flush_scheduled or self._batch_in_flight):
-                self._flush_scheduled = True
-                loop.call_soon(self._flush_scheduled_batch)
+            if not self._batch_in_flight:
+                # The writer is idle: hand the record over now. Waiting for the loop's next
+                # turn to gather more gained nothing: gRPC starts at most one Check per turn.
+                self._flush_batch()
         return await waiter
 
     def submit(self, body: Mapping[str, Any]) -> concurrent.futures.Future[Receipt]:
@@ -204,12 +204,6 @@ class AuditLog:
         except (ValueError, RecursionError) as exc:
             waiter.set_exception(AuditWriteError(f"not a valid audit record: {exc}"))
             return None
-
-    def _flush_scheduled_batch(self) -> None:
-        """On the loop, after every Check of this iteration appended: send the batch."""
-        self._flush_scheduled = False
-        if not self._batch_in_flight:
-            self._flush_batch()
 
     def _flush_batch(self) -> None:
         if self._batch:
