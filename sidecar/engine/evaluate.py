@@ -131,12 +131,14 @@ def decide(
     decision, approval_changes = _apply_approval(
         policy, call, state, now, _apply_tiers(policy, tool, call, token, bindings)
     )
-    changes = replace(
-        approval_changes,
+    changes = StateChanges(
         count_call=decision.outcome is Outcome.ALLOW,
         failure_streak=streak_reset,
         rate=bucket,
         remember=bool(call.idempotency_key) and decision.outcome in _REPLAYABLE,
+        open_approval=approval_changes.open_approval,
+        consume_approval=approval_changes.consume_approval,
+        expire_approval=approval_changes.expire_approval,
     )
     return Evaluation(decision, changes)
 

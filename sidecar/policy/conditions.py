@@ -53,13 +53,24 @@ class Bindings:
         self._activation = activation
 
 
+_PLAIN = frozenset({str, bool, int, float, type(None)})
+"""Types CEL takes as they are: most values of a call, so most of a walk is one set lookup."""
+
+
 def _to_cel(value: Any) -> Any:
     """Convert parsed JSON (with Decimal numbers) into values CEL accepts."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is dict:
+        return {k: v if type(v) in _PLAIN else _to_cel(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _PLAIN else _to_cel(v) for v in value]
     if isinstance(value, Decimal):
         return float(value)
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {k: _to_cel(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_to_cel(v) for v in value]
     return value
 
@@ -72,17 +83,17 @@ def bind(
 ) -> Bindings:
     """Bind a call's variables for evaluation."""
     data = {
-        "args": _to_cel(dict(args)),
-        "agent": _to_cel(dict(agent)),
-        "token": _to_cel(dict(token)),
-        "context": _to_cel(dict(context)),
+        "args": _to_cel(args),
+        "agent": _to_cel(agent),
+        "token": _to_cel(token),
+        "context": _to_cel(context),
     }
     return Bindings(_ENV.Activation(data))
 
 
 def bind_approver(approver: Mapping[str, Any], request: Mapping[str, Any]) -> Bindings:
     """Bind an approver condition's variables."""
-    data = {"approver": _to_cel(dict(approver)), "request": _to_cel(dict(request))}
+    data = {"approver": _to_cel(approver), "request": _to_cel(request)}
     return Bindings(_APPROVER_ENV.Activation(data))
 
 
