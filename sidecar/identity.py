@@ -38,7 +38,7 @@ log = logging.getLogger("proviso.identity")
 DEV_IDP_ISSUER = "proviso-dev-idp"
 IDENTITY_ALGORITHMS = ("EdDSA", "ES256", "RS256")
 MAX_IDENTITY_TOKEN_BYTES = 16 * 1024
-_BEARER_RE = re.compile(r"^Bearer ([A-Za-z0-9_\-.]+)$")
+_BEARER_RE = re.compile(r"Bearer ([A-Za-z0-9_\-.]+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +60,7 @@ def bearer_token(metadata: Mapping[str, str]) -> str:
     header = metadata.get("authorization", "")
     if not header:
         raise UnauthenticatedError("no credentials: send 'authorization: Bearer <JWT>'")
-    match = _BEARER_RE.match(header)
+    match = _BEARER_RE.fullmatch(header)
     if not match:
         raise UnauthenticatedError("the authorization header is not 'Bearer <JWT>'")
     return match.group(1)

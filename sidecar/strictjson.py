@@ -1,9 +1,10 @@
 """Strict parsing of untrusted JSON objects, and their canonical form and digest.
 
 The tool must act on exactly what was validated, so anything a parser could read two ways is
-refused: duplicate keys, NaN/Infinity, lone surrogates, non-object tops. Size and nesting depth
-are checked before parsing so a hostile document costs at most one linear scan.
-Numbers with a fraction or exponent parse as ``Decimal`` so ``0.01`` stays exact.
+refused: duplicate keys, NaN/Infinity, lone surrogates, NUL characters, non-object tops. Size
+and nesting depth are checked before parsing so a hostile document costs at most one linear
+scan. Numbers with a fraction or exponent parse as ``Decimal`` so ``0.01`` stays exact; no
+number may be beyond 10^±64.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ MAX_JSON_DEPTH = 32
 _STRINGS_RE = re.compile(r'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _BRACKETS_RE = re.compile(r"[\[\]{}]")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_REFUSED_CHAR_RE = re.compile("[\x00\ud800-\udfff]")
 
 
 class JSONInputError(ValueError):
@@ -40,6 +42,13 @@ def _decimal(text: str) -> Decimal:
     if abs(value.adjusted()) > MAX_DECIMAL_EXPONENT:
         raise JSONInputError(f"number {text[:20]} is out of range")
     return value
+
+
+def _integer(text: str) -> int:
+    """Parse a JSON integer, refusing more digits than a decimal may have (10^64)."""
+    if len(text) > MAX_DECIMAL_EXPONENT + 1 and len(text.lstrip("-")) > MAX_DECIMAL_EXPONENT + 1:
+        raise JSONInputError(f"number {text[:20]}... is out of range")
+    return int(text)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -61,6 +70,7 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 # each time. Decoding keeps no state between calls, so sharing it is safe.
 _DECODER = json.JSONDecoder(
     parse_float=_decimal,
+    parse_int=_integer,
     parse_constant=_refuse_constant,
     object_pairs_hook=_object_without_duplicates,
 )
@@ -102,19 +112,35 @@ def parse_object(
         raise JSONInputError(f"not valid JSON: {detail}") from None
     if not isinstance(value, dict):
         raise JSONInputError("must be a JSON object")
-    if _SURROGATE_RE.search(text) or (r"\u" in text.lower() and _has_surrogate(value)):
+    if _SURROGATE_RE.search(text):
         raise JSONInputError("lone surrogates are not allowed")
+    if r"\u" in text.lower():  # only an escape can put these characters in a string
+        refused = _refused_char(value)
+        if refused == "\x00":
+            # CEL (and C code in many tools) reads a string only up to its first NUL, so a
+            # rule would judge a different string from the one the tool receives.
+            raise JSONInputError("U+0000 (NUL) is not allowed in strings")
+        if refused is not None:
+            raise JSONInputError("lone surrogates are not allowed")
     return value
 
 
-def _has_surrogate(value: Any) -> bool:
+def _refused_char(value: Any) -> str | None:
+    """The first NUL or lone surrogate in any key or string of ``value``, if there is one."""
     if isinstance(value, str):
-        return _SURROGATE_RE.search(value) is not None
+        found = _REFUSED_CHAR_RE.search(value)
+        return found.group() if found else None
     if isinstance(value, dict):
-        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_surrogate(v) for v in value)
-    return False
+        items: Any = (text for pair in value.items() for text in pair)
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for item in items:
+        refused = _refused_char(item)
+        if refused is not None:
+            return refused
+    return None
 
 
 def _number(value: Decimal | int) -> str:

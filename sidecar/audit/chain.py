@@ -53,7 +53,7 @@ CHECKPOINT_CONTEXT = b"proviso.audit.checkpoint.v1\n"
 CHAIN_FIELDS = ("seq", "prev", "hash")
 """Members the writer assigns; a record body must not carry them."""
 
-_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HASH_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 # The C-accelerated JSON string encoder escapes exactly what ECMAScript's JSON.stringify does:
 # '"', '\\', the short escapes \b \f \n \r \t, and other control characters as \u00xx.
@@ -397,9 +397,9 @@ def _chain_fields(record: Mapping[str, Any]) -> tuple[int, str, str] | str:
     seq, prev, digest = record.get("seq"), record.get("prev"), record.get("hash")
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
         return "'seq' is missing or not a positive integer"
-    if not isinstance(prev, str) or not _HASH_RE.match(prev):
+    if not isinstance(prev, str) or not _HASH_RE.fullmatch(prev):
         return "'prev' is missing or not a sha256 hash"
-    if not isinstance(digest, str) or not _HASH_RE.match(digest):
+    if not isinstance(digest, str) or not _HASH_RE.fullmatch(digest):
         return "'hash' is missing or not a sha256 hash"
     return seq, prev, digest
 

@@ -17,7 +17,7 @@ from sidecar.audit.chain import Break, ChainState, ChainVerifier, parse_line
 from tokens import VerificationKeys
 
 SEQ_DIGITS = 12
-_SEGMENT_RE = re.compile(rf"^(?P<stem>.+)\.(?P<seq>\d{{{SEQ_DIGITS}}})$")
+_SEGMENT_RE = re.compile(rf"(?P<stem>.+)\.(?P<seq>\d{{{SEQ_DIGITS}}})")
 
 
 class AuditLogNotFoundError(FileNotFoundError):
@@ -35,7 +35,7 @@ def segments(active: Path) -> list[Path]:
         return []
     found = []
     for candidate in active.parent.glob(f"{active.stem}.*{active.suffix}"):
-        match = _SEGMENT_RE.match(candidate.name[: len(candidate.name) - len(active.suffix)])
+        match = _SEGMENT_RE.fullmatch(candidate.name[: len(candidate.name) - len(active.suffix)])
         if match and match["stem"] == active.stem and candidate.is_file():
             found.append(candidate)
     return sorted(found)
@@ -51,12 +51,12 @@ def log_files(path: Path) -> list[Path]:
     """
     if path.is_dir():
         actives = sorted(
-            p for p in path.glob("*.jsonl") if not _SEGMENT_RE.match(p.name[: -len(".jsonl")])
+            p for p in path.glob("*.jsonl") if not _SEGMENT_RE.fullmatch(p.name[: -len(".jsonl")])
         )
         stems = {p.stem for p in actives} | {
             match["stem"]
             for p in path.glob("*.jsonl")
-            if (match := _SEGMENT_RE.match(p.name[: -len(".jsonl")]))
+            if (match := _SEGMENT_RE.fullmatch(p.name[: -len(".jsonl")]))
         }
         if len(stems) != 1:
             what = "no audit log" if not stems else f"{len(stems)} audit logs"
@@ -82,8 +82,8 @@ def logs(path: Path) -> list[list[Path]]:
     if not path.is_dir():
         return [log_files(path)]
     stems = sorted(
-        {p.stem for p in path.glob("*.jsonl") if not _SEGMENT_RE.match(p.stem)}
-        | {m["stem"] for p in path.glob("*.jsonl") if (m := _SEGMENT_RE.match(p.stem))}
+        {p.stem for p in path.glob("*.jsonl") if not _SEGMENT_RE.fullmatch(p.stem)}
+        | {m["stem"] for p in path.glob("*.jsonl") if (m := _SEGMENT_RE.fullmatch(p.stem))}
     )
     if not stems:
         raise AuditLogNotFoundError(f"no audit log in {path}")

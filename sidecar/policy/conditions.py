@@ -2,7 +2,8 @@
 
 Conditions see four variables, each a map from string to any value: ``args`` (the call's
 arguments), ``agent`` (``id``, ``roles``), ``token`` (``id``, ``issuer``, ``run_id``) and
-``context`` (facts the calling runtime vouches for). JSON decimals reach CEL as doubles.
+``context`` (facts the calling runtime vouches for). JSON decimals reach CEL as doubles, and
+only when the double stands for exactly that decimal; a NUL in a string fails every condition.
 """
 
 from __future__ import annotations
@@ -45,34 +46,67 @@ class ConditionEvaluationError(ValueError):
 
 
 class Bindings:
-    """The variables of one evaluation, bound once and shared by every condition of a call."""
+    """The variables of one evaluation, bound once and shared by every condition of a call.
 
-    __slots__ = ("_activation",)
+    ``problem`` says why the values could not be handed to CEL faithfully; every condition
+    evaluated on such bindings then fails (never passes) with that message.
+    """
 
-    def __init__(self, activation: Any) -> None:
+    __slots__ = ("_activation", "problem")
+
+    def __init__(self, activation: Any, problem: str = "") -> None:
         self._activation = activation
+        self.problem = problem
 
 
-_PLAIN = frozenset({str, bool, int, float, type(None)})
-"""Types CEL takes as they are: most values of a call, so most of a walk is one set lookup."""
+class _NotRepresentableError(ValueError):
+    """A value CEL would see differently from what the tool receives."""
+
+
+_SCALARS = frozenset({bool, int, float, type(None)})
+"""Types CEL takes as they are (an int beyond 64 bits is CEL's own evaluation error)."""
 
 
 def _to_cel(value: Any) -> Any:
-    """Convert parsed JSON (with Decimal numbers) into values CEL accepts."""
+    """Convert parsed JSON (with Decimal numbers) into values CEL reads exactly as given.
+
+    Raises:
+        _NotRepresentableError: a string (or key) holds a NUL, which CEL would cut the string
+            at; or a decimal has more digits than a double tells apart.
+    """
     kind = type(value)
-    if kind in _PLAIN:
+    if kind is str:
+        if "\x00" in value:
+            raise _NotRepresentableError("a string holds U+0000 (NUL), which CEL cuts short")
         return value
-    if kind is dict:
-        return {k: v if type(v) in _PLAIN else _to_cel(v) for k, v in value.items()}
-    if kind is list:
-        return [v if type(v) in _PLAIN else _to_cel(v) for v in value]
-    if isinstance(value, Decimal):
-        return float(value)
+    if kind in _SCALARS:
+        return value
+    if kind is Decimal:
+        return _double(value)
     if isinstance(value, Mapping):
-        return {k: _to_cel(v) for k, v in value.items()}
+        return {_to_cel(k): _to_cel(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_to_cel(v) for v in value]
+    if isinstance(value, str):  # a subclass (a StrEnum): checked as the plain string
+        return _to_cel(str.__str__(value))
+    if isinstance(value, Decimal):
+        return _double(value)
     return value
+
+
+def _double(value: Decimal) -> float:
+    """The double CEL compares ``value`` as, when it stands for exactly this decimal.
+
+    A decimal whose nearest double prints back as itself (any of up to 15 significant digits)
+    orders against every such literal as the decimal does; one with more digits could not be
+    told from its neighbours (50.0000000000000001 would pass ``<= 50``), so it is refused.
+    """
+    number = float(value)
+    if Decimal(repr(number)) != value:
+        raise _NotRepresentableError(
+            f"the number {value} has more digits than CEL's double can hold exactly"
+        )
+    return number
 
 
 def bind(
@@ -82,18 +116,24 @@ def bind(
     context: Mapping[str, Any],
 ) -> Bindings:
     """Bind a call's variables for evaluation."""
-    data = {
-        "args": _to_cel(args),
-        "agent": _to_cel(agent),
-        "token": _to_cel(token),
-        "context": _to_cel(context),
-    }
+    try:
+        data = {
+            "args": _to_cel(args),
+            "agent": _to_cel(agent),
+            "token": _to_cel(token),
+            "context": _to_cel(context),
+        }
+    except _NotRepresentableError as exc:
+        return Bindings(None, str(exc))
     return Bindings(_ENV.Activation(data))
 
 
 def bind_approver(approver: Mapping[str, Any], request: Mapping[str, Any]) -> Bindings:
     """Bind an approver condition's variables."""
-    data = {"approver": _to_cel(approver), "request": _to_cel(request)}
+    try:
+        data = {"approver": _to_cel(approver), "request": _to_cel(request)}
+    except _NotRepresentableError as exc:
+        return Bindings(None, str(exc))
     return Bindings(_APPROVER_ENV.Activation(data))
 
 
@@ -127,6 +167,8 @@ class Condition:
             ConditionEvaluationError: evaluation failed or did not yield a boolean. Callers
                 must treat this as "cannot decide", never as false.
         """
+        if bindings.problem:
+            raise ConditionEvaluationError(bindings.problem)
         result = self._expression.eval(bindings._activation)
         value = result.value()
         if isinstance(value, bool):

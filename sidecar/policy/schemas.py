@@ -219,7 +219,7 @@ def _all_of(checks: list[Check]) -> Check:
     checks_tuple = tuple(checks)
 
     def check(instance: Any) -> bool:
-        for each in checks_tuple:
+        for each in checks_tuple:  # noqa: SIM110 - all() over a generator is twice as slow
             if not each(instance):
                 return False
         return True

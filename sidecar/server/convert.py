@@ -33,7 +33,7 @@ from tokens import Constraint, Grant
 MAX_IDENTIFIER_BYTES = 256
 MAX_RUN_METADATA_ENTRIES = 32
 MAX_RUN_METADATA_VALUE_BYTES = 1024
-_IDENTIFIER_RE = re.compile(r"^[\x21-\x7e]+$")
+_IDENTIFIER_RE = re.compile(r"[\x21-\x7e]+")
 
 _DECISIONS = {
     Outcome.ALLOW: authz_pb.DECISION_ALLOW,
@@ -52,7 +52,7 @@ def _identifier(field: str, value: str, *, required: bool) -> str:
         if required:
             raise InvalidRequestError(field, "is required")
         return value
-    if len(value) > MAX_IDENTIFIER_BYTES or not _IDENTIFIER_RE.match(value):
+    if len(value) > MAX_IDENTIFIER_BYTES or not _IDENTIFIER_RE.fullmatch(value):
         raise InvalidRequestError(
             field, f"must be 1-{MAX_IDENTIFIER_BYTES} printable ASCII characters without spaces"
         )

@@ -79,7 +79,7 @@ def test_the_tool_name_is_kept_byte_exact() -> None:
 @pytest.mark.parametrize(
     "tool",
     ["", "request Refund", "r\u00e9fund", "tab\there", "new\nline", "\u0440efund", "nul\x00",
-     "del\x7f", "x" * (MAX_IDENTIFIER_BYTES + 1)],
+     "del\x7f", "x" * (MAX_IDENTIFIER_BYTES + 1), "getInvoice\n", "\ngetInvoice"],
 )  # fmt: skip
 def test_a_bad_tool_name_is_refused_naming_tool(tool: str) -> None:
     """Empty, spaced, non-ASCII, control-character or over-long tool names name ``tool``."""
@@ -92,7 +92,9 @@ def test_an_identifier_of_exactly_the_maximum_length_is_accepted() -> None:
 
 
 @pytest.mark.parametrize("field", ["run_id", "step_id", "idempotency_key", "approval_id"])
-@pytest.mark.parametrize("value", ["has space", "caf\u00e9", "x" * (MAX_IDENTIFIER_BYTES + 1)])
+@pytest.mark.parametrize(
+    "value", ["has space", "caf\u00e9", "x" * (MAX_IDENTIFIER_BYTES + 1), "run-1\n"]
+)
 def test_bad_optional_identifiers_name_their_field(field: str, value: str) -> None:
     """Optional identifiers are checked like the tool name, and the error names them."""
     assert _field_of(**{field: value}) == field
@@ -107,6 +109,9 @@ def test_bad_optional_identifiers_name_their_field(field: str, value: str) -> No
         ("arguments_json", "{"),
         ("context_json", '"text"'),
         ("context_json", '{"a": "\\ud800"}'),
+        ("arguments_json", '{"body": "ok\\u00004111111111111111"}'),
+        ("context_json", '{"amount_due\\u0000x": 1}'),
+        ("arguments_json", '{"n": 1' + "0" * 70 + "}"),
     ],
 )
 def test_bad_json_names_its_field(field: str, text: str) -> None:

@@ -60,10 +60,13 @@ def test_a_valid_surrogate_pair_is_accepted() -> None:
     assert parse_object('{"e": "\\ud83d\\ude00"}') == {"e": "\U0001f600"}
 
 
-def test_a_large_integer_within_pythons_limit_is_kept_exactly() -> None:
-    """A 4000-digit integer parses exactly (Python's default limit is 4300 digits)."""
-    digits = "9" * 4000
-    assert parse_object(f'{{"n": {digits}}}')["n"] == int(digits)
+def test_a_65_digit_integer_is_kept_exactly() -> None:
+    """Integers up to 10^64 (65 digits), as decimals, parse exactly."""
+    digits = "9" * 65
+    assert parse_object(f'{{"n": {digits}, "m": -{digits}}}') == {
+        "n": int(digits),
+        "m": -int(digits),
+    }
 
 
 # --- parse_object: what is refused --------------------------------------------------------------
@@ -181,10 +184,32 @@ def test_numbers_at_the_exponent_limit_are_accepted(number: str) -> None:
     assert parse_object(f'{{"n": {number}}}')["n"] == Decimal(number)
 
 
-def test_a_5000_digit_integer_is_refused_as_input_error() -> None:
-    """An integer longer than Python reads is a JSONInputError, not a stray ValueError."""
-    with pytest.raises(JSONInputError, match="not valid JSON"):
-        parse_object('{"n": ' + "1" * 5000 + "}")
+@pytest.mark.parametrize("digits", [66, 4000, 5000])
+def test_integers_beyond_10_to_the_64_are_refused(digits: int) -> None:
+    """Like decimals, integers beyond 10^64 are out of range (no vague schema error later)."""
+    with pytest.raises(JSONInputError, match="out of range"):
+        parse_object('{"n": ' + "1" * digits + "}")
+    with pytest.raises(JSONInputError, match="out of range"):
+        parse_object('{"n": [-' + "1" * digits + "]}")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"body": "ok\\u00004111111111111111"}',
+        '{"a\\u0000b": 1}',
+        '{"a": [{"b": ["x", "\\u0000"]}]}',
+    ],
+)
+def test_nul_characters_are_refused_in_keys_and_strings(text: str) -> None:
+    """CEL would read a string only up to a NUL: a rule would judge another string."""
+    with pytest.raises(JSONInputError, match="NUL"):
+        parse_object(text)
+
+
+def test_an_escaped_backslash_before_u0000_is_not_a_nul() -> None:
+    """The six characters \\u0000 after an escaped backslash are text, not a NUL."""
+    assert parse_object('{"a": "\\\\u0000"}') == {"a": "\\u0000"}
 
 
 @pytest.mark.parametrize(
@@ -308,22 +333,24 @@ json_decimals = st.builds(
 json_floats = st.floats(
     min_value=-1e15, max_value=1e15, allow_nan=False, allow_infinity=False
 ).filter(lambda f: f == 0 or abs(f) > 1e-30)
+json_text = st.characters(exclude_characters="\x00", exclude_categories=["Cs"])  # as parsed
 json_scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(10**40), max_value=10**40),
     json_decimals,
     json_floats,
-    st.text(max_size=16),
+    st.text(json_text, max_size=16),
 )
 json_values = st.recursive(
     json_scalars,
     lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(json_text, max_size=8), children, max_size=4)
     ),
     max_leaves=20,
 )
-json_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=6)
+json_objects = st.dictionaries(st.text(json_text, max_size=8), json_values, max_size=6)
 
 
 @PROPERTY_SETTINGS

@@ -164,3 +164,14 @@ def test_an_unpinned_read_tool_is_allowed(example_policy: Policy) -> None:
     assert (decision.outcome, decision.matched_tier) == (Outcome.ALLOW, "default")
     assert decision.policy_version == example_policy.version
     assert decision.agent == BILLING
+
+
+def test_a_card_number_hidden_behind_a_nul_is_denied(example_policy: Policy) -> None:
+    """CEL would read 'ok\\0<card>' as 'ok': the tier's condition fails, and fails closed."""
+    token = claims(grant("addInternalNote", ticket_id="T-1"), subject=TRIAGE)
+    arguments = {"ticket_id": "T-1", "body": "ok\x004111111111111111"}
+    decision = evaluate(
+        example_policy, ToolCall("addInternalNote", arguments, idempotency_key="note-1"), token
+    )
+    assert decision.outcome is Outcome.DENY
+    assert decision.primary_code is ReasonCode.CONDITION_ERROR
