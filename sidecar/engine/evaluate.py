@@ -236,11 +236,15 @@ def _check_idempotency(
     stored = state.idempotent
     if stored is None:
         return None
-    if stored.tool == call.tool and stored.args_digest == call.args_digest:
+    if (stored.tool, stored.args_digest, stored.run_id) == (
+        call.tool,
+        call.args_digest,
+        call.run_id,
+    ):
         return Evaluation(stored.decision, NO_CHANGES, replay_of=stored.decision_id)
     reason = Reason(
         ReasonCode.IDEMPOTENCY_CONFLICT,
-        "this idempotency key was used for a different call",
+        "this idempotency key was used for a different call (tool, arguments or run)",
         "idempotency_key",
     )
     return _deny(policy, reason, token=token)

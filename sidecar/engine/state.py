@@ -103,6 +103,7 @@ class StoredDecision:
     args_digest: str
     decision: Decision
     decision_id: str
+    run_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,12 +107,12 @@ class _Transaction:
         stored = None
         if scope.idempotency_key:
             row = self._db.execute(
-                "SELECT tool, args_digest, decision, decision_id FROM idempotency_keys "
+                "SELECT tool, args_digest, decision, decision_id, run_id FROM idempotency_keys "
                 "WHERE agent = ? AND key = ? AND expires_at > ?",
                 (scope.agent, scope.idempotency_key, now),
             ).fetchone()
             if row is not None:
-                stored = StoredDecision(row[0], row[1], decode_decision(row[2]), row[3])
+                stored = StoredDecision(row[0], row[1], decode_decision(row[2]), row[3], row[4])
         row = self._db.execute(_USAGE, (scope.run_key, scope.tool)).fetchone()
         usage = RunUsage(
             calls=row[0],
@@ -205,11 +205,11 @@ class _Transaction:
         if changes.remember and scope.idempotency_key:
             db.execute(
                 "INSERT INTO idempotency_keys (agent, key, tool, args_digest, decision, "
-                "decision_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "decision_id, created_at, expires_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (agent, key) DO UPDATE SET tool = excluded.tool, "
                 "args_digest = excluded.args_digest, decision = excluded.decision, "
                 "decision_id = excluded.decision_id, created_at = excluded.created_at, "
-                "expires_at = excluded.expires_at",
+                "expires_at = excluded.expires_at, run_id = excluded.run_id",
                 (
                     scope.agent,
                     scope.idempotency_key,
@@ -219,6 +219,7 @@ class _Transaction:
                     decision_id,
                     now,
                     now + idempotency_window_seconds,
+                    scope.run_id,
                 ),
             )
 

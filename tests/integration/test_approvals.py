@@ -97,6 +97,23 @@ async def test_approval_for_other_arguments_is_a_mismatch(sidecar: Sidecar) -> N
     assert codes(unknown) == ["APPROVAL_NOT_FOUND"]
 
 
+async def test_a_used_approval_does_not_replay_in_another_run(sidecar: Sidecar) -> None:
+    """The idempotency key of the approved call, retried in another run, conflicts: the
+    approval was for that run, and it is used up."""
+    token = sidecar.token()
+    needed = await refund_check(sidecar, token, "120", idempotency_key="K1")
+    await approve(sidecar, needed.approval_id, ALICE)
+    allowed = await refund_check(sidecar, token, "120", needed.approval_id, idempotency_key="K1")
+    assert codes(allowed) == ["APPROVAL_GRANTED"]
+    retried = await refund_check(sidecar, token, "120", needed.approval_id, idempotency_key="K1")
+    assert (retried.replayed, retried.decision_id) == (True, allowed.decision_id)
+    for run in ("run-2", "run-3"):
+        elsewhere = await refund_check(sidecar, token, "120", run_id=run, idempotency_key="K1")
+        assert elsewhere.decision == pb.DECISION_DENY
+        assert codes(elsewhere) == ["IDEMPOTENCY_CONFLICT"]
+        assert not elsewhere.replayed
+
+
 async def test_finance_tier_needs_two_distinct_approvers(sidecar: Sidecar) -> None:
     """900 needs two finance approvers; one person approving twice is still one approval."""
     token = sidecar.token()

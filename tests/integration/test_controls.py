@@ -122,6 +122,19 @@ async def test_same_key_other_call_conflicts(sidecar: Sidecar) -> None:
     assert codes(response) == ["IDEMPOTENCY_CONFLICT"]
 
 
+async def test_same_key_same_call_in_another_run_conflicts(sidecar: Sidecar) -> None:
+    """A replay is for the same call in the same run: the key in another run is a conflict,
+    so a decision never travels to a run whose budgets and approvals it was not judged in."""
+    token = sidecar.token()
+    first = await check(sidecar, token, "requestRefund", refund("10"), key="refund-44")
+    assert first.decision == pb.DECISION_ALLOW
+    response = await check(
+        sidecar, token, "requestRefund", refund("10"), key="refund-44", run_id="run-2"
+    )
+    assert codes(response) == ["IDEMPOTENCY_CONFLICT"]
+    assert not response.replayed
+
+
 async def test_keys_are_scoped_per_agent(sidecar: Sidecar) -> None:
     """Another agent using the same key string does not see the first agent's decision."""
     await check(sidecar, sidecar.token(), "requestRefund", refund("10"), key="shared")
