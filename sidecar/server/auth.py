@@ -1,4 +1,4 @@
-"""Who is calling: identities from bearer JWTs, and the admin check shared by admin RPCs."""
+"""Who is calling: identities from bearer JWTs, and the role checks shared by RPCs."""
 
 from __future__ import annotations
 
@@ -38,3 +38,20 @@ def require_admin(identity: Identity, policy: Policy) -> Identity:
     if not set(identity.groups) & set(policy.admin_groups):
         raise PermissionDeniedError(f"'{identity.subject}' is not an admin")
     return identity
+
+
+def require_approval_reader(identity: Identity, policy: Policy) -> Identity:
+    """``identity`` if it holds an approver role or is an admin of the policy in force.
+
+    Approval requests carry the call's full arguments (an invoice, a customer's message):
+    being known to the IdP is not enough to read them.
+
+    Raises:
+        PermissionDeniedError: it holds neither.
+    """
+    if policy.approver_roles_of(identity.groups) or set(identity.groups) & set(policy.admin_groups):
+        return identity
+    raise PermissionDeniedError(
+        f"'{identity.subject}' holds no approver role and is not an admin: "
+        "approval requests are shown only to those"
+    )

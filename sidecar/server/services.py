@@ -46,7 +46,7 @@ from sidecar.policy.model import KillSwitch
 from sidecar.reloader import PolicyReloader
 from sidecar.revocation import revoke
 from sidecar.server import convert, status
-from sidecar.server.auth import caller, require_admin
+from sidecar.server.auth import caller, require_admin, require_approval_reader
 from sidecar.state import IssuedToken, Store
 from tokens import TokenError
 
@@ -477,10 +477,13 @@ class ApprovalService:
     def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
         return caller(context, self._identities, self._clock.now())
 
+    def _reader(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+        return require_approval_reader(self._caller(context), self._policy.current)
+
     async def get_approval(
         self, request: approval_pb.GetApprovalRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> approval_pb.GetApprovalResponse:
-        self._caller(context)
+        self._reader(context)
         stored = self._approvals.get(convert.approval_id(request.approval_id))
         return approval_pb.GetApprovalResponse(approval=convert.approval(stored, self._clock.now()))
 
@@ -489,7 +492,7 @@ class ApprovalService:
         request: approval_pb.ListApprovalsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> approval_pb.ListApprovalsResponse:
-        self._caller(context)
+        self._reader(context)
         if request.page_size < 0:
             raise InvalidRequestError("page_size", "must not be negative")
         size = min(request.page_size or LIST_DEFAULT_PAGE_SIZE, LIST_MAX_PAGE_SIZE)
@@ -548,7 +551,7 @@ class ApprovalService:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[approval_pb.WatchApprovalsResponse]:
         """Every change from now on; polls the store so changes by other processes show too."""
-        self._caller(context)
+        self._reader(context)
         seen = self._approvals.store.last_approval_event()
         while True:
             for event in self._approvals.events_after(seen):

@@ -178,6 +178,32 @@ async def test_unauthenticated_callers_are_refused(sidecar: Sidecar) -> None:
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_only_approvers_and_admins_may_read_requests(sidecar: Sidecar) -> None:
+    """Requests carry the call's arguments: an IdP identity without an approver role (the
+    issuer here) is refused Get, List and Watch; an admin may read them."""
+    needed = await refund_check(sidecar, sidecar.token(), "120")
+    outsider = identity(sidecar, "orchestrator@service")
+    calls = [
+        stub(sidecar).GetApproval(
+            ap_pb.GetApprovalRequest(approval_id=needed.approval_id), metadata=outsider
+        ),
+        stub(sidecar).ListApprovals(ap_pb.ListApprovalsRequest(), metadata=outsider),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub(sidecar).WatchApprovals(
+            ap_pb.WatchApprovalsRequest(), metadata=outsider
+        ):
+            pass
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    admin = identity(sidecar, "olivia@example.com")
+    listed = await stub(sidecar).ListApprovals(ap_pb.ListApprovalsRequest(), metadata=admin)
+    assert [a.approval_id for a in listed.approvals] == [needed.approval_id]
+
+
 async def test_expiry_with_an_injected_clock(tmp_path: Path) -> None:
     """After the tier's 24 h the request is expired: the Check is denied and approving fails."""
     clock = FixedClock(time.time())
