@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,6 +86,8 @@ def start_workers(settings: Settings, extra: HandlerFactory | None = None) -> li
     Raises:
         WorkerStartError: a worker failed to start; those already started are stopped.
     """
+    if settings.listen.port:
+        _refuse_a_taken_port(settings.listen.host, settings.listen.port)
     prepare_state(settings)
     context = multiprocessing.get_context("spawn")
     workers: list[Worker] = []
@@ -129,6 +133,32 @@ def start_workers(settings: Settings, extra: HandlerFactory | None = None) -> li
         stop_workers(workers)
         raise
     return workers
+
+
+def _refuse_a_taken_port(host: str, port: int) -> None:
+    """Fail if anything listens on ``host:port`` already.
+
+    The workers bind with SO_REUSEPORT, which also lets them join the port of another running
+    sidecar (whose workers set it too): calls would then be spread over two servers with
+    different keys, state and policy. A plain bind (no SO_REUSEPORT) fails while any other
+    socket holds the port, so it is tried first.
+
+    Raises:
+        WorkerStartError: the address is taken (or cannot be bound at all).
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise WorkerStartError(f"cannot resolve {host}: {exc}") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise WorkerStartError(f"{host}:{port} is in use by another process") from None
+                raise WorkerStartError(f"cannot bind {host}:{port}: {exc.strerror}") from None
 
 
 def signal_workers(workers: Sequence[Worker], signum: int) -> None:

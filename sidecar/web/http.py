@@ -66,5 +66,8 @@ class HttpServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        """Stop serving and close the socket (also when it never started serving: shutdown()
+        would then wait forever for a loop that never ran)."""
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -116,3 +117,43 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return not Path(f"/proc/{pid}/status").read_text().count("State:\tZ")
+
+
+def _serve_on(port: int, workers: int, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            *PROVISO, "serve", "--policies", str(EXAMPLE_POLICIES),
+            "--listen", f"127.0.0.1:{port}", "--metrics-listen", "127.0.0.1:0",
+            "--state-dir", str(tmp_path / f"state-{workers}"), "--workers", str(workers),
+            "--log-level", "ERROR",
+        ],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+
+
+def test_a_port_held_by_another_sidecars_workers_is_refused(tmp_path: Path) -> None:
+    """Another sidecar's workers listen with SO_REUSEPORT, which would let new workers join
+    their port and split calls between two servers: serve refuses instead."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        result = _serve_on(port, 2, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"127.0.0.1:{port} is in use by another process" in result.stderr
+    assert "serving gRPC" not in result.stdout
+
+
+def test_a_single_worker_on_a_taken_port_exits_instead_of_hanging(tmp_path: Path) -> None:
+    """The bind failure stops serve at once (it used to wait forever stopping an HTTP
+    server that never started)."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        started = time.monotonic()
+        result = _serve_on(port, 1, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert time.monotonic() - started < 30
+    assert "serving gRPC" not in result.stdout
