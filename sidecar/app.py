@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -156,6 +156,7 @@ class App:
         shadow_policy: Policy | None = None,
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
         traces: tracing.Tracing | None = None,
+        reload_peers: Callable[[], None] | None = None,
     ) -> App:
         """Load the policy and keys, open the audit log, and start both listeners.
 
@@ -163,7 +164,8 @@ class App:
         watcher still follows ``settings.policies``, so pass ``watch_interval_seconds=0`` with
         a ``policy`` that differs from it. A ``shadow_policy`` without a directory is never
         reloaded. ``traces`` replaces the tracing the settings ask for (tests pass an
-        in-memory one).
+        in-memory one). ``reload_peers`` is called after a ReloadPolicy RPC reloaded this
+        process, so that the other workers of ``serve --workers N`` reload too.
 
         Raises:
             PolicyLoadError: the policy bundle has errors (nothing is started).
@@ -264,6 +266,7 @@ class App:
                 reloader=reloader,
                 shadow=shadow,
                 audit_path=settings.audit_path if settings.workers == 1 else settings.audit_dir,
+                reload_peers=reload_peers,
             ),
             ApprovalService(holder, identities=identities, approvals=approvals, clock=clock),
         ]

@@ -88,6 +88,10 @@ def start_workers(settings: Settings, extra: HandlerFactory | None = None) -> li
     """
     if settings.listen.port:
         _refuse_a_taken_port(settings.listen.host, settings.listen.port)
+    with contextlib.suppress(ValueError):  # not the main thread: the caller handles signals
+        # A started worker may ask for a reload (SIGHUP) before ``supervise`` forwards them;
+        # the workers that start later load the bundle as it is then anyway.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     prepare_state(settings)
     context = multiprocessing.get_context("spawn")
     workers: list[Worker] = []
@@ -217,6 +221,16 @@ def supervise(workers: Sequence[Worker]) -> int:
     return 0 if requested and not any(codes) else 1
 
 
+def _hangup_parent(parent: int) -> Callable[[], None]:
+    """Ask the supervisor to send SIGHUP to every worker: a ReloadPolicy RPC reaches one."""
+
+    def hangup() -> None:
+        if os.getppid() == parent:  # never signal whoever adopted us after the parent died
+            os.kill(parent, signal.SIGHUP)
+
+    return hangup
+
+
 def worker_main(
     settings: Settings, index: int, channel: Connection, extra: HandlerFactory | None
 ) -> None:
@@ -237,7 +251,11 @@ async def _serve(
 ) -> int:
     from sidecar.app import App  # noqa: PLC0415 - imported in the worker, after logging is set
 
-    app = await App.start(settings, extra_handlers=extra() if extra else ())
+    app = await App.start(
+        settings,
+        extra_handlers=extra() if extra else (),
+        reload_peers=_hangup_parent(os.getppid()),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -323,7 +323,9 @@ class AdminService:
         reloader: PolicyReloader,
         shadow: PolicyHolder | None = None,
         audit_path: Path | None = None,
+        reload_peers: Callable[[], None] | None = None,
     ) -> None:
+        self._reload_peers = reload_peers
         self._policy = policy
         self._identities = identities
         self._store = store
@@ -402,9 +404,15 @@ class AdminService:
     async def reload_policy(
         self, request: admin_pb.ReloadPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb.ReloadPolicyResponse:
-        """Reload the active bundle; a bundle with errors raises PolicyLoadError (see proto)."""
+        """Reload the active bundle; a bundle with errors raises PolicyLoadError (see proto).
+
+        Under ``serve --workers N`` the other workers are told to reload too (they load the
+        same directory a moment later, as on SIGHUP).
+        """
         self._admin(context)
         loaded, changed = await self._reloader.reload("admin")
+        if self._reload_peers is not None:
+            self._reload_peers()
         return admin_pb.ReloadPolicyResponse(
             policy=convert.policy_info(loaded.policy, loaded.loaded_at), changed=changed
         )

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,9 +16,13 @@ from pathlib import Path
 
 import grpc
 
+from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
+from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
 from sidecar._proto.proviso.v1 import authorization_service_pb2_grpc as pb_grpc
 from sidecar.audit.files import logs, records
+from sidecar.config import DEFAULT_AUDIENCE
+from sidecar.identity import DevIdentityProvider
 from sidecar.keystore import load_or_create
 from tests.conftest import BILLING_AGENT, EXAMPLE_POLICIES, ROOT
 from tests.integration.serve_process import PROVISO, serve_process
@@ -109,6 +114,60 @@ def test_two_workers_share_the_port_the_store_and_stop_together(tmp_path: Path) 
     report = json.loads(verify.stdout)
     assert report["ok"] is True
     assert len(report["logs"]) == 2
+
+
+def test_a_reload_rpc_to_one_worker_reloads_every_worker(tmp_path: Path) -> None:
+    """ReloadPolicy reaches one worker; it has the supervisor signal every worker, so no
+    worker keeps deciding under the old policy."""
+    state, bundle = tmp_path / "state", tmp_path / "policies"
+    shutil.copytree(EXAMPLE_POLICIES, bundle)
+    with serve_process(
+        [
+            "--policies", str(bundle), "--listen", "127.0.0.1:0", "--metrics-listen",
+            "127.0.0.1:0", "--state-dir", str(state), "--workers", "2", "--watch-interval", "0",
+            "--log-level", "ERROR",
+        ],
+        directory=tmp_path, banner_lines=3, stop_timeout=60,
+    ) as server:  # fmt: skip
+        match = re.search(r"serving gRPC on (\S+) ", server.banner)
+        assert match, server.banner + server.stderr
+        target = match.group(1)
+        admin = DevIdentityProvider.load(state, DEFAULT_AUDIENCE).mint(
+            "olivia@example.com", ("admins",), time.time()
+        )
+        metadata = (("authorization", f"Bearer {admin}"),)
+        before = asyncio.run(_versions(target, metadata))
+        assert len(before) == 1, before
+        common = bundle / "common.yaml"
+        common.write_text(common.read_text() + "\n# a reviewed change\n")
+        reloaded = asyncio.run(_reload(target, metadata))
+        assert reloaded not in before
+        deadline = time.monotonic() + 10
+        while (versions := asyncio.run(_versions(target, metadata))) != {reloaded}:
+            assert time.monotonic() < deadline, f"workers still at {versions}"
+            time.sleep(0.2)
+
+
+async def _versions(target: str, metadata: tuple[tuple[str, str], ...]) -> set[str]:
+    """The policy version each of several connections (spread over the workers) reports."""
+    found = set()
+    for _ in range(CHANNELS):
+        async with grpc.aio.insecure_channel(
+            target, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            stub = admin_grpc.AdminServiceStub(channel)
+            got = await stub.GetPolicy(admin_pb.GetPolicyRequest(), metadata=metadata, timeout=10)
+            found.add(got.policy.version)
+    return found
+
+
+async def _reload(target: str, metadata: tuple[tuple[str, str], ...]) -> str:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = admin_grpc.AdminServiceStub(channel)
+        response = await stub.ReloadPolicy(
+            admin_pb.ReloadPolicyRequest(), metadata=metadata, timeout=10
+        )
+        return response.policy.version
 
 
 def _pid_alive(pid: int) -> bool:
