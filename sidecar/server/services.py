@@ -32,17 +32,19 @@ from sidecar.audit.writer import AuditLog
 from sidecar.authorizer import Authorizer, PolicyHolder, TokenVerifier
 from sidecar.clock import Clock, timestamp
 from sidecar.errors import (
+    ConflictError,
     DeadlineExceededError,
     InvalidRequestError,
     NotFoundError,
     OverloadedError,
+    SidecarError,
     UnauthenticatedError,
 )
 from sidecar.identity import Identity, IdentityVerifier
 from sidecar.keystore import KeyStore
 from sidecar.minting import MintedToken, attenuate_token, authorize_issuer, mint
 from sidecar.observability.metrics import Metrics, bounded
-from sidecar.policy.model import KillSwitch
+from sidecar.policy.model import KillScope, KillSwitch, Policy
 from sidecar.reloader import PolicyReloader
 from sidecar.revocation import revoke
 from sidecar.server import convert, status
@@ -355,6 +357,8 @@ class AdminService:
             )
         else:
             switch = self._store.release_kill_switch(scope, target)
+            if switch is None:
+                raise _not_engaged(self._policy.current, scope, target)
         action = "engage" if request.engaged else "release"
         fields = {
             "action": action,
@@ -598,6 +602,17 @@ class ApprovalService:
                 ),
             },
         )
+
+
+def _not_engaged(policy: Policy, scope: KillScope, target: str) -> SidecarError:
+    """Why releasing this switch changed nothing (so the caller does not think it did)."""
+    label = "the global switch" if scope is KillScope.GLOBAL else f"switch {scope}:{target}"
+    if any((s.scope, s.target) == (scope, target) for s in policy.kill_switches):
+        return ConflictError(
+            f"{label} is engaged by the policy ({policy.version}): release it by changing the "
+            "policy"
+        )
+    return NotFoundError(f"{label} is not engaged")
 
 
 def _encode_page_token(last_id: str) -> str:

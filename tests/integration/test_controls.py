@@ -351,6 +351,20 @@ async def test_policy_kill_switch(
         admin_pb.ListKillSwitchesRequest(), metadata=identity(sidecar, ADMIN)
     )
     assert [(s.target, s.source) for s in listed.kill_switches] == [("addInternalNote", "policy")]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await set_switch(sidecar, engaged=False, target="addInternalNote")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "changing the policy" in (caught.value.details() or "")
+
+
+async def test_releasing_a_switch_that_is_not_engaged_is_not_found(sidecar: Sidecar) -> None:
+    """Nothing changed, so the admin is told so (and nothing is audited) instead of
+    'released'."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await set_switch(sidecar, engaged=False)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "tool:requestRefund is not engaged" in (caught.value.details() or "")
+    assert not [r for r in audit_lines(sidecar) if r["kind"] == "kill_switch"]
 
 
 # ------------------------------------------------------------------ dry runs
