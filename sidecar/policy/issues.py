@@ -63,6 +63,7 @@ class Code(StrEnum):
     UNREACHABLE_TIER = "UNREACHABLE_TIER"
     # Warnings
     WRITE_TOOL_WITHOUT_PINS = "WRITE_TOOL_WITHOUT_PINS"
+    CEL_UNKNOWN_ARGUMENT = "CEL_UNKNOWN_ARGUMENT"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -128,6 +129,7 @@ FIX_HINTS: Mapping[str, str] = {
     Code.PIN_NOT_IN_SCHEMA: "add it to the arguments as a string property, or remove the pin",
     Code.UNREACHABLE_TIER: "move the unconditional tier last, or give it a 'when'",
     Code.WRITE_TOOL_WITHOUT_PINS: "add 'pins' naming the argument that identifies the resource",
+    Code.CEL_UNKNOWN_ARGUMENT: "name an argument of the tool's schema (or add it there)",
 }
 """A one-line fix for each code, used when the check that found an issue has no better one."""
 

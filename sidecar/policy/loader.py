@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -420,9 +421,16 @@ def _compile_tools(bundle: _Bundle) -> None:
             continue
         schema = _compile_arguments(bundle, tool)
         _check_pins(bundle, tool, schema)
-        _compile_rules(bundle, tool)
+        known = _argument_names(schema)
+        _compile_rules(bundle, tool, known)
         _check_redact(bundle, tool, schema)
-        _compile_tiers(bundle, tool)
+        _compile_tiers(bundle, tool, known)
+
+
+def _argument_names(schema: ArgumentSchema | None) -> frozenset[str] | None:
+    """The arguments the schema names (None when it names none: nothing to check against)."""
+    properties = schema.document.get("properties") if schema is not None else None
+    return frozenset(properties) if isinstance(properties, dict) and properties else None
 
 
 def _compile_arguments(bundle: _Bundle, tool: _Definition) -> ArgumentSchema | None:
@@ -565,7 +573,7 @@ def _check_redact(bundle: _Bundle, tool: _Definition, schema: ArgumentSchema | N
         )
 
 
-def _compile_tiers(bundle: _Bundle, tool: _Definition) -> None:
+def _compile_tiers(bundle: _Bundle, tool: _Definition, known: frozenset[str] | None) -> None:
     """Compile conditions; check tier names are unique and every tier can be reached."""
     names: dict[str, int] = {}
     always: tuple[str, int] | None = None
@@ -597,14 +605,14 @@ def _compile_tiers(bundle: _Bundle, tool: _Definition) -> None:
                 always = (str(name), tool.file.document.value_position(tier_path).line)
             continue
         what = f"condition of tier {label} of tool '{tool.name}'"
-        _compile_condition(bundle, tool, ("tiers", index, "when"), what)
+        _compile_condition(bundle, tool, ("tiers", index, "when"), what, known)
         if "approver_condition" in tier:
             what = f"approver condition of tier {label} of tool '{tool.name}'"
             where = ("tiers", index, "approver_condition")
             _compile_condition(bundle, tool, where, what, approver=True)
 
 
-def _compile_rules(bundle: _Bundle, tool: _Definition) -> None:
+def _compile_rules(bundle: _Bundle, tool: _Definition, known: frozenset[str] | None) -> None:
     """Compile each business rule's ``require`` expression."""
     rules = tool.body.get("rules") if tool.usable("rules") else None
     if not isinstance(rules, list):
@@ -613,7 +621,7 @@ def _compile_rules(bundle: _Bundle, tool: _Definition) -> None:
         if isinstance(rule, dict):
             label = f"'{rule['name']}'" if isinstance(rule.get("name"), str) else str(index + 1)
             what = f"rule {label} of tool '{tool.name}'"
-            _compile_condition(bundle, tool, ("rules", index, "require"), what)
+            _compile_condition(bundle, tool, ("rules", index, "require"), what, known)
 
 
 def _compile_condition(
@@ -621,10 +629,15 @@ def _compile_condition(
     tool: _Definition,
     where: tuple[str, int, str],
     what: str,
+    known: frozenset[str] | None = None,
     *,
     approver: bool = False,
 ) -> None:
-    """Compile one CEL expression; an error points inside the expression in the file."""
+    """Compile one CEL expression; an error points inside the expression in the file.
+
+    CEL sees ``args`` as a map of anything, so a misspelt argument type-checks and only fails
+    (closed) at run time: ``args.NAME`` for a NAME the schema lacks is warned about here.
+    """
     section, index, key = where
     path = (*tool.path, *where)
     source = tool.body[section][index].get(key)
@@ -640,6 +653,39 @@ def _compile_condition(
         line, col = tool.file.document.position_in_scalar(path, exc.line, exc.col)
         message = f"{what}: {exc.message}"
         bundle.issues.append(PolicyIssue(tool.file.name, line, col, code, message))
+        return
+    if known is None or approver:
+        return
+    for offset, name in _argument_references(source):
+        if name in known:
+            continue
+        before = source[:offset]
+        line, col = tool.file.document.position_in_scalar(
+            path, before.count("\n") + 1, offset - before.rfind("\n")
+        )
+        message = f"{what} reads args.{name}, which the tool's arguments schema does not define"
+        bundle.issues.append(
+            PolicyIssue(
+                tool.file.name, line, col, Code.CEL_UNKNOWN_ARGUMENT, message,
+                severity=Severity.WARNING, hint=did_you_mean(name, known),
+            )
+        )  # fmt: skip
+
+
+_CEL_STRING_RE = re.compile(
+    r"""[rRbB]*(?:'''.*?'''|\"\"\".*?\"\"\"|'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")""",
+    re.DOTALL,
+)
+"""A CEL string or bytes literal (quoted, triple-quoted, raw): blanked before looking for
+``args.`` so that text inside strings is not taken for a reference."""
+_ARGS_FIELD_RE = re.compile(r"(?<![\w.])args\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _argument_references(source: str) -> Iterator[tuple[int, str]]:
+    """``(offset, name)`` of each ``args.name`` outside string literals."""
+    blanked = _CEL_STRING_RE.sub(lambda m: " " * len(m.group()), source)
+    for match in _ARGS_FIELD_RE.finditer(blanked):
+        yield match.start(1), match.group(1)
 
 
 def _seconds(duration: str) -> int:
