@@ -288,3 +288,28 @@ async def test_replay_keeps_revocations_and_constraints_faithful(sidecar: Sideca
     report = replay.replay(logged(sidecar), sidecar.app.policy.current)
     assert report.changed == 0, report.transitions
     assert sum(report.unreplayable.values()) == 1, "the revoked token's denial depended on state"
+
+
+async def test_replay_of_refused_tokens_repeats_the_refusals(sidecar: Sidecar) -> None:
+    """Checks with an expired, a not yet valid and a foreign token replay (CLI included) as the
+    same DENY: a refusal's extra values (expired_at…) are not needed to decide it again."""
+    now = time.time()
+    refused = {
+        "TOKEN_EXPIRED": sidecar.token(now=now - 3600, ttl=60),
+        "TOKEN_NOT_YET_VALID": sidecar.token(now=now + 3600),
+        "TOKEN_WRONG_AUDIENCE": sidecar.token(audience="elsewhere"),
+    }
+    for code, token in refused.items():
+        response = await ask(sidecar, token, "requestRefund", refund("10"), "run-x")
+        assert [pb.ReasonCode.Name(r.code) for r in response.reasons] == [f"REASON_CODE_{code}"]
+    report = replay.replay(logged(sidecar), sidecar.app.policy.current)
+    assert (report.records, report.replayed, report.changed) == (3, 3, 0)
+
+    cli = proviso(
+        "replay", "--audit", str(sidecar.app.settings.audit_path),
+        "--policies", str(EXAMPLE_POLICIES), "--format", "json",
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    output = json.loads(cli.stdout)
+    assert (output["records"], output["replayed"], output["changed"]) == (3, 3, 0)
+    assert output["transitions"] == [{"from": "DENY", "to": "DENY", "count": 3}]
