@@ -1,12 +1,17 @@
-"""Run traces: one agent run rebuilt from the audit log, every Check in chain order.
+"""Run traces: one agent run rebuilt from the audit log, every Check in order.
 
 This is the "minimal trace envelope" an on-call engineer reads first: who ran (agents, model
 and prompt version from the run metadata), under which policy versions, when, and each step
 with its tool, decision, reasons, tier, approval requirement, token and latency.
+
+``serve --workers N`` writes one chain per worker (``decisions.w0.jsonl``…), each numbering
+its records from 1: a record is named by its chain and its ``seq`` together (``w1 seq 13``).
 """
 
 from __future__ import annotations
 
+import heapq
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -14,7 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sidecar.audit.files import logs, records
+from sidecar.audit.files import SEQ_DIGITS, logs, records
 from sidecar.audit.record import KIND_DECISION
 
 
@@ -47,14 +52,18 @@ class TraceStep:
     args_digest: str = ""
     redacted: tuple[str, ...] = ()
     run_metadata: Mapping[str, str] = field(default_factory=dict)
+    chain: str = ""
+    """The chain the record is in (``w0``…; the log's name when it is the only one)."""
 
 
 @dataclass(frozen=True, slots=True)
 class RunTrace:
-    """A run's envelope and its steps, in the order they were decided."""
+    """A run's envelope and its steps, in the order they were decided: each chain's records
+    in chain order, the chains (``chains``, by name) interleaved by time."""
 
     run_id: str
     steps: tuple[TraceStep, ...]
+    chains: tuple[str, ...] = ()
 
     @property
     def agents(self) -> tuple[str, ...]:
@@ -85,7 +94,7 @@ def _text(record: Mapping[str, Any], name: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def step_from_record(record: Mapping[str, Any]) -> TraceStep:
+def step_from_record(record: Mapping[str, Any], chain: str = "") -> TraceStep:
     """A trace step from a decision record; missing fields read as empty."""
     reasons = record.get("reasons")
     metadata = record.get("run_metadata")
@@ -117,40 +126,87 @@ def step_from_record(record: Mapping[str, Any]) -> TraceStep:
         run_metadata=(
             {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
         ),
+        chain=chain,
     )
+
+
+def _entries(log: Iterable[Mapping[str, Any]], run_id: str, chain: str) -> list[TraceStep]:
+    """The run's Checks in one chain, in the order the log holds them."""
+    return [
+        step_from_record(record, chain)
+        for record in log
+        if record.get("kind") == KIND_DECISION and record.get("run_id") == run_id
+    ]
+
+
+def _trace(run_id: str, steps: list[TraceStep], chains: tuple[str, ...]) -> RunTrace | None:
+    return RunTrace(run_id, tuple(steps), chains) if steps else None
 
 
 def build_trace(
     log: Iterable[Mapping[str, Any]], run_id: str, *, by_time: bool = False
 ) -> RunTrace | None:
-    """The run's trace from the log's records, or None if no Check of the run is there."""
-    steps = [
-        step_from_record(record)
-        for record in log
-        if record.get("kind") == KIND_DECISION and record.get("run_id") == run_id
+    """The run's trace from one chain's records, or None if no Check of the run is there.
+
+    ``by_time`` orders by (time, seq) instead of seq, for records of several chains merged
+    into ``log`` (their chains unknown: prefer ``build_chains_trace``).
+    """
+    steps = _entries(log, run_id, "")
+    order = (lambda e: (e.time, e.seq)) if by_time else (lambda e: e.seq)
+    return _trace(run_id, sorted(steps, key=order), ())
+
+
+def build_chains_trace(
+    chains: Mapping[str, Iterable[Mapping[str, Any]]], run_id: str
+) -> RunTrace | None:
+    """The run's trace from several chains (by name), or None if no Check of the run is there.
+
+    Each chain's records keep their chain order (``seq``); the chains are interleaved by
+    time. ``seq`` is per chain, so it is never compared across chains.
+    """
+    ordered = [
+        sorted(_entries(log, run_id, name), key=lambda e: e.seq) for name, log in chains.items()
     ]
-    if not steps:
-        return None
-    order = (lambda step: (step.time, step.seq)) if by_time else (lambda step: step.seq)
-    return RunTrace(run_id, tuple(sorted(steps, key=order)))
+    merged = list(heapq.merge(*ordered, key=lambda e: e.time))
+    return _trace(run_id, merged, tuple(chains))
+
+
+_SEGMENT = re.compile(rf"(?P<stem>.+)\.\d{{{SEQ_DIGITS}}}")
+
+
+def chain_name(files: list[Path]) -> str:
+    """What a log is called in a trace: its stem without the common ``decisions.`` (``w0``)."""
+    stem = files[0].name.removesuffix(".jsonl")
+    match = _SEGMENT.fullmatch(stem)
+    if match:
+        stem = match["stem"]
+    return stem.split(".", 1)[1] if "." in stem else stem
 
 
 def load_trace(path: Path, run_id: str) -> RunTrace | None:
     """Read the log at ``path`` (file or directory) and build the run's trace.
 
     A directory may hold several chains (one per worker process); a run's Checks may have been
-    answered by any of them, so its steps are then ordered by time (``seq`` is per chain).
+    answered by any of them, so the chains are interleaved by time (``seq`` is per chain: every
+    step names its chain).
 
     Raises:
         AuditLogNotFoundError: there is no log at ``path``.
     """
-    chains = logs(path)
-    merged = [record for files in chains for record in records(files)]
-    return build_trace(merged, run_id, by_time=len(chains) > 1)
+    chains: dict[str, Iterable[Mapping[str, Any]]] = {}
+    for files in logs(path):
+        name = chain_name(files)
+        if name in chains:  # two stems with one name ("a.w0", "b.w0"): keep them apart
+            name = files[0].name.removesuffix(".jsonl")
+        chains[name] = records(files)
+    return build_chains_trace(chains, run_id)
 
 
 def to_json(trace: RunTrace) -> dict[str, Any]:
-    """The trace as a JSON-ready object (what ``--format json`` prints)."""
+    """The trace as a JSON-ready object (what ``--format json`` prints).
+
+    A step is named by ``chain`` and ``seq`` together (``seq`` is per chain).
+    """
     return {
         "run_id": trace.run_id,
         "agents": list(trace.agents),
@@ -160,6 +216,7 @@ def to_json(trace: RunTrace) -> dict[str, Any]:
         "run_metadata": trace.run_metadata,
         "outcomes": trace.outcomes,
         "latency_ms": str(trace.latency_ms),
+        "chains": list(trace.chains),
         "steps": [
             {
                 "seq": step.seq,
@@ -182,6 +239,7 @@ def to_json(trace: RunTrace) -> dict[str, Any]:
                 "args_digest": step.args_digest,
                 "redacted": list(step.redacted),
                 "run_metadata": dict(step.run_metadata),
+                "chain": step.chain,
             }
             for step in trace.steps
         ],
@@ -209,8 +267,36 @@ def _approval(step: TraceStep) -> str:
     return ""
 
 
+def _step_row(step: TraceStep) -> tuple[list[str], list[str]]:
+    """A Check's cells (from SEQ on) and its detail lines."""
+    first = step.reasons[0] if step.reasons else None
+    cells = [
+        str(step.seq),
+        step.time,
+        step.step_id or "-",
+        step.tool,
+        step.decision,
+        step.matched_tier or "-",
+        first.code if first else "-",
+        step.token_id or "-",
+        str(step.latency_ms),
+    ]
+    details = [f"{r.code}: {r.message}" + (f" at {r.field}" if r.field else "")
+               for r in step.reasons]  # fmt: skip
+    approval = _approval(step)
+    if approval:
+        details.append(approval)
+    if step.redacted:
+        details.append(f"redacted: {', '.join(step.redacted)}")
+    return cells, details
+
+
 def to_table(trace: RunTrace) -> str:
-    """The trace for people: the envelope, then one row per step."""
+    """The trace for people: the envelope, then one row per step.
+
+    When the log has several chains a CHAIN column names each record's chain, and details
+    are keyed by chain and seq (``w1 seq 13``): a seq alone is ambiguous across chains.
+    """
     meta = ", ".join(f"{k}={v}" for k, v in sorted(trace.run_metadata.items())) or "-"
     outcomes = ", ".join(f"{k} {v}" for k, v in trace.outcomes.items())
     lines = [
@@ -222,33 +308,16 @@ def to_table(trace: RunTrace) -> str:
         f"outcome   {len(trace.steps)} checks: {outcomes}; {trace.latency_ms} ms deciding",
         "",
     ]
-    header = ("SEQ", "TIME", "STEP", "TOOL", "DECISION", "TIER", "REASON", "TOKEN", "MS")
-    rows = [header]
+    several = len(trace.chains) > 1
+    header = ["SEQ", "TIME", "STEP", "TOOL", "DECISION", "TIER", "REASON", "TOKEN", "MS"]
+    rows = [["CHAIN", *header] if several else header]
     notes: list[str] = []
     for step in trace.steps:
-        first = step.reasons[0] if step.reasons else None
-        rows.append(
-            (
-                str(step.seq),
-                step.time,
-                step.step_id or "-",
-                step.tool,
-                step.decision,
-                step.matched_tier or "-",
-                first.code if first else "-",
-                step.token_id or "-",
-                str(step.latency_ms),
-            )
-        )
-        details = [f"{r.code}: {r.message}" + (f" at {r.field}" if r.field else "")
-                   for r in step.reasons]  # fmt: skip
-        approval = _approval(step)
-        if approval:
-            details.append(approval)
-        if step.redacted:
-            details.append(f"redacted: {', '.join(step.redacted)}")
-        notes.extend(f"  seq {step.seq}: {detail}" for detail in details)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        cells, details = _step_row(step)
+        rows.append([step.chain or "-", *cells] if several else cells)
+        where = f"{step.chain} seq {step.seq}" if several else f"seq {step.seq}"
+        notes.extend(f"  {where}: {detail}" for detail in details)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines.extend("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                  for row in rows)  # fmt: skip
     if notes:

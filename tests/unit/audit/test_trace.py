@@ -1,0 +1,153 @@
+"""Run traces over real logs: one chain, or one chain per worker as `serve --workers N` writes."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sidecar import strictjson
+from sidecar.audit import trace
+from sidecar.audit.record import AuditRecord, event_body
+from sidecar.audit.writer import AuditLog
+from sidecar.engine import ToolCall, evaluate
+from sidecar.policy.model import Policy
+from tokens import SigningKey
+
+KEY = SigningKey.generate(kid="trace-test")
+ARGUMENTS = {"invoice_id": "in_93K2", "amount": Decimal(10), "currency": "USD", "reason": "dup"}
+
+OLD_STEP_FIELDS = {
+    "seq", "decision_id", "time", "step_id", "agent", "tool", "decision", "reasons",
+    "matched_tier", "policy_version", "token_id", "latency_ms", "approval_id",
+    "approval_requirement", "dry_run", "args_digest", "redacted", "run_metadata",
+}  # fmt: skip
+OLD_TRACE_FIELDS = {
+    "run_id", "agents", "policy_versions", "start_time", "end_time", "run_metadata", "outcomes",
+    "latency_ms", "steps",
+}  # fmt: skip
+
+
+def at(second: int) -> str:
+    return f"2026-11-25T10:00:{second:02d}.000Z"
+
+
+def check(policy: Policy, run_id: str, step_id: str, second: int) -> dict[str, Any]:
+    """A decision record's body, as the authorizer builds it (a Check without a token)."""
+    call = ToolCall(
+        tool="requestRefund",
+        arguments=ARGUMENTS,
+        run_id=run_id,
+        step_id=step_id,
+        args_digest=strictjson.digest(ARGUMENTS),
+    )
+    return AuditRecord(
+        record_id=f"dec_{run_id}_{step_id}",
+        time=at(second),
+        decision=evaluate(policy, call, None),
+        call=call,
+        args_digest=call.args_digest,
+        arguments=ARGUMENTS,
+        latency_ms=0.25,
+    ).to_body()
+
+
+def approval(run_id: str, event: str, second: int, actor: str, comment: str = "") -> dict[str, Any]:
+    """An approval event's body, as ``Approvals.record_event`` builds it."""
+    fields = {
+        "event": event, "approval_id": "apr_1", "run_id": run_id,
+        "agent": "billing-resolution-agent@service", "tool": "requestRefund", "tier": "supervisor",
+        "args_digest": strictjson.digest(ARGUMENTS), "actor": actor, "comment": comment,
+    }  # fmt: skip
+    return event_body("approval", f"evt_{event}_{second}", at(second), fields)
+
+
+async def write(path: Path, bodies: list[dict[str, Any]]) -> None:
+    """Append ``bodies`` in order with the real writer, and close (seal) the log."""
+    log = AuditLog(path, signer=KEY)
+    try:
+        for body in bodies:
+            await log.append(body)
+    finally:
+        log.close()
+
+
+async def two_workers(directory: Path, policy: Policy) -> None:
+    """A run whose Checks two workers answered in turn, with another run in between.
+
+    w0: other(1) run s0(2) run s2(5) run s4(8)     -> seq 1, 2, 3, 4
+    w1: run s1(3) other(4) run s3(6)                -> seq 1, 2, 3
+    """
+    await write(
+        directory / "decisions.w0.jsonl",
+        [
+            check(policy, "other", "x", 1),
+            check(policy, "run-w", "s0", 2),
+            check(policy, "run-w", "s2", 5),
+            check(policy, "run-w", "s4", 8),
+        ],
+    )
+    await write(
+        directory / "decisions.w1.jsonl",
+        [
+            check(policy, "run-w", "s1", 3),
+            check(policy, "other", "y", 4),
+            check(policy, "run-w", "s3", 6),
+        ],
+    )
+
+
+async def test_steps_of_two_chains_are_named_by_chain_and_ordered_by_time(
+    tmp_path: Path, example_policy: Policy
+) -> None:
+    """Each chain numbers its records from 1: a step is named by chain and seq together, and
+    the run's steps are in time order across the chains."""
+    await two_workers(tmp_path, example_policy)
+
+    found = trace.load_trace(tmp_path, "run-w")
+
+    assert found is not None
+    assert found.chains == ("w0", "w1")
+    assert [s.step_id for s in found.steps] == ["s0", "s1", "s2", "s3", "s4"]
+    assert [(s.chain, s.seq) for s in found.steps] == [
+        ("w0", 2), ("w1", 1), ("w0", 3), ("w1", 3), ("w0", 4),
+    ]  # fmt: skip
+    assert len({s.seq for s in found.steps}) < len(found.steps), "seq alone is ambiguous"
+
+    table = trace.to_table(found)
+    header, *rows = table.split("\n\n")[1].splitlines()
+    assert header.split()[:3] == ["CHAIN", "SEQ", "TIME"]
+    assert [row.split()[:2] for row in rows] == [
+        ["w0", "2"], ["w1", "1"], ["w0", "3"], ["w1", "3"], ["w0", "4"],
+    ]  # fmt: skip
+    details = table.split("details\n")[1].splitlines()
+    assert [line.split(":")[0].strip() for line in details] == [
+        "w0 seq 2", "w1 seq 1", "w0 seq 3", "w1 seq 3", "w0 seq 4",
+    ]  # fmt: skip
+
+    as_json = json.loads(json.dumps(trace.to_json(found)))
+    assert set(as_json) >= OLD_TRACE_FIELDS, "nothing renamed or removed"
+    assert all(set(step) >= OLD_STEP_FIELDS for step in as_json["steps"])
+    assert as_json["chains"] == ["w0", "w1"]
+    assert [(s["chain"], s["seq"]) for s in as_json["steps"]] == [
+        (s.chain, s.seq) for s in found.steps
+    ]
+    assert (as_json["start_time"], as_json["end_time"]) == (at(2), at(8))
+
+
+async def test_a_single_chain_trace_reads_as_before(tmp_path: Path, example_policy: Policy) -> None:
+    """One log: no CHAIN column, details keyed by seq, steps in chain order."""
+    path = tmp_path / "decisions.jsonl"
+    await write(path, [check(example_policy, "run-s", f"s{i}", i) for i in range(3)])
+
+    found = trace.load_trace(path, "run-s")
+
+    assert found is not None
+    assert found.chains == ("decisions",)
+    assert [s.seq for s in found.steps] == [1, 2, 3]
+    table = trace.to_table(found)
+    assert table.split("\n\n")[1].splitlines()[0].split()[:2] == ["SEQ", "TIME"]
+    assert "  seq 1: TOKEN_MISSING" in table
+    assert trace.to_json(found)["chains"] == ["decisions"]
+    assert trace.load_trace(path, "no-such-run") is None
