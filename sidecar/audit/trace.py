@@ -1,8 +1,10 @@
-"""Run traces: one agent run rebuilt from the audit log, every Check in order.
+"""Run traces: one agent run rebuilt from the audit log, every Check and approval in order.
 
 This is the "minimal trace envelope" an on-call engineer reads first: who ran (agents, model
 and prompt version from the run metadata), under which policy versions, when, and each step
-with its tool, decision, reasons, tier, approval requirement, token and latency.
+with its tool, decision, reasons, tier, approval requirement, token and latency, and what
+happened to the run's approval requests (created, approve/reject verdicts, approved, rejected,
+consumed, expired).
 
 ``serve --workers N`` writes one chain per worker (``decisions.w0.jsonl``…), each numbering
 its records from 1: a record is named by its chain and its ``seq`` together (``w1 seq 13``).
@@ -11,6 +13,7 @@ its records from 1: a record is named by its chain and its ``seq`` together (``w
 from __future__ import annotations
 
 import heapq
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -21,6 +24,9 @@ from typing import Any
 
 from sidecar.audit.files import SEQ_DIGITS, logs, records
 from sidecar.audit.record import KIND_DECISION
+
+KIND_APPROVAL = "approval"
+"""The kind of the records ``Approvals.record_event`` writes, each naming the request's run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +63,43 @@ class TraceStep:
 
 
 @dataclass(frozen=True, slots=True)
+class TraceApprovalEvent:
+    """Something that happened to one of the run's approval requests, as its record tells it.
+
+    ``event`` is ``created``, a verdict (``approve``, ``reject``) or a new status
+    (``approved``, ``rejected``, ``consumed``, ``expired``); ``actor`` is who caused it.
+    """
+
+    seq: int
+    record_id: str
+    time: str
+    event: str
+    approval_id: str
+    agent: str
+    tool: str
+    tier: str
+    actor: str
+    comment: str = ""
+    args_digest: str = ""
+    chain: str = ""
+
+
+TraceEntry = TraceStep | TraceApprovalEvent
+
+
+@dataclass(frozen=True, slots=True)
 class RunTrace:
-    """A run's envelope and its steps, in the order they were decided: each chain's records
-    in chain order, the chains (``chains``, by name) interleaved by time."""
+    """A run's envelope and its steps, in the order they were decided.
+
+    ``timeline`` is the steps and the approval events together, in order: each chain's records
+    in chain order, the chains interleaved by time.
+    """
 
     run_id: str
     steps: tuple[TraceStep, ...]
     chains: tuple[str, ...] = ()
+    approval_events: tuple[TraceApprovalEvent, ...] = ()
+    timeline: tuple[TraceEntry, ...] = ()
 
     @property
     def agents(self) -> tuple[str, ...]:
@@ -130,30 +166,59 @@ def step_from_record(record: Mapping[str, Any], chain: str = "") -> TraceStep:
     )
 
 
-def _entries(log: Iterable[Mapping[str, Any]], run_id: str, chain: str) -> list[TraceStep]:
-    """The run's Checks in one chain, in the order the log holds them."""
-    return [
-        step_from_record(record, chain)
-        for record in log
-        if record.get("kind") == KIND_DECISION and record.get("run_id") == run_id
-    ]
+def approval_event_from_record(record: Mapping[str, Any], chain: str = "") -> TraceApprovalEvent:
+    """A trace entry from an approval event record; missing fields read as empty."""
+    seq = record.get("seq")
+    return TraceApprovalEvent(
+        seq=seq if isinstance(seq, int) else 0,
+        record_id=_text(record, "record_id"),
+        time=_text(record, "time"),
+        event=_text(record, "event"),
+        approval_id=_text(record, "approval_id"),
+        agent=_text(record, "agent"),
+        tool=_text(record, "tool"),
+        tier=_text(record, "tier"),
+        actor=_text(record, "actor"),
+        comment=_text(record, "comment"),
+        args_digest=_text(record, "args_digest"),
+        chain=chain,
+    )
 
 
-def _trace(run_id: str, steps: list[TraceStep], chains: tuple[str, ...]) -> RunTrace | None:
-    return RunTrace(run_id, tuple(steps), chains) if steps else None
+def _entries(log: Iterable[Mapping[str, Any]], run_id: str, chain: str) -> list[TraceEntry]:
+    """The run's Checks and approval events in one chain, in the order the log holds them."""
+    found: list[TraceEntry] = []
+    for record in log:
+        if record.get("run_id") != run_id:
+            continue
+        kind = record.get("kind")
+        if kind == KIND_DECISION:
+            found.append(step_from_record(record, chain))
+        elif kind == KIND_APPROVAL:
+            found.append(approval_event_from_record(record, chain))
+    return found
+
+
+def _trace(run_id: str, timeline: list[TraceEntry], chains: tuple[str, ...]) -> RunTrace | None:
+    steps = tuple(entry for entry in timeline if isinstance(entry, TraceStep))
+    if not steps:
+        return None
+    events = tuple(entry for entry in timeline if isinstance(entry, TraceApprovalEvent))
+    return RunTrace(run_id, steps, chains, events, tuple(timeline))
 
 
 def build_trace(
     log: Iterable[Mapping[str, Any]], run_id: str, *, by_time: bool = False
 ) -> RunTrace | None:
-    """The run's trace from one chain's records, or None if no Check of the run is there.
+    """The run's trace (Checks and approval events) from one chain's records, or None if no
+    Check of the run is there.
 
     ``by_time`` orders by (time, seq) instead of seq, for records of several chains merged
     into ``log`` (their chains unknown: prefer ``build_chains_trace``).
     """
-    steps = _entries(log, run_id, "")
+    entries = _entries(log, run_id, "")
     order = (lambda e: (e.time, e.seq)) if by_time else (lambda e: e.seq)
-    return _trace(run_id, sorted(steps, key=order), ())
+    return _trace(run_id, sorted(entries, key=order), ())
 
 
 def build_chains_trace(
@@ -186,9 +251,9 @@ def chain_name(files: list[Path]) -> str:
 def load_trace(path: Path, run_id: str) -> RunTrace | None:
     """Read the log at ``path`` (file or directory) and build the run's trace.
 
-    A directory may hold several chains (one per worker process); a run's Checks may have been
-    answered by any of them, so the chains are interleaved by time (``seq`` is per chain: every
-    step names its chain).
+    A directory may hold several chains (one per worker process); a run's Checks, and its
+    approval events, may have been written by any of them, so the chains are interleaved by
+    time (``seq`` is per chain: every entry names its chain).
 
     Raises:
         AuditLogNotFoundError: there is no log at ``path``.
@@ -205,7 +270,8 @@ def load_trace(path: Path, run_id: str) -> RunTrace | None:
 def to_json(trace: RunTrace) -> dict[str, Any]:
     """The trace as a JSON-ready object (what ``--format json`` prints).
 
-    A step is named by ``chain`` and ``seq`` together (``seq`` is per chain).
+    A record is named by ``chain`` and ``seq`` together; ``timeline`` lists the steps and the
+    approval events in order, by kind, chain, seq and record id.
     """
     return {
         "run_id": trace.run_id,
@@ -242,6 +308,35 @@ def to_json(trace: RunTrace) -> dict[str, Any]:
                 "chain": step.chain,
             }
             for step in trace.steps
+        ],
+        "approval_events": [
+            {
+                "seq": event.seq,
+                "record_id": event.record_id,
+                "time": event.time,
+                "event": event.event,
+                "approval_id": event.approval_id,
+                "agent": event.agent,
+                "tool": event.tool,
+                "tier": event.tier,
+                "actor": event.actor,
+                "comment": event.comment,
+                "args_digest": event.args_digest,
+                "chain": event.chain,
+            }
+            for event in trace.approval_events
+        ],
+        "timeline": [
+            {
+                "kind": KIND_DECISION if isinstance(entry, TraceStep) else KIND_APPROVAL,
+                "chain": entry.chain,
+                "seq": entry.seq,
+                "record_id": (
+                    entry.decision_id if isinstance(entry, TraceStep) else entry.record_id
+                ),
+                "time": entry.time,
+            }
+            for entry in trace.timeline
         ],
     }
 
@@ -291,31 +386,56 @@ def _step_row(step: TraceStep) -> tuple[list[str], list[str]]:
     return cells, details
 
 
+def _event_row(event: TraceApprovalEvent) -> tuple[list[str], list[str]]:
+    """An approval event's cells (from SEQ on) and its detail line."""
+    cells = [
+        str(event.seq),
+        event.time,
+        "-",
+        event.tool,
+        "approval",
+        event.tier or "-",
+        event.event,
+        "-",
+        "-",
+    ]
+    detail = f"approval {event.approval_id} {event.event}"
+    if event.actor:
+        detail += f" by {event.actor}"
+    if event.comment:
+        # An approver's free text: quoted, so it cannot pass for lines of the trace.
+        detail += f": {json.dumps(event.comment, ensure_ascii=False)}"
+    return cells, [detail]
+
+
 def to_table(trace: RunTrace) -> str:
-    """The trace for people: the envelope, then one row per step.
+    """The trace for people: the envelope, then one row per step and approval event.
 
     When the log has several chains a CHAIN column names each record's chain, and details
     are keyed by chain and seq (``w1 seq 13``): a seq alone is ambiguous across chains.
     """
     meta = ", ".join(f"{k}={v}" for k, v in sorted(trace.run_metadata.items())) or "-"
     outcomes = ", ".join(f"{k} {v}" for k, v in trace.outcomes.items())
+    timeline = trace.timeline or trace.steps
+    events = len(trace.approval_events)
     lines = [
         f"run       {trace.run_id}",
         f"agents    {', '.join(trace.agents) or '-'}",
         f"metadata  {meta}",
         f"policy    {', '.join(trace.policy_versions)}",
-        f"time      {trace.steps[0].time} .. {trace.steps[-1].time}",
-        f"outcome   {len(trace.steps)} checks: {outcomes}; {trace.latency_ms} ms deciding",
+        f"time      {timeline[0].time} .. {timeline[-1].time}",
+        f"outcome   {len(trace.steps)} checks: {outcomes}; {trace.latency_ms} ms deciding"
+        + (f"; {events} approval event(s)" if events else ""),
         "",
     ]
     several = len(trace.chains) > 1
     header = ["SEQ", "TIME", "STEP", "TOOL", "DECISION", "TIER", "REASON", "TOKEN", "MS"]
     rows = [["CHAIN", *header] if several else header]
     notes: list[str] = []
-    for step in trace.steps:
-        cells, details = _step_row(step)
-        rows.append([step.chain or "-", *cells] if several else cells)
-        where = f"{step.chain} seq {step.seq}" if several else f"seq {step.seq}"
+    for entry in timeline:
+        cells, details = _step_row(entry) if isinstance(entry, TraceStep) else _event_row(entry)
+        rows.append([entry.chain or "-", *cells] if several else cells)
+        where = f"{entry.chain} seq {entry.seq}" if several else f"seq {entry.seq}"
         notes.extend(f"  {where}: {detail}" for detail in details)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines.extend("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

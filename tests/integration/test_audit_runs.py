@@ -21,15 +21,18 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sidecar import config, strictjson
 from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
 from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
+from sidecar._proto.proviso.v1 import approval_service_pb2 as ap_pb
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
 from sidecar.app import App
 from sidecar.audit import replay
 from sidecar.audit.files import log_files, records, verify_log
 from sidecar.audit.redaction import KEY_FILE
+from sidecar.clock import FixedClock
 from sidecar.observability import tracing
 from sidecar.policy.loader import load_policy
 from tests.conftest import EXAMPLE_POLICIES, ROOT, TRIAGE_AGENT, Sidecar, make_settings
+from tests.integration.test_approvals import ALICE, approve, refund_check, stub
 from tests.integration.test_check import INVOICE_CONTEXT, refund
 from tests.integration.test_server import identity
 from tokens import Constraint, Grant
@@ -313,3 +316,63 @@ async def test_replay_of_refused_tokens_repeats_the_refusals(sidecar: Sidecar) -
     output = json.loads(cli.stdout)
     assert (output["records"], output["replayed"], output["changed"]) == (3, 3, 0)
     assert output["transitions"] == [{"from": "DENY", "to": "DENY", "count": 3}]
+
+
+async def test_trace_shows_the_runs_approvals(tmp_path: Path) -> None:
+    """`proviso audit trace` lists what happened to the run's approval requests among its
+    Checks: created, verdicts, approved/rejected, consumed and expired (table and JSON)."""
+    clock = FixedClock(time.time())
+    sidecar = Sidecar.connect(await App.start(make_settings(tmp_path / "state"), clock=clock))
+    try:
+        token = sidecar.token(now=clock.now())
+        granted = await refund_check(sidecar, token, "120")
+        await approve(sidecar, granted.approval_id, ALICE, "looks right")
+        allowed = await refund_check(sidecar, token, "120", granted.approval_id)
+        assert allowed.decision == pb.DECISION_ALLOW
+        refused = await refund_check(sidecar, token, "130")
+        await stub(sidecar).RejectApproval(
+            ap_pb.RejectApprovalRequest(approval_id=refused.approval_id, comment="no"),
+            metadata=identity(sidecar, ALICE),
+        )
+        lapsed = await refund_check(sidecar, token, "140")
+        await refund_check(sidecar, token, "120", run_id="run-2")  # another run's request
+        clock.advance(24 * 3600 + 1)
+        token = sidecar.token(now=clock.now())
+        await refund_check(sidecar, token, "140", lapsed.approval_id)
+    finally:
+        await sidecar.close()
+    audit = str(sidecar.app.settings.audit_path)
+
+    as_json = proviso("audit", "trace", "run-1", "--audit", audit, "--format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    found = json.loads(as_json.stdout)
+    events = [(e["approval_id"], e["event"], e["actor"]) for e in found["approval_events"]]
+    agent = "billing-resolution-agent@service"
+    if events[-1][2] == "proviso":  # the sweeper (every minute) got there before the Check
+        events[-1] = (events[-1][0], events[-1][1], agent)
+    assert events == [
+        (granted.approval_id, "created", agent),
+        (granted.approval_id, "approve", ALICE),
+        (granted.approval_id, "approved", ALICE),
+        (granted.approval_id, "consumed", agent),
+        (refused.approval_id, "created", agent),
+        (refused.approval_id, "reject", ALICE),
+        (refused.approval_id, "rejected", ALICE),
+        (lapsed.approval_id, "created", agent),
+        (lapsed.approval_id, "expired", agent),
+    ]
+    assert found["approval_events"][1]["comment"] == "looks right"
+    assert [t["kind"] for t in found["timeline"]] == [
+        "decision", "approval", "approval", "approval", "decision", "approval",
+        "decision", "approval", "approval", "approval",
+        "decision", "approval",
+        "decision", "approval",
+    ]  # fmt: skip
+    assert len(found["steps"]) == 5, "approval events are not Checks"
+
+    table = proviso("audit", "trace", "run-1", "--audit", audit)
+    assert table.returncode == 0, table.stderr
+    assert "5 checks" in table.stdout
+    assert "; 9 approval event(s)" in table.stdout
+    assert f'approval {granted.approval_id} approve by {ALICE}: "looks right"' in table.stdout
+    assert f"approval {lapsed.approval_id} expired by " in table.stdout

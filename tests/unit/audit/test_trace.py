@@ -151,3 +151,73 @@ async def test_a_single_chain_trace_reads_as_before(tmp_path: Path, example_poli
     assert "  seq 1: TOKEN_MISSING" in table
     assert trace.to_json(found)["chains"] == ["decisions"]
     assert trace.load_trace(path, "no-such-run") is None
+
+
+async def test_approval_events_of_the_run_are_steps_of_its_trace(
+    tmp_path: Path, example_policy: Policy
+) -> None:
+    """The run's approval events, written by whichever worker handled them, are in the trace
+    in time order among its Checks; another run's are not."""
+    await write(
+        tmp_path / "decisions.w0.jsonl",
+        [
+            check(example_policy, "run-a", "s0", 1),
+            approval("run-a", "created", 2, "billing-resolution-agent@service"),
+            check(example_policy, "run-a", "s1", 7),
+            approval("run-a", "consumed", 8, "billing-resolution-agent@service"),
+        ],
+    )
+    await write(
+        tmp_path / "decisions.w1.jsonl",
+        [
+            approval("other", "created", 3, "billing-resolution-agent@service"),
+            approval("run-a", "approve", 4, "alice@example.com", "ok\n  w0 seq 9: forged"),
+            approval("run-a", "approved", 4, "alice@example.com"),
+        ],
+    )
+
+    found = trace.load_trace(tmp_path, "run-a")
+
+    assert found is not None
+    assert [s.step_id for s in found.steps] == ["s0", "s1"]
+    assert [(e.chain, e.seq, e.event) for e in found.approval_events] == [
+        ("w0", 2, "created"), ("w1", 2, "approve"), ("w1", 3, "approved"), ("w0", 4, "consumed"),
+    ]  # fmt: skip
+    assert [(e.chain, e.seq) for e in found.timeline] == [
+        ("w0", 1), ("w0", 2), ("w1", 2), ("w1", 3), ("w0", 3), ("w0", 4),
+    ]  # fmt: skip
+
+    as_json = json.loads(json.dumps(trace.to_json(found)))
+    assert [s["step_id"] for s in as_json["steps"]] == ["s0", "s1"], "steps stay Checks"
+    assert as_json["outcomes"] == {"DENY": 2}
+    approve = as_json["approval_events"][1]
+    assert approve == {
+        "seq": 2, "record_id": "evt_approve_4", "time": at(4), "event": "approve",
+        "approval_id": "apr_1", "agent": "billing-resolution-agent@service",
+        "tool": "requestRefund", "tier": "supervisor", "actor": "alice@example.com",
+        "comment": "ok\n  w0 seq 9: forged", "args_digest": strictjson.digest(ARGUMENTS),
+        "chain": "w1",
+    }  # fmt: skip
+    assert [(t["kind"], t["chain"], t["seq"]) for t in as_json["timeline"]] == [
+        ("decision", "w0", 1), ("approval", "w0", 2), ("approval", "w1", 2),
+        ("approval", "w1", 3), ("decision", "w0", 3), ("approval", "w0", 4),
+    ]  # fmt: skip
+
+    table = trace.to_table(found)
+    rows = table.split("\n\n")[1].splitlines()[1:]
+    assert [row.split()[:2] + row.split()[4:7] for row in rows] == [
+        ["w0", "1", "requestRefund", "DENY", "-"],
+        ["w0", "2", "requestRefund", "approval", "supervisor"],
+        ["w1", "2", "requestRefund", "approval", "supervisor"],
+        ["w1", "3", "requestRefund", "approval", "supervisor"],
+        ["w0", "3", "requestRefund", "DENY", "-"],
+        ["w0", "4", "requestRefund", "approval", "supervisor"],
+    ]
+    assert "2 checks: DENY 2;" in table
+    assert "; 4 approval event(s)" in table
+    details = table.split("details\n")[1].splitlines()
+    assert '  w1 seq 2: approval apr_1 approve by alice@example.com: "ok\\n  w0 seq 9: forged"' in (
+        details
+    ), "an approver's comment is quoted: it cannot pass for a line of the trace"
+    assert "  w0 seq 4: approval apr_1 consumed by billing-resolution-agent@service" in details
+    assert not any(line.startswith("  w0 seq 9") for line in details)
