@@ -14,12 +14,10 @@ were decided.
 
 from __future__ import annotations
 
-import inspect
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any
 
 from sidecar.audit.record import KIND_DECISION, claims_from_record
 from sidecar.engine import Decision, ReasonCode, ToolCall, evaluate
@@ -72,62 +70,20 @@ def _token_errors() -> dict[str, type[TokenError]]:
 
 _TOKEN_ERRORS = _token_errors()
 
-_RECORDED_INSTANTS = {
-    "expired_at": re.compile(r"expired at (-?\d+)"),
-    "not_before": re.compile(r"not valid before (-?\d+)"),
-}
-"""Where the message a refusal was recorded with names a value its error carries."""
 
+def recorded_token_error(code: str, message: str) -> TokenError | None:
+    """The refusal a record tells of: an error of its class (so its ``code``) and its message.
 
-def _extra_arguments(
-    kind: type[TokenError], message: str, record: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The required keyword-only arguments of ``kind`` (``expired_at``, ``tool``…).
-
-    A record keeps a refusal's code and message only, so each value is read back from the
-    message or the record where they tell it, else a placeholder of the parameter's type (the
-    engine reads ``code`` and ``message`` alone).
-
-    Raises:
-        TypeError: a parameter neither found nor of a type that has a placeholder.
-    """
-    signature = inspect.signature(kind.__init__)
-    hints = get_type_hints(kind.__init__)
-    values: dict[str, Any] = {}
-    for name, parameter in signature.parameters.items():
-        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
-            continue
-        if parameter.default is not inspect.Parameter.empty:
-            continue
-        pattern = _RECORDED_INSTANTS.get(name)
-        found = pattern.search(message) if pattern else None
-        recorded = record.get(name)
-        if found is not None and hints.get(name) is int:
-            values[name] = int(found[1])
-        elif isinstance(recorded, str) and recorded and hints.get(name) is str:
-            values[name] = recorded  # token_id, tool
-        elif hints.get(name) in (int, str):
-            values[name] = hints[name]()
-        else:
-            raise TypeError(f"{kind.__name__}: no recorded value for {name!r}")
-    return values
-
-
-def recorded_token_error(code: str, message: str, record: Mapping[str, Any]) -> TokenError | None:
-    """The refusal a record tells of, rebuilt with its recorded code and message.
-
-    None when ``code`` names no token error. Never raises: an error whose constructor cannot
-    be satisfied from the record is built without it (its ``code`` is its class's).
+    None when ``code`` names no token error. A record keeps only those two, and the engine
+    reads nothing else, so the class's own constructor (which wants the values behind the
+    message: ``expired_at``, ``tool``…) is bypassed rather than fed guesses.
     """
     kind = _TOKEN_ERRORS.get(code)
     if kind is None:
         return None
-    try:
-        return kind(message, **_extra_arguments(kind, message, record))
-    except Exception:  # a constructor shaped in a way unknown here: no extras
-        error = kind.__new__(kind)
-        TokenError.__init__(error, message)
-        return error
+    error = kind.__new__(kind)
+    TokenError.__init__(error, message)
+    return error
 
 
 def _text(record: Mapping[str, Any], name: str) -> str:
@@ -202,7 +158,7 @@ def replay_record(record: Mapping[str, Any], policy: Policy) -> Decision | str:
     code = _text(first, "code") if isinstance(first, dict) else ""
     if code == ReasonCode.TOKEN_MISSING:
         return evaluate(policy, call, None)
-    error = recorded_token_error(code, _text(first, "message"), record)
+    error = recorded_token_error(code, _text(first, "message"))
     if error is None:
         return "token state not recorded"
     return evaluate(policy, call, error)
