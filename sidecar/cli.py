@@ -497,9 +497,18 @@ def _local_revocations(state_dir: Path, lineage: tuple[str, ...]) -> set[str]:
     return {revoked.token_id} if revoked is not None else set()
 
 
+REVOCATION_NOT_CHECKED = (
+    "revocation not checked: --target and --jwks give keys only (ask the server with "
+    "`proviso check`, or inspect with the server's --state-dir)"
+)
+
+
 def cmd_token_inspect(args: argparse.Namespace) -> int:
     """Decode a token, verify it (keys of --state-dir, --jwks FILE or the server at --target),
-    and say why it would be refused, if it would; with --tool and --args, for that call."""
+    and say why it would be refused, if it would; with --tool and --args, for that call.
+
+    Revocations are read from --state-dir's store; with --target or --jwks they are not
+    checked, and the verdict says so."""
     try:
         header, payload = unverified_claims(args.token)
         keys = _inspect_keys(args)
@@ -509,12 +518,15 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
         return _fail(f"cannot get the keys to verify with: {exc}")
     report: dict[str, object] = {"header": header, "claims (unverified)": payload}
     now = time.time()
+    local = not (args.target or args.jwks)
     verdict = "valid"
+    if not local:
+        checked = f"signature, lifetime and scope for {args.tool}" if args.tool else None
+        verdict = f"valid {checked or 'signature and lifetime'}; {REVOCATION_NOT_CHECKED}"
     code = ""
     try:
         claims = verify(args.token, keys, audience=args.audience, issuer=args.issuer, now=now)
         report["expires_in_seconds"] = int(claims.expires_at - now)
-        local = not (args.target or args.jwks)
         revoked = _local_revocations(Path(args.state_dir), claims.lineage) if local else set()
         if revoked:
             raise TokenRevokedError(f"{revoked.pop()} is revoked", token_id=claims.token_id)
@@ -528,6 +540,7 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(f"--args: {exc}", EXIT_USAGE)
     report["verdict"] = verdict
+    report["revocation_checked"] = local
     if args.format == "json":
         print(json.dumps({**report, "refusal_code": code}, indent=2, default=str))
     else:

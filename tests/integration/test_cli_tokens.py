@@ -1,0 +1,57 @@
+"""`proviso token` as a user runs it: what inspect can and cannot vouch for, and bad lifetimes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
+from tests.conftest import BILLING_AGENT, Sidecar
+from tests.integration.test_cli import run
+
+
+async def _issue_and_revoke(sidecar: Sidecar) -> str:
+    """A token issued and then revoked through the server's CLI, as an issuer would."""
+    server = ["--target", sidecar.target, "--state-dir", str(sidecar.app.settings.state_dir)]
+    issued = await asyncio.to_thread(
+        run, "token", "issue", "--as", "orchestrator@service", *server,
+        "--agent", BILLING_AGENT, "--grant", "requestRefund:invoice_id=in_93K2,amount<=50",
+    )  # fmt: skip
+    assert issued.returncode == 0, issued.stderr
+    token = issued.stdout.strip()
+    revoked = await asyncio.to_thread(
+        run, "token", "revoke", "--token", token, "--reason", "leaked",
+        "--as", "orchestrator@service", *server,
+    )  # fmt: skip
+    assert revoked.returncode == 0, revoked.stderr
+    return token
+
+
+async def test_inspect_with_remote_keys_says_revocation_was_not_checked(
+    sidecar: Sidecar, tmp_path: Path
+) -> None:
+    """With --target or --jwks, inspect cannot see revocations: a revoked token is not called
+    plainly "valid"; the verdict says revocation was not checked and where to ask."""
+    token = await _issue_and_revoke(sidecar)
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text((await sidecar.tokens.GetJwks(token_pb.GetJwksRequest())).jwks_json)
+    for keys in (["--target", sidecar.target], ["--jwks", str(jwks)]):
+        text = await asyncio.to_thread(run, "token", "inspect", "--token", token, *keys)
+        assert text.returncode == 0, text.stderr
+        assert "proviso: valid\n" not in text.stdout, keys
+        assert "revocation not checked" in text.stdout, text.stdout
+        assert "proviso check" in text.stdout
+        shown = await asyncio.to_thread(
+            run, "token", "inspect", "--token", token, *keys, "--format", "json"
+        )
+        report = json.loads(shown.stdout)
+        assert report["revocation_checked"] is False
+        assert report["verdict"].startswith("valid signature and lifetime; revocation not")
+    local = await asyncio.to_thread(
+        run, "token", "inspect", "--token", token, "--format", "json",
+        "--state-dir", str(sidecar.app.settings.state_dir),
+    )  # fmt: skip
+    assert local.returncode == 1
+    report = json.loads(local.stdout)
+    assert (report["refusal_code"], report["revocation_checked"]) == ("TOKEN_REVOKED", True)
