@@ -286,6 +286,26 @@ def parse_grant(text: str) -> Grant:
         raise UsageError(f"--grant {text!r}: {exc}") from None
 
 
+def lifetime(text: str) -> int:
+    """A ``--ttl`` value in seconds, for argparse: a positive duration such as 15m.
+
+    Zero is refused rather than passed on: the API reads a zero TTL as "the longest allowed",
+    the opposite of what ``--ttl 0s`` says.
+
+    Raises:
+        argparse.ArgumentTypeError: not a duration, or not longer than zero.
+    """
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a lifetime: give a positive duration such as 5m"
+        )
+    return seconds
+
+
 def _served_token(response: Any) -> dict[str, object]:
     """What ``_print_minted`` shows of an IssueTokenResponse or AttenuateTokenResponse."""
     return {
@@ -312,10 +332,10 @@ def _grant_messages(grants: Sequence[Grant]) -> list[object]:
 def cmd_token_issue(args: argparse.Namespace) -> int:
     """Mint a capability token within the agent's ceiling: through a running sidecar as an
     issuer (--as or --identity-token), or else with the local key in --state-dir."""
+    ttl: int = args.ttl
     try:
         grants = [parse_grant(g) for g in args.grant]
-        ttl = parse_duration(args.ttl)
-    except (UsageError, ValueError) as exc:
+    except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
     if args.identity_token or args.as_subject:
         return _issue_remote(args, grants, ttl)
@@ -397,10 +417,10 @@ def cmd_token_attenuate(args: argparse.Namespace) -> int:
     from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb  # noqa: PLC0415
     from sidecar._proto.proviso.v1 import token_service_pb2_grpc as token_grpc  # noqa: PLC0415
 
+    ttl: int = args.ttl or 0  # 0: until the parent expires
     try:
         grants = [parse_grant(g) for g in args.grant]
-        ttl = parse_duration(args.ttl) if args.ttl else 0
-    except (UsageError, ValueError) as exc:
+    except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
     request = token_pb.AttenuateTokenRequest(
         parent_token=args.token,
@@ -566,7 +586,9 @@ def _add_token_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     issue.add_argument(
         "--grant", required=True, action="append", metavar="TOOL[:ITEM,...]", help=grant_help
     )
-    issue.add_argument("--ttl", default="15m", help="lifetime, capped by the role (default 15m)")
+    issue.add_argument(
+        "--ttl", type=lifetime, default="15m", help="lifetime, capped by the role (default 15m)"
+    )
     issue.add_argument("--run-id", default=None, metavar="ID", help="bind the token to a run")
     issue.add_argument("--issuer", default=config.DEFAULT_TOKEN_ISSUER, help=argparse.SUPPRESS)
     issue.add_argument("--audience", default=config.DEFAULT_AUDIENCE, help=argparse.SUPPRESS)
@@ -580,7 +602,9 @@ def _add_token_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     attenuate.add_argument(
         "--grant", required=True, action="append", metavar="TOOL[:ITEM,...]", help=grant_help
     )
-    attenuate.add_argument("--ttl", default="", help="lifetime (default: until the parent expires)")
+    attenuate.add_argument(
+        "--ttl", type=lifetime, default=None, help="lifetime (default: until the parent expires)"
+    )
     attenuate.add_argument("--run-id", default=None, metavar="ID")
     attenuate.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT")
     attenuate.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")

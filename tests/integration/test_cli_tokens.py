@@ -6,6 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
 from tests.conftest import BILLING_AGENT, Sidecar
 from tests.integration.test_cli import run
@@ -55,3 +57,28 @@ async def test_inspect_with_remote_keys_says_revocation_was_not_checked(
     assert local.returncode == 1
     report = json.loads(local.stdout)
     assert (report["refusal_code"], report["revocation_checked"]) == ("TOKEN_REVOKED", True)
+
+
+@pytest.mark.parametrize("ttl", ["0s", "0m", "0d"])
+@pytest.mark.parametrize("command", ["issue", "attenuate"])
+def test_a_zero_ttl_is_a_usage_error(tmp_path: Path, command: str, ttl: str) -> None:
+    """--ttl 0s would mean "the longest lifetime allowed" to the API: the CLI refuses it as a
+    usage error naming the flag, before minting or calling anything."""
+    parent = ["--agent", BILLING_AGENT] if command == "issue" else ["--token", "x.y.z"]
+    result = run(
+        "token", command, *parent, "--grant", "requestRefund:invoice_id=in_93K2",
+        "--ttl", ttl, "--state-dir", str(tmp_path / "state"),
+        *(["--target", "127.0.0.1:9"] if command == "attenuate" else []),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "usage: proviso token" in result.stderr
+    assert "argument --ttl" in result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / "state").exists(), "nothing was minted"
+
+
+def test_a_malformed_ttl_is_still_a_usage_error() -> None:
+    """A --ttl that is not a duration names the flag and how to write one."""
+    result = run("token", "issue", "--agent", BILLING_AGENT, "--grant", "t", "--ttl", "soon")
+    assert result.returncode == 2
+    assert "argument --ttl: invalid duration 'soon'" in result.stderr
