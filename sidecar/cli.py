@@ -834,6 +834,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         metadata = cli_identity.metadata(args)
     except cli_identity.IdentityOptionError as exc:
         return _fail(str(exc), EXIT_USAGE)
+    next_page_token = ""
     with grpc.insecure_channel(args.target) as channel:
         stub = ap_grpc.ApprovalServiceStub(channel)
         try:
@@ -841,12 +842,17 @@ def cmd_approvals(args: argparse.Namespace) -> int:
                 state = ap_pb.ApprovalState.Value(f"APPROVAL_STATE_{args.state.upper()}")
                 response = stub.ListApprovals(
                     ap_pb.ListApprovalsRequest(
-                        state=state, agent=args.agent, tool=args.tool, page_size=args.page_size
+                        state=state,
+                        agent=args.agent,
+                        tool=args.tool,
+                        page_size=args.page_size,
+                        page_token=args.page_token,
                     ),
                     metadata=metadata,
                     timeout=args.timeout,
                 )
                 found = list(response.approvals)
+                next_page_token = response.next_page_token
             elif args.approvals_command == "show":
                 found = [
                     stub.GetApproval(
@@ -880,14 +886,18 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             return _fail(f"{exc.code().name}: {exc.details()}")
     rows = [json_format.MessageToDict(a, preserving_proto_field_name=True) for a in found]
-    if args.format == "json" or args.approvals_command == "show":
-        print(json.dumps(rows if args.approvals_command == "list" else rows[0], indent=2))
+    if args.approvals_command == "list" and args.format == "json":
+        print(json.dumps({"approvals": rows, "next_page_token": next_page_token}, indent=2))
+    elif args.format == "json" or args.approvals_command == "show":
+        print(json.dumps(rows[0], indent=2))
     elif not rows:
         print("no approval requests")
     else:
         print(f"{'ID':<32} {'STATE':<9} {'AGENT':<34} {'TOOL':<16} {'TIER':<11} APPROVALS")
         for row in rows:
             print(_approval_row(row))
+    if next_page_token and args.format == "text":
+        print(f"proviso: more requests: --page-token {next_page_token}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -907,7 +917,15 @@ def _add_approvals_commands(
     )
     listing.add_argument("--agent", default="", metavar="ID")
     listing.add_argument("--tool", default="", metavar="NAME")
-    listing.add_argument("--page-size", type=int, default=50, metavar="N")
+    listing.add_argument(
+        "--page-size", type=int, default=50, metavar="N", help="at most N (default 50, max 500)"
+    )
+    listing.add_argument(
+        "--page-token",
+        default="",
+        metavar="TOKEN",
+        help="the next page: the token the previous page printed (JSON: next_page_token)",
+    )
     show = sub.add_parser("show", help="one request with its arguments and verdicts")
     show.add_argument("approval_id", metavar="ID")
     for name in ("approve", "reject"):

@@ -1,0 +1,58 @@
+"""`proviso approvals` as an approver runs it: every page, and verdicts that did not count."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
+from tests.conftest import Sidecar
+from tests.integration.test_check import check, refund
+from tests.integration.test_cli import run
+
+
+async def _pending(sidecar: Sidecar, *amounts: str) -> list[str]:
+    """One pending approval request per refund amount; their ids."""
+    token = sidecar.token()
+    ids = []
+    for amount in amounts:
+        response = await check(sidecar, token, "requestRefund", refund(amount))
+        assert response.decision == pb.DECISION_NEEDS_APPROVAL, response
+        ids.append(response.approval_id)
+    return ids
+
+
+def _as(sidecar: Sidecar, subject: str) -> list[str]:
+    state = str(sidecar.app.settings.state_dir)
+    return ["--target", sidecar.target, "--state-dir", state, "--as", subject]
+
+
+async def test_approvals_list_says_there_are_more_and_pages_on(sidecar: Sidecar) -> None:
+    """A first page that is not the last says so (a --page-token hint on stderr, and
+    next_page_token in JSON); --page-token gives the rest."""
+    ids = await _pending(sidecar, "120", "130", "140")
+    alice = _as(sidecar, "alice@example.com")
+    first = await asyncio.to_thread(run, "approvals", "list", "--page-size", "2", *alice)
+    assert first.returncode == 0, first.stderr
+    hint = first.stderr.strip().splitlines()[-1]
+    assert hint.startswith("proviso: more requests: --page-token "), first.stderr
+    page_token = hint.rsplit(" ", 1)[1]
+    shown = await asyncio.to_thread(
+        run, "approvals", "list", "--page-size", "2", "--format", "json", *alice
+    )
+    listed = json.loads(shown.stdout)
+    assert listed["next_page_token"] == page_token
+    seen = [row["approval_id"] for row in listed["approvals"]]
+    assert len(seen) == 2
+    rest = await asyncio.to_thread(
+        run, "approvals", "list", "--page-size", "2", "--page-token", page_token, *alice
+    )
+    assert rest.returncode == 0, rest.stderr
+    assert "more requests" not in rest.stderr
+    seen += [i for i in ids if i in rest.stdout]
+    assert sorted(seen) == sorted(ids)
+    last = await asyncio.to_thread(
+        run, "approvals", "list", "--page-size", "2", "--page-token", page_token,
+        "--format", "json", *alice,
+    )  # fmt: skip
+    assert json.loads(last.stdout)["next_page_token"] == ""
