@@ -825,6 +825,28 @@ def _approval_row(approval: dict[str, Any]) -> str:
     )
 
 
+def _caller_subject(args: argparse.Namespace) -> str:
+    """Who the identity options name: --as SUBJECT, or the sub of --identity-token (read
+    without verifying: for display only); "" if neither says."""
+    if args.as_subject:
+        return str(args.as_subject)
+    try:
+        return str(unverified_claims(args.identity_token or "")[1].get("sub", ""))
+    except UsageError:
+        return ""
+
+
+def _earlier_verdict(approval: Any, subject: str) -> str:
+    """The caller's verdict already on ``approval``, as words ("" if it does not show)."""
+    for verdict in approval.verdicts:
+        if subject and verdict.approver == subject:
+            given = "approved" if verdict.approve else "rejected"
+            when = verdict.time.ToDatetime().isoformat(timespec="seconds") + "Z"
+            comment = f": {verdict.comment!r}" if verdict.comment else ""
+            return f" ({subject} {given} it at {when}{comment})"
+    return ""
+
+
 def cmd_approvals(args: argparse.Namespace) -> int:
     """List, show, approve or reject approval requests on a running sidecar."""
     from sidecar._proto.proviso.v1 import approval_service_pb2 as ap_pb  # noqa: PLC0415
@@ -835,6 +857,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     except cli_identity.IdentityOptionError as exc:
         return _fail(str(exc), EXIT_USAGE)
     next_page_token = ""
+    counted = True
     with grpc.insecure_channel(args.target) as channel:
         stub = ap_grpc.ApprovalServiceStub(channel)
         try:
@@ -880,8 +903,10 @@ def cmd_approvals(args: argparse.Namespace) -> int:
                         timeout=args.timeout,
                     )
                 found = [changed.approval]
-                if not changed.counted:
-                    print("proviso: you had already given a verdict; it counts once",
+                counted = changed.counted
+                if not counted:
+                    earlier = _earlier_verdict(changed.approval, _caller_subject(args))
+                    print(f"proviso: you had already given a verdict{earlier}; it counts once",
                           file=sys.stderr)  # fmt: skip
         except grpc.RpcError as exc:
             return _fail(f"{exc.code().name}: {exc.details()}")
@@ -898,7 +923,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
             print(_approval_row(row))
     if next_page_token and args.format == "text":
         print(f"proviso: more requests: --page-token {next_page_token}", file=sys.stderr)
-    return EXIT_OK
+    return EXIT_OK if counted else EXIT_REFUSED
 
 
 def _add_approvals_commands(

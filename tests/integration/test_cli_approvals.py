@@ -56,3 +56,26 @@ async def test_approvals_list_says_there_are_more_and_pages_on(sidecar: Sidecar)
         "--format", "json", *alice,
     )  # fmt: skip
     assert json.loads(last.stdout)["next_page_token"] == ""
+
+
+async def test_a_second_verdict_by_the_same_person_exits_1(sidecar: Sidecar) -> None:
+    """Approving and then rejecting (or approving twice) counts once: the second command says
+    so, names the verdict that stands, and exits 1; the request is unchanged."""
+    (approval_id,) = await _pending(sidecar, "1000")  # the finance tier: two approvals
+    frank = _as(sidecar, "frank@example.com")
+    approved = await asyncio.to_thread(
+        run, "approvals", "approve", approval_id, "--comment", "checked the invoice", *frank
+    )
+    assert approved.returncode == 0, approved.stderr
+    for command in ("reject", "approve"):
+        again = await asyncio.to_thread(run, "approvals", command, approval_id, *frank)
+        assert again.returncode == 1, (command, again.stdout, again.stderr)
+        assert "you had already given a verdict" in again.stderr
+        assert "frank@example.com approved it at " in again.stderr
+        assert "'checked the invoice'" in again.stderr
+        assert "pending" in again.stdout, "the request is shown as it stands"
+    fiona = await asyncio.to_thread(
+        run, "approvals", "reject", approval_id, *_as(sidecar, "fiona@example.com")
+    )
+    assert fiona.returncode == 0, fiona.stderr
+    assert "already" not in fiona.stderr
