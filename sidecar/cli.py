@@ -75,22 +75,33 @@ def _fail(message: str, code: int = EXIT_REFUSED) -> int:
 # ---------------------------------------------------------------- serve
 
 
+def serve_settings(args: argparse.Namespace) -> config.Settings:
+    """The settings ``serve`` runs with: its flags, then PROVISO_* variables, then defaults.
+
+    Raises:
+        config.SettingsError: a value is invalid; the message names the flag.
+    """
+    return config.build(
+        policies=args.policies,
+        listen=args.listen,
+        metrics_listen=args.metrics_listen,
+        state_dir=args.state_dir,
+        idp_jwks=args.idp_jwks,
+        idp_issuer=args.idp_issuer,
+        idp_ca_file=args.idp_ca_file,
+        token_leeway=args.token_leeway,
+        log_level=args.log_level,
+        shadow_policies=args.shadow_policies,
+        watch_interval=args.watch_interval,
+        workers=args.workers,
+        max_in_flight=args.max_in_flight,
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the sidecar until SIGINT or SIGTERM."""
     try:
-        settings = config.build(
-            policies=args.policies,
-            listen=args.listen,
-            metrics_listen=args.metrics_listen,
-            state_dir=args.state_dir,
-            idp_jwks=args.idp_jwks,
-            idp_issuer=args.idp_issuer,
-            log_level=args.log_level,
-            shadow_policies=args.shadow_policies,
-            watch_interval=args.watch_interval,
-            workers=args.workers,
-            max_in_flight=args.max_in_flight,
-        )
+        settings = serve_settings(args)
     except config.SettingsError as exc:
         return _fail(str(exc), EXIT_USAGE)
     json_logging.configure(settings.log_level)
@@ -1235,6 +1246,18 @@ def _add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     serve.add_argument("--state-dir", metavar="DIR", help="keys and state (default ./.proviso)")
     serve.add_argument("--idp-jwks", metavar="FILE", help="the IdP's JWKS; disables dev mode")
     serve.add_argument("--idp-issuer", metavar="ISS", help="the IdP's issuer (iss)")
+    serve.add_argument(
+        "--idp-ca-file",
+        metavar="PEM",
+        help="CA certificates to trust for an https --idp-jwks URL (a private CA; "
+        "default: the system's)",
+    )
+    serve.add_argument(
+        "--token-leeway",
+        metavar="SECONDS",
+        help="clock skew tolerated on capability tokens' nbf and exp: whole seconds from 0 to "
+        f"{config.MAX_LEEWAY_SECONDS} (default {config.DEFAULT_LEEWAY_SECONDS})",
+    )
     serve.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
     serve.add_argument(
         "--shadow-policies",
