@@ -49,6 +49,26 @@ class UsageError(Exception):
     """Bad command-line input: exit 2."""
 
 
+class NoStateDirError(Exception):
+    """A command that only reads the state directory was pointed at none: exit 1."""
+
+
+def existing_state_dir(text: str) -> Path:
+    """``--state-dir`` for a command that only reads it: it must exist, for a typo must not
+    create an empty state directory (and then report an empty key list or unknown keys).
+
+    Raises:
+        NoStateDirError: there is no directory at ``text``.
+    """
+    path = Path(text)
+    if not path.is_dir():
+        raise NoStateDirError(
+            f"no state directory at {path} (start `proviso serve --state-dir {path}` "
+            "or pass the right --state-dir)"
+        )
+    return path
+
+
 def _call(
     args: argparse.Namespace,
     stub_type: Callable[[grpc.Channel], Any],
@@ -511,7 +531,7 @@ def _inspect_keys(args: argparse.Namespace) -> VerificationKeys:
                 token_pb.GetJwksRequest(), timeout=args.timeout
             )
         return VerificationKeys.from_jwks(json.loads(response.jwks_json))
-    return load_or_create(Path(args.state_dir)).verification_keys()
+    return load_verification_keys(existing_state_dir(args.state_dir))
 
 
 def _local_revocations(state_dir: Path, lineage: tuple[str, ...]) -> set[str]:
@@ -545,6 +565,8 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
         keys = _inspect_keys(args)
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except NoStateDirError as exc:
+        return _fail(str(exc))
     except (OSError, ValueError, grpc.RpcError) as exc:
         return _fail(f"cannot get the keys to verify with: {exc}")
     report: dict[str, object] = {"header": header, "claims (unverified)": payload}
@@ -688,12 +710,17 @@ def _print_keys(state_dir: Path, retention: float, fmt: str) -> None:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """List the signing keys in --state-dir, or rotate them: a new key signs from now on; the
-    old one verifies until every token it signed has expired (the policy's longest TTL)."""
+    old one verifies until every token it signed has expired (the policy's longest TTL).
+    list only reads: it needs an existing --state-dir; rotate creates one on first use."""
     state_dir = Path(args.state_dir)
     try:
+        if args.keys_command == "list":
+            existing_state_dir(args.state_dir)
         retention = _retention(args)
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except NoStateDirError as exc:
+        return _fail(str(exc))
     if args.keys_command == "rotate":
         ring, removed = rotate(state_dir, time.time(), retention)
         print(f"proviso: new active key {ring.active.kid}", file=sys.stderr)

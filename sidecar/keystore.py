@@ -104,8 +104,11 @@ def _active_kid(directory: Path) -> str:
 
 
 def key_statuses(state_dir: Path, retention_seconds: float) -> tuple[KeyStatus, ...]:
-    """Every key on disk, the active one first, with until when it is trusted."""
-    directory = _directory(state_dir)
+    """Every key on disk, the active one first, with until when it is trusted.
+
+    Only reads: with no key directory there are no keys, and nothing is created.
+    """
+    directory = state_dir / "keys"
     active = _active_kid(directory)
     retired = _read_retired(directory)
     statuses = []
