@@ -83,13 +83,33 @@ def _call(
                 request, metadata=metadata, timeout=args.timeout
             )
         except grpc.RpcError as exc:
-            _fail(f"{exc.code().name}: {exc.details()}")
+            _rpc_failed(exc, args.target)
             return None
 
 
 def _fail(message: str, code: int = EXIT_REFUSED) -> int:
     print(f"proviso: {message}", file=sys.stderr)
     return code
+
+
+_CONNECT_FAILURES = ("failed to connect", "dns resolution failed", "connection refused")
+"""How gRPC words an UNAVAILABLE that never reached a server (lower case)."""
+
+
+def _rpc_failed(exc: grpc.RpcError, target: str, prefix: str = "") -> int:
+    """Say why a call failed, and where to look when no server answered at ``target``.
+
+    Every command that calls a server reports its RPC errors here. An UNAVAILABLE from a
+    server that answered (it could not decide safely) gets no hint: only connection failures.
+    """
+    code: grpc.StatusCode = exc.code()
+    details = str(exc.details() or "")
+    _fail(f"{prefix}{code.name}: {details}")
+    if code is grpc.StatusCode.UNAVAILABLE and any(
+        failure in details.lower() for failure in _CONNECT_FAILURES
+    ):
+        print(f"proviso: is proviso running at {target}? (--target)", file=sys.stderr)
+    return EXIT_REFUSED
 
 
 # ---------------------------------------------------------------- serve
@@ -567,7 +587,9 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except NoStateDirError as exc:
         return _fail(str(exc))
-    except (OSError, ValueError, grpc.RpcError) as exc:
+    except grpc.RpcError as exc:
+        return _rpc_failed(exc, args.target, "cannot get the keys to verify with: ")
+    except (OSError, ValueError) as exc:
         return _fail(f"cannot get the keys to verify with: {exc}")
     report: dict[str, object] = {"header": header, "claims (unverified)": payload}
     now = time.time()
@@ -845,7 +867,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
                 return EXIT_OK
             response = stub.SetKillSwitch(request, metadata=metadata, timeout=args.timeout)  # type: ignore[arg-type]
         except grpc.RpcError as exc:
-            return _fail(f"{exc.code().name}: {exc.details()}")
+            return _rpc_failed(exc, args.target)
     _print_switches([response.kill_switch], args.format)
     if args.format == "text":
         print("engaged" if response.engaged else "released", file=sys.stderr)
@@ -947,7 +969,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
                     print(f"proviso: you had already given a verdict{earlier}; it counts once",
                           file=sys.stderr)  # fmt: skip
         except grpc.RpcError as exc:
-            return _fail(f"{exc.code().name}: {exc.details()}")
+            return _rpc_failed(exc, args.target)
     rows = [json_format.MessageToDict(a, preserving_proto_field_name=True) for a in found]
     if args.approvals_command == "list" and args.format == "json":
         print(json.dumps({"approvals": rows, "next_page_token": next_page_token}, indent=2))
@@ -1042,7 +1064,7 @@ def _admin_call(args: argparse.Namespace, method: str) -> int:
                             f"{violation.subject}: error {violation.type}: {violation.description}",
                             file=sys.stderr,
                         )
-            return _fail(f"{exc.code().name}: {exc.details()}")
+            return _rpc_failed(exc, args.target)
     if args.format == "json":
         print(
             json.dumps(
