@@ -1,6 +1,7 @@
 """The ``proviso`` command.
 
-Exit codes: 0 success, 1 a refusal or a failed check, 2 usage. Human output by default,
+Exit codes: 0 success, 1 a refusal or a failed check, 2 usage (and 141, quietly, when the
+reader of the output stops reading, as ``head`` does). Human output by default,
 ``--format json`` for scripts.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -1424,9 +1426,26 @@ def _add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     replay.set_defaults(handler=cmd_replay)
 
 
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+"""What a shell reports for a command stopped by SIGPIPE (``proviso ... | head -1``)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result: int = args.handler(args)
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            sys.stdout.flush()  # --help: its text may still be buffered
+            raise
+        result: int = args.handler(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped reading: stop quietly, as the Python docs recommend (signal
+        # module, "Note on SIGPIPE"). stdout goes to devnull so the flush at exit cannot
+        # fail again and print a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return result
 
 

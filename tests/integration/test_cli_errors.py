@@ -1,11 +1,15 @@
-"""How the proviso command fails: no server at --target, and a reader that stops reading."""
+"""How the proviso command fails: no server at --target, or a reader that stops reading."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 
 import pytest
 
+from tests.conftest import EXAMPLE_POLICIES, ROOT
+from tests.integration.serve_process import PROVISO
 from tests.integration.test_cli import run
 
 IDENTITY = ("--identity-token", "not.checked.here")
@@ -50,3 +54,41 @@ def test_a_usage_error_gets_no_connection_hint() -> None:
     result = run("kill", "list", "--target", _closed_port())
     assert result.returncode == 2
     assert "is proviso running" not in result.stderr
+
+
+def run_into_a_closed_pipe(*args: str, buffered: bool) -> subprocess.CompletedProcess[str]:
+    """``proviso ARGS`` with stdout a pipe whose reader has already gone, as when ``head -1``
+    has read its line: every write to stdout fails with EPIPE. ``buffered`` is Python's
+    default (the failure comes at a flush); unbuffered, it comes at the write itself."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [*PROVISO, *args], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True,
+            env=env, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    ("command", "buffered"),
+    [
+        (("test", str(EXAMPLE_POLICIES)), True),
+        (("test", str(EXAMPLE_POLICIES)), False),
+        (("lint", str(EXAMPLE_POLICIES), "--format", "json"), True),
+        (("lint", str(EXAMPLE_POLICIES), "--format", "json"), False),
+        (("token", "--help"), True),  # unbuffered, argparse ignores the failed write itself
+    ],
+)
+def test_a_reader_that_stops_reading_gets_no_traceback(
+    command: tuple[str, ...], *, buffered: bool
+) -> None:
+    """`proviso ... | head -1`: the command stops quietly, SIGPIPE-style (exit 141), with no
+    BrokenPipeError traceback on stderr."""
+    result = run_into_a_closed_pipe(*command, buffered=buffered)
+    assert result.stderr == ""
+    assert result.returncode == 141

@@ -15,6 +15,7 @@ import pytest
 
 from tests.integration.serve_process import serve_process
 from tests.integration.test_cli import run
+from tests.integration.test_cli_errors import run_into_a_closed_pipe
 from tests.integration.test_reload import copy_bundle, set_variant, write
 
 
@@ -102,3 +103,13 @@ def test_policy_reload_reports_errors_with_file_and_line(served: Served) -> None
     fixed = served.policy("reload")
     assert fixed.returncode == 0, fixed.stderr
     assert fixed.stdout.startswith("unchanged: version " + before)
+
+
+def test_policy_show_into_head_stops_quietly(served: Served) -> None:
+    """`proviso policy show | head -1`: once the reader is gone the command stops, exit 141,
+    with no BrokenPipeError traceback."""
+    result = run_into_a_closed_pipe(
+        "policy", "show", "--target", served.target, "--as", "olivia@example.com",
+        "--state-dir", str(served.state), "--policies", str(served.bundle), buffered=True,
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (141, "")
