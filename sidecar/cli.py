@@ -973,17 +973,16 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             return _rpc_failed(exc, args.target)
     rows = [json_format.MessageToDict(a, preserving_proto_field_name=True) for a in found]
-    if args.approvals_command == "list" and args.format == "json":
-        print(json.dumps({"approvals": rows, "next_page_token": next_page_token}, indent=2))
-    elif args.format == "json" or args.approvals_command == "show":
-        print(json.dumps(rows[0], indent=2))
+    if args.format == "json" or args.approvals_command == "show":
+        # The list stays a bare array (scripts read it so); the next page is on stderr.
+        print(json.dumps(rows if args.approvals_command == "list" else rows[0], indent=2))
     elif not rows:
         print("no approval requests")
     else:
         print(f"{'ID':<32} {'STATE':<9} {'AGENT':<34} {'TOOL':<16} {'TIER':<11} APPROVALS")
         for row in rows:
             print(_approval_row(row))
-    if next_page_token and args.format == "text":
+    if next_page_token:
         print(f"proviso: more requests: --page-token {next_page_token}", file=sys.stderr)
     return EXIT_OK if counted else EXIT_REFUSED
 
@@ -1011,7 +1010,7 @@ def _add_approvals_commands(
         "--page-token",
         default="",
         metavar="TOKEN",
-        help="the next page: the token the previous page printed (JSON: next_page_token)",
+        help="the next page: the token the previous page printed on stderr",
     )
     show = sub.add_parser("show", help="one request with its arguments and verdicts")
     show.add_argument("approval_id", metavar="ID")
