@@ -24,6 +24,13 @@ class AuditLogNotFoundError(FileNotFoundError):
     """No audit log at the given path."""
 
 
+def log_stem(path: Path) -> str:
+    """The name of the log a file belongs to: its stem, without a rotated segment's first
+    seq (``decisions.w0.000000000001.jsonl`` and ``decisions.w0.jsonl``: ``decisions.w0``)."""
+    match = _SEGMENT_RE.fullmatch(path.stem)
+    return match["stem"] if match else path.stem
+
+
 def segment_path(active: Path, first_seq: int) -> Path:
     """Where the active file goes when it is rotated, its first record being ``first_seq``."""
     return active.with_name(f"{active.stem}.{first_seq:0{SEQ_DIGITS}d}{active.suffix}")
@@ -50,14 +57,7 @@ def log_files(path: Path) -> list[Path]:
         AuditLogNotFoundError: nothing there, or a directory holding several logs.
     """
     if path.is_dir():
-        actives = sorted(
-            p for p in path.glob("*.jsonl") if not _SEGMENT_RE.fullmatch(p.name[: -len(".jsonl")])
-        )
-        stems = {p.stem for p in actives} | {
-            match["stem"]
-            for p in path.glob("*.jsonl")
-            if (match := _SEGMENT_RE.fullmatch(p.name[: -len(".jsonl")]))
-        }
+        stems = {log_stem(p) for p in path.glob("*.jsonl")}
         if len(stems) != 1:
             what = "no audit log" if not stems else f"{len(stems)} audit logs"
             raise AuditLogNotFoundError(f"{what} in {path}; name the file")
@@ -81,10 +81,7 @@ def logs(path: Path) -> list[list[Path]]:
     """
     if not path.is_dir():
         return [log_files(path)]
-    stems = sorted(
-        {p.stem for p in path.glob("*.jsonl") if not _SEGMENT_RE.fullmatch(p.stem)}
-        | {m["stem"] for p in path.glob("*.jsonl") if (m := _SEGMENT_RE.fullmatch(p.stem))}
-    )
+    stems = sorted({log_stem(p) for p in path.glob("*.jsonl")})
     if not stems:
         raise AuditLogNotFoundError(f"no audit log in {path}")
     return [log_files(path / f"{stem}.jsonl") for stem in stems]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sidecar.audit.files import SEQ_DIGITS, logs, records
+from sidecar.audit.files import log_stem, logs, records
 from sidecar.audit.record import KIND_DECISION
 
 KIND_APPROVAL = "approval"
@@ -207,20 +206,6 @@ def _trace(run_id: str, timeline: list[TraceEntry], chains: tuple[str, ...]) -> 
     return RunTrace(run_id, steps, chains, events, tuple(timeline))
 
 
-def build_trace(
-    log: Iterable[Mapping[str, Any]], run_id: str, *, by_time: bool = False
-) -> RunTrace | None:
-    """The run's trace (Checks and approval events) from one chain's records, or None if no
-    Check of the run is there.
-
-    ``by_time`` orders by (time, seq) instead of seq, for records of several chains merged
-    into ``log`` (their chains unknown: prefer ``build_chains_trace``).
-    """
-    entries = _entries(log, run_id, "")
-    order = (lambda e: (e.time, e.seq)) if by_time else (lambda e: e.seq)
-    return _trace(run_id, sorted(entries, key=order), ())
-
-
 def build_chains_trace(
     chains: Mapping[str, Iterable[Mapping[str, Any]]], run_id: str
 ) -> RunTrace | None:
@@ -236,15 +221,9 @@ def build_chains_trace(
     return _trace(run_id, merged, tuple(chains))
 
 
-_SEGMENT = re.compile(rf"(?P<stem>.+)\.\d{{{SEQ_DIGITS}}}")
-
-
 def chain_name(files: list[Path]) -> str:
     """What a log is called in a trace: its stem without the common ``decisions.`` (``w0``)."""
-    stem = files[0].name.removesuffix(".jsonl")
-    match = _SEGMENT.fullmatch(stem)
-    if match:
-        stem = match["stem"]
+    stem = log_stem(files[0])
     return stem.split(".", 1)[1] if "." in stem else stem
 
 
