@@ -208,6 +208,7 @@ class App:
             checkpoint_every=settings.audit_checkpoint_every,
             checkpoint_seconds=settings.audit_checkpoint_seconds,
             max_file_bytes=settings.audit_max_file_bytes,
+            group_commit_seconds=settings.audit_group_commit_seconds,
             on_commit=metrics.audit_committed,
         )
         try:

@@ -78,6 +78,8 @@ class Settings:
     audit_checkpoint_every: int = 1000
     audit_checkpoint_seconds: float = 5.0
     audit_max_file_bytes: int = 64 * 1024 * 1024
+    audit_group_commit_seconds: float = 0.004
+    """How long a record may wait for others arriving together, to share their fsync."""
     trace_exporters: tuple[str, ...] = ()
     """OpenTelemetry exporters (``OTEL_TRACES_EXPORTER``); empty: tracing is off."""
     trace_service_name: str | None = "proviso"

@@ -57,6 +57,66 @@ async def test_appends_on_a_loop_go_to_the_writer_in_batches(tmp_path: Path) -> 
     assert verify_log(log_files(tmp_path / "a.jsonl"), KEYS).broken is None
 
 
+async def _burst(log: AuditLog, size: int) -> None:
+    """``size`` records appended together, the way concurrent Checks reach the log."""
+    await asyncio.gather(*(log.append({"kind": "t", "i": i}) for i in range(size)))
+
+
+async def test_records_arriving_together_wait_for_as_many_as_the_last_batches(
+    tmp_path: Path,
+) -> None:
+    """After a batch of 3, the next records gather to 3 before the writer gets them.
+
+    The window is far longer than the test: had the burst waited for it, the test would say so.
+    """
+    commits: list[int] = []
+    log = open_log(
+        tmp_path / "a.jsonl", group_commit_seconds=30, on_commit=lambda n, _: commits.append(n)
+    )
+    loop = asyncio.get_running_loop()
+    await _burst(log, 4)  # the first goes alone (nothing seen yet), the 3 others together
+    started = loop.time()
+    await _burst(log, 3)
+    await _burst(log, 3)
+    assert loop.time() - started < 10, "a full batch does not wait for the window"
+    log.close()
+    assert [n for n in commits if n] == [1, 3, 3, 3]
+
+
+async def test_a_record_alone_waits_at_most_the_window_then_goes_at_once(tmp_path: Path) -> None:
+    """One call in flight must not pay for the group commit once the busy spell is over."""
+    commits: list[int] = []
+    log = open_log(
+        tmp_path / "a.jsonl", group_commit_seconds=0.3, on_commit=lambda n, _: commits.append(n)
+    )
+    loop = asyncio.get_running_loop()
+    await _burst(log, 4)
+    await asyncio.sleep(0.25)  # longer than two windows of batch sizes: the busy spell is over
+    started = loop.time()
+    await log.append({"kind": "t", "i": "idle"})
+    assert loop.time() - started < 0.29, "an idle log hands a record over at once"
+    await _burst(log, 4)
+    started = loop.time()
+    await log.append({"kind": "t", "i": "lone"})  # busy a moment ago: waits for company
+    assert loop.time() - started >= 0.29
+    log.close()
+    assert [n for n in commits if n] == [1, 3, 1, 1, 3, 1]
+
+
+async def test_close_writes_the_records_still_gathering(tmp_path: Path) -> None:
+    """Records waiting for company when the log closes are written, and their callers told."""
+    log = open_log(tmp_path / "a.jsonl", group_commit_seconds=30)
+    await _burst(log, 4)
+    waiting = asyncio.ensure_future(log.append({"kind": "t", "i": "last"}))
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "it waits for the others the last batches promised"
+    log.close()
+    receipt = await asyncio.wait_for(waiting, 5)
+    records = read(tmp_path / "a.jsonl")
+    assert [r["seq"] for r in records if r.get("i") == "last"] == [receipt.seq]
+    assert verify_log(log_files(tmp_path / "a.jsonl"), KEYS).broken is None
+
+
 def test_appends_from_many_threads_never_interleave_the_chain(tmp_path: Path) -> None:
     """Threads submitting at once still yield one unbroken chain."""
     log = open_log(tmp_path / "a.jsonl", checkpoint_every=25)
