@@ -24,7 +24,7 @@ import grpc
 
 from bench.workload import AGENT, EXAMPLE_POLICIES, GRANT, NOOP_SERVICE
 from sidecar import supervisor
-from sidecar.app import App
+from sidecar.app import App, freeze_startup_heap
 from sidecar.config import Address, Settings
 from sidecar.errors import PolicyLoadError
 from sidecar.keystore import load_or_create
@@ -123,6 +123,7 @@ async def serve(policies: Path, state_dir: Path, token_ttl: int) -> int:
     except (PolicyLoadError, OSError) as exc:
         print(f"bench.server: cannot start: {exc}", file=sys.stderr, flush=True)
         return EXIT_START_FAILED
+    freeze_startup_heap()  # as `proviso serve` does
     try:
         # Signed by the sidecar's own active key, like tests/conftest.py: the bench measures
         # Check, not minting, and a real agent reuses one token for its whole task.

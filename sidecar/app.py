@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -114,6 +115,17 @@ async def _prune_forever(
                 log.info("pruned state", extra={"rows": removed, "expired_approvals": expired})
         with contextlib.suppress(Exception):
             keys.refresh()
+
+
+def freeze_startup_heap() -> None:
+    """Take what start-up built (modules, the compiled policy) out of the collector's sight.
+
+    Those ~50,000 objects live as long as the process; without this every full collection
+    walks them, a ~7 ms pause of the event loop in the middle of Checks. Call it once the
+    server is up, in the serving process only (tests start many Apps in one process).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def key_retention_seconds(policy: Policy) -> float:

@@ -224,9 +224,10 @@ def _serve_workers(settings: config.Settings) -> int:
 
 
 async def _serve(settings: config.Settings) -> int:
-    from sidecar.app import App  # noqa: PLC0415 - keep `proviso lint` and `check` fast to start
+    from sidecar.app import App, freeze_startup_heap  # noqa: PLC0415 - keep `lint` fast to start
 
     app = await App.start(settings)
+    freeze_startup_heap()
     policy = app.policy.current
     print(f"proviso: serving gRPC on {settings.listen.host}:{app.grpc_port}", flush=True)
     print(f"proviso: metrics on http://{settings.metrics_listen}/metrics", flush=True)

@@ -249,13 +249,14 @@ def worker_main(
 async def _serve(
     settings: Settings, index: int, channel: Connection, extra: HandlerFactory | None
 ) -> int:
-    from sidecar.app import App  # noqa: PLC0415 - imported in the worker, after logging is set
+    from sidecar.app import App, freeze_startup_heap  # noqa: PLC0415 - in the worker, after logging
 
     app = await App.start(
         settings,
         extra_handlers=extra() if extra else (),
         reload_peers=_hangup_parent(os.getppid()),
     )
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
