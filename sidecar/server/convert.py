@@ -21,7 +21,7 @@ from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
 from sidecar._proto.proviso.v1 import approval_service_pb2 as approval_pb
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
-from sidecar.audit.trace import RunTrace, TraceStep
+from sidecar.audit.trace import RunTrace, TraceApprovalEvent, TraceStep
 from sidecar.authorizer import CheckInput, CheckResult
 from sidecar.engine import ApprovalStatus, Outcome, ReasonCode, Revocation, ToolCall
 from sidecar.errors import InvalidRequestError
@@ -420,6 +420,7 @@ def _trace_step(step: TraceStep) -> admin_pb.TraceStep:
         args_digest=step.args_digest,
         redacted_arguments=list(step.redacted),
         run_metadata=dict(step.run_metadata),
+        chain=step.chain,
     )
     requirement = step.approval_requirement
     if requirement:
@@ -444,4 +445,23 @@ def run_trace(trace: RunTrace) -> admin_pb.RunTrace:
         end_time=_timestamp_text(trace.steps[-1].time),
         run_metadata=trace.run_metadata,
         steps=[_trace_step(step) for step in trace.steps],
+        chains=list(trace.chains),
+        approval_events=[_trace_approval_event(event) for event in trace.approval_events],
+    )
+
+
+def _trace_approval_event(event: TraceApprovalEvent) -> admin_pb.TraceApprovalEvent:
+    return admin_pb.TraceApprovalEvent(
+        seq=event.seq,
+        record_id=event.record_id,
+        time=_timestamp_text(event.time),
+        event=event.event,
+        approval_id=event.approval_id,
+        agent=event.agent,
+        tool=event.tool,
+        tier=event.tier,
+        actor=event.actor,
+        comment=event.comment,
+        args_digest=event.args_digest,
+        chain=event.chain,
     )

@@ -92,6 +92,42 @@ async def test_redacted_arguments_keep_a_keyed_hash_and_the_digest(sidecar: Side
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
 
+async def test_get_run_trace_tells_what_happened_to_the_runs_approvals(sidecar: Sidecar) -> None:
+    """The RPC carries the approval events and the chain names that `audit trace` shows."""
+    token = sidecar.token()
+    asked = await refund_check(sidecar, token, "120")
+    await approve(sidecar, asked.approval_id, ALICE, "looks right")
+    allowed = await refund_check(sidecar, token, "120", asked.approval_id)
+    assert allowed.decision == pb.DECISION_ALLOW
+    trace = (
+        await admin_grpc.AdminServiceStub(sidecar.channel).GetRunTrace(
+            admin_pb.GetRunTraceRequest(run_id="run-1"),
+            metadata=identity(sidecar, "olivia@example.com"),
+        )
+    ).trace
+    chain = sidecar.app.settings.audit_path.stem
+    assert list(trace.chains) == [chain]
+    assert [s.chain for s in trace.steps] == [chain, chain]
+    agent = "billing-resolution-agent@service"
+    assert [(e.approval_id, e.event, e.actor) for e in trace.approval_events] == [
+        (asked.approval_id, "created", agent),
+        (asked.approval_id, "approve", ALICE),
+        (asked.approval_id, "approved", ALICE),
+        (asked.approval_id, "consumed", agent),
+    ]
+    verdict = trace.approval_events[1]
+    assert (verdict.comment, verdict.tool, verdict.tier) == (
+        "looks right",
+        "requestRefund",
+        "supervisor",
+    )
+    assert verdict.chain == chain
+    assert verdict.record_id
+    assert verdict.seq > trace.steps[0].seq
+    assert verdict.time.ToDatetime() >= trace.steps[0].time.ToDatetime()
+    assert all(e.args_digest == trace.steps[0].args_digest for e in trace.approval_events)
+
+
 async def test_records_carry_the_inputs_replay_needs(sidecar: Sidecar) -> None:
     """A decision record keeps the context and the verified token's claims."""
     token = sidecar.token(run_id="run-c")
