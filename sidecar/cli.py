@@ -27,7 +27,13 @@ from sidecar.audit.files import AuditLogNotFoundError, logs, records, verify_log
 from sidecar.audit.writer import AuditLogCorruptError
 from sidecar.durations import parse_duration
 from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError, SidecarError
-from sidecar.keystore import key_statuses, load_or_create, load_verification_keys, rotate
+from sidecar.keystore import (
+    has_key_ring,
+    key_statuses,
+    load_or_create,
+    load_verification_keys,
+    rotate,
+)
 from sidecar.minting import mint
 from sidecar.observability import logging as json_logging
 from sidecar.policy.issues import Severity, format_issues
@@ -398,7 +404,15 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     except PolicyLoadError as exc:
         print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
         return _fail(f"policy bundle {args.policies} has errors")
+    had_keys = has_key_ring(Path(args.state_dir))
     keys = load_or_create(Path(args.state_dir))
+    if not had_keys:
+        # A typo in --state-dir would otherwise mint, silently, with a key no sidecar trusts.
+        print(
+            f"proviso: created a new signing key in {args.state_dir} (there was none); only a "
+            f"sidecar serving with --state-dir {args.state_dir} accepts this token",
+            file=sys.stderr,
+        )
     try:
         minted = mint(
             policy,

@@ -73,6 +73,11 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def has_key_ring(state_dir: Path) -> bool:
+    """Whether ``state_dir`` already holds a key ring (``load_or_create`` would not make one)."""
+    return (state_dir / "keys" / _ACTIVE).is_file()
+
+
 def _directory(state_dir: Path) -> Path:
     directory = state_dir / "keys"
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -82,3 +82,15 @@ def test_a_malformed_ttl_is_still_a_usage_error() -> None:
     result = run("token", "issue", "--agent", BILLING_AGENT, "--grant", "t", "--ttl", "soon")
     assert result.returncode == 2
     assert "argument --ttl: invalid duration 'soon'" in result.stderr
+
+
+def test_local_issue_says_when_it_made_a_new_key(tmp_path: Path) -> None:
+    """A mistyped --state-dir must not mint silently with a key no sidecar trusts."""
+    state = tmp_path / "typo"
+    issue = ["token", "issue", "--agent", BILLING_AGENT, "--grant", "requestRefund:invoice_id=i1"]
+    first = run(*issue, "--state-dir", str(state))
+    assert first.returncode == 0, first.stderr
+    assert f"created a new signing key in {state}" in first.stderr
+    again = run(*issue, "--state-dir", str(state))
+    assert again.returncode == 0, again.stderr
+    assert "signing key" not in again.stderr, "an existing key ring is used without a word"
