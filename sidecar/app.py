@@ -221,6 +221,7 @@ class App:
             checkpoint_seconds=settings.audit_checkpoint_seconds,
             max_file_bytes=settings.audit_max_file_bytes,
             group_commit_seconds=settings.audit_group_commit_seconds,
+            sibling_logs=settings.audit_sibling_logs,
             on_commit=metrics.audit_committed,
         )
         try:

@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import json_format
 
 from sidecar import cli_identity, config
-from sidecar.audit.files import AuditLogNotFoundError, logs, records, verify_log
+from sidecar.audit.files import AuditLogNotFoundError, log_stem, logs, records, verify_log
 from sidecar.audit.writer import AuditLogCorruptError
 from sidecar.durations import parse_duration
 from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError, SidecarError
@@ -1147,14 +1147,18 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Prove the audit log's hash chain and checkpoint signatures; exit 1 at the first break.
 
     A directory may hold several chains (``serve --workers N`` writes one per worker): each is
-    verified on its own, and all must verify.
+    verified on its own, and all must verify. Their signed checkpoints name every chain of the
+    same serve, so a chain whose files are all gone is reported too.
     """
     try:
         keys = _verification_keys(args)
-        chains = logs(_audit_path(args.path, args.state_dir))
+        path = _audit_path(args.path, args.state_dir)
+        chains = logs(path)
     except (UsageError, AuditLogNotFoundError) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    reports = [_verify_chain(files, keys, args) for files in chains]
+    # Only a directory is all of a serve's chains; one file named alone is checked alone.
+    present = {log_stem(files[-1]) for files in chains} if path.is_dir() else None
+    reports = [_verify_chain(files, keys, args, present) for files in chains]
     ok = all(report["ok"] for report in reports)
     if args.format == "json":
         print(
@@ -1164,14 +1168,26 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _verify_chain(
-    files: list[Path], keys: VerificationKeys, args: argparse.Namespace
+    files: list[Path],
+    keys: VerificationKeys,
+    args: argparse.Namespace,
+    present: set[str] | None,
 ) -> dict[str, Any]:
-    """Verify one chain; print its summary unless the output is JSON."""
+    """Verify one chain; print its summary unless the output is JSON.
+
+    ``present`` is the logs found beside it (by name), None when it was named alone: a
+    sibling its checkpoints name that is not among them is missing.
+    """
     result = verify_log(files, keys)
     state, broken = result.state, result.broken
     unsealed = state.unsealed
+    missing = (
+        []
+        if present is None
+        else sorted(name for name in state.logs if log_stem(Path(name)) not in present)
+    )
     report = {
-        "ok": broken is None and not (args.require_sealed and unsealed),
+        "ok": broken is None and not (args.require_sealed and unsealed) and not missing,
         "files": [str(path) for path in files],
         "records": state.records,
         "checkpoints": state.checkpoints,
@@ -1180,6 +1196,7 @@ def _verify_chain(
         "sealed_through": state.sealed_seq,
         "unsealed": unsealed,
         "kids": sorted(state.kids),
+        "missing_logs": missing,
         "break": None
         if broken is None
         else {
@@ -1201,6 +1218,11 @@ def _verify_chain(
             print(f"verified before it: {summary}")
         else:
             print(f"ok: {summary}" + (f" ({files[-1].name})" if len(files) else ""))
+        for name in missing:
+            print(
+                f"MISSING: {name}, a chain that signed checkpoints of {files[-1].name} name, is "
+                f"not in {files[-1].parent} (deleted, or moved elsewhere)"
+            )
         if unsealed and broken is None:
             print(
                 f"{'error' if args.require_sealed else 'note'}: the last {unsealed} record(s) "

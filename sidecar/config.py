@@ -78,6 +78,8 @@ class Settings:
     audit_checkpoint_every: int = 1000
     audit_checkpoint_seconds: float = 5.0
     audit_max_file_bytes: int = 64 * 1024 * 1024
+    audit_sibling_logs: tuple[str, ...] = ()
+    """Every chain of one ``serve --workers N`` (file names), named in each signed checkpoint."""
     audit_group_commit_seconds: float = 0.004
     """How long a record may wait for others arriving together, to share their fsync."""
     trace_exporters: tuple[str, ...] = ()
@@ -110,11 +112,13 @@ class Settings:
         """This process's settings as worker ``index`` of ``workers``: the shared port (with
         SO_REUSEPORT), its own audit chain (``decisions.w0.jsonl``…) and metrics port."""
         active = self.audit_path
+        chains = tuple(f"{active.stem}.w{i}{active.suffix}" for i in range(self.workers))
         return replace(
             self,
             listen=Address(self.listen.host, listen_port),
             metrics_listen=Address(self.metrics_listen.host, metrics_port),
-            audit_log=active.with_name(f"{active.stem}.w{index}{active.suffix}"),
+            audit_log=active.with_name(chains[index]),
+            audit_sibling_logs=chains,
             reuse_port=True,
         )
 

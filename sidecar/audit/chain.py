@@ -32,7 +32,7 @@ import hashlib
 import json
 import json.encoder
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
@@ -325,11 +325,21 @@ def _checkpoint_message(record: Mapping[str, Any]) -> bytes:
     return CHECKPOINT_CONTEXT + canonical(unsigned)
 
 
-def seal_checkpoint(*, seq: int, prev: str, first_seq: int, time: str, key: SigningKey) -> Sealed:
+def seal_checkpoint(
+    *,
+    seq: int,
+    prev: str,
+    first_seq: int,
+    time: str,
+    key: SigningKey,
+    logs: Sequence[str] = (),
+) -> Sealed:
     """A signed checkpoint at ``seq``, covering records ``first_seq`` to ``seq - 1``.
 
     The signature covers ``seq`` and ``prev`` (the chain's head), so it vouches for every
-    record before it, back to the first.
+    record before it, back to the first. ``logs`` names every chain written beside this one
+    (their active files' names): a whole chain deleted then shows, since signed checkpoints
+    of the others still name it.
     """
     body: dict[str, Any] = {
         "kind": "checkpoint",
@@ -338,6 +348,8 @@ def seal_checkpoint(*, seq: int, prev: str, first_seq: int, time: str, key: Sign
         "last_seq": seq - 1,
         "kid": key.kid,
     }
+    if logs:
+        body["logs"] = sorted(logs)
     message = _checkpoint_message({**body, "seq": seq, "prev": prev})
     body["signature"] = _b64url(key.sign(message))
     return seal(body, seq=seq, prev=prev)
@@ -386,6 +398,8 @@ class ChainState:
     records: int = 0
     checkpoints: int = 0
     kids: set[str] = field(default_factory=set)
+    logs: set[str] = field(default_factory=set)
+    """The sibling logs (``serve --workers N``'s chains) that signed checkpoints name."""
 
     @property
     def unsealed(self) -> int:
@@ -488,6 +502,12 @@ class ChainVerifier:
                 f"covers seq {first}-{last}, but the records since the last checkpoint are "
                 f"seq {self.state.sealed_seq + 1}-{seq - 1}",
             )
+        logs = record.get("logs", [])
+        if not isinstance(logs, list) or not all(
+            isinstance(name, str) and name and "/" not in name and name not in (".", "..")
+            for name in logs
+        ):
+            return Problem.BAD_CHECKPOINT, "'logs' is not a list of log file names"
         kid, signature = record.get("kid"), record.get("signature")
         public = self._keys.get(kid) if self._keys is not None and isinstance(kid, str) else None
         if public is None:
@@ -498,4 +518,5 @@ class ChainVerifier:
         except (InvalidSignature, binascii.Error, ValueError):
             return Problem.BAD_SIGNATURE, f"the signature does not verify with key {kid!r}"
         self.state.kids.add(str(kid))
+        self.state.logs.update(logs)
         return None

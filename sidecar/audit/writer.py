@@ -119,6 +119,7 @@ class AuditLog:
         checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         on_commit: CommitObserver | None = None,
+        sibling_logs: Sequence[str] = (),
     ) -> None:
         """Open (or create) the log and resume its chain.
 
@@ -136,6 +137,7 @@ class AuditLog:
         self._checkpoint_seconds = checkpoint_seconds
         self._max_file_bytes = max_file_bytes
         self._on_commit = on_commit
+        self._sibling_logs = tuple(sibling_logs)
         self._queue: queue.SimpleQueue[_Pending | list[_Pending] | object] = queue.SimpleQueue()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -363,6 +365,7 @@ class AuditLog:
                 first_seq=self._sealed_seq + 1,
                 time=timestamp(self._clock.now()),
                 key=self._signer,
+                logs=self._sibling_logs,
             )
             seq, head = sealed.seq, sealed.hash
             lines.append(sealed.line)

@@ -114,6 +114,30 @@ def test_two_workers_share_the_port_the_store_and_stop_together(tmp_path: Path) 
     report = json.loads(verify.stdout)
     assert report["ok"] is True
     assert len(report["logs"]) == 2
+    assert [chain["missing_logs"] for chain in report["logs"]] == [[], []]
+    _a_deleted_chain_is_missed(state)
+
+
+def _a_deleted_chain_is_missed(state: Path) -> None:
+    """Each worker's signed checkpoints name both chains: one deleted whole is reported."""
+    w0, w1 = logs(state / "audit")
+    for path in w1:
+        path.unlink()
+    verify = [*PROVISO, "audit", "verify", "--state-dir", str(state)]
+    found = subprocess.run(
+        [*verify, "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert found.returncode == 1, found.stdout + found.stderr
+    report = json.loads(found.stdout)
+    assert (report["ok"], report["missing_logs"]) == (False, ["decisions.w1.jsonl"])
+    assert report["break"] is None, "what is there still verifies"
+    told = subprocess.run(verify, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert "MISSING: decisions.w1.jsonl" in told.stdout, told.stdout
+    alone = subprocess.run(
+        [*verify, str(w0[-1])], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert alone.returncode == 0, "one chain named alone is verified alone"
 
 
 def test_a_reload_rpc_to_one_worker_reloads_every_worker(tmp_path: Path) -> None:

@@ -180,6 +180,23 @@ def test_a_checkpoint_must_cover_exactly_the_records_since_the_last_one() -> Non
     assert (broken.line, broken.problem) == (4, Problem.BAD_CHECKPOINT)
 
 
+def test_a_checkpoint_names_the_sibling_chains_under_its_signature() -> None:
+    """The chains a checkpoint names are collected; a name that is a path is refused."""
+    lines = [s.line for s in chain(3)]
+    head = parse_line(lines[-1].rstrip(b"\n"))["hash"]
+    names = ["d.w1.jsonl", "d.w0.jsonl"]
+    point = seal_checkpoint(seq=4, prev=head, first_seq=1, time="t", key=KEY, logs=names)
+    verifier = verify([*lines, point.line])
+    assert verifier.broken is None
+    assert verifier.state.logs == set(names)
+    assert parse_line(point.line.rstrip(b"\n"))["logs"] == sorted(names)
+    for bad in (["../d.w1.jsonl"], [""], [7]):
+        odd = seal_checkpoint(seq=4, prev=head, first_seq=1, time="t", key=KEY, logs=bad)  # type: ignore[arg-type]
+        broken = verify([*lines, odd.line]).broken
+        assert broken is not None
+        assert (broken.line, broken.problem) == (4, Problem.BAD_CHECKPOINT)
+
+
 def test_the_signature_cannot_be_moved_to_another_head() -> None:
     """The signature covers seq and prev: pasted onto another chain it does not verify."""
     good = chain(2, checkpoint_at=(2,))
