@@ -143,6 +143,7 @@ def serve_settings(args: argparse.Namespace) -> config.Settings:
         watch_interval=args.watch_interval,
         workers=args.workers,
         max_in_flight=args.max_in_flight,
+        audit_group_commit=args.audit_group_commit,
     )
 
 
@@ -1217,7 +1218,8 @@ def _verify_chain(
             print(f"BROKEN at {broken}")
             print(f"verified before it: {summary}")
         else:
-            print(f"ok: {summary}" + (f" ({files[-1].name})" if len(files) else ""))
+            verdict = "INCOMPLETE" if missing else "ok"
+            print(f"{verdict}: {summary}" + (f" ({files[-1].name})" if len(files) else ""))
         for name in missing:
             print(
                 f"MISSING: {name}, a chain that signed checkpoints of {files[-1].name} name, is "
@@ -1344,6 +1346,13 @@ def _add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
         metavar="SECONDS",
         help="clock skew tolerated on capability tokens' nbf and exp: whole seconds from 0 to "
         f"{config.MAX_LEEWAY_SECONDS} (default {config.DEFAULT_LEEWAY_SECONDS})",
+    )
+    serve.add_argument(
+        "--audit-group-commit",
+        metavar="MS",
+        help="under load, how long an audit record may wait for the records arriving with it, "
+        f"to share one fsync: 0 (never wait) to {config.MAX_AUDIT_GROUP_COMMIT_MS} ms "
+        f"(default {config.DEFAULT_AUDIT_GROUP_COMMIT_MS}); a call alone never waits",
     )
     serve.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
     serve.add_argument(

@@ -18,6 +18,9 @@ MAX_LEEWAY_SECONDS = 30
 """Clock skew tolerated on capability tokens' nbf/exp; bounded, as tokens.verify bounds it."""
 DEFAULT_MAX_IN_FLIGHT = 256
 MAX_WORKERS = 64
+DEFAULT_AUDIT_GROUP_COMMIT_MS = 4
+"""How long an audit record may wait, under load, for the records arriving with it."""
+MAX_AUDIT_GROUP_COMMIT_MS = 100
 
 
 class SettingsError(ValueError):
@@ -80,7 +83,7 @@ class Settings:
     audit_max_file_bytes: int = 64 * 1024 * 1024
     audit_sibling_logs: tuple[str, ...] = ()
     """Every chain of one ``serve --workers N`` (file names), named in each signed checkpoint."""
-    audit_group_commit_seconds: float = 0.004
+    audit_group_commit_seconds: float = DEFAULT_AUDIT_GROUP_COMMIT_MS / 1000
     """How long a record may wait for others arriving together, to share their fsync."""
     trace_exporters: tuple[str, ...] = ()
     """OpenTelemetry exporters (``OTEL_TRACES_EXPORTER``); empty: tracing is off."""
@@ -164,6 +167,7 @@ def build(
     watch_interval: str | None = None,
     workers: str | None = None,
     max_in_flight: str | None = None,
+    audit_group_commit: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Settings:
     """Settings from flags and the environment.
@@ -199,6 +203,18 @@ def build(
         setting(max_in_flight, "MAX_IN_FLIGHT", str(DEFAULT_MAX_IN_FLIGHT), env),
         1_000_000,
     )
+    gather_text = setting(
+        audit_group_commit, "AUDIT_GROUP_COMMIT", str(DEFAULT_AUDIT_GROUP_COMMIT_MS), env
+    )
+    try:
+        gather_ms = float(gather_text)
+    except ValueError:
+        gather_ms = -1.0
+    if not 0 <= gather_ms <= MAX_AUDIT_GROUP_COMMIT_MS:
+        raise SettingsError(
+            f"--audit-group-commit: milliseconds from 0 (never wait) to "
+            f"{MAX_AUDIT_GROUP_COMMIT_MS}, got {gather_text!r}"
+        )
     settings = Settings(
         policies=Path(setting(policies, "POLICIES", "policies", env)),
         listen=Address.parse(setting(listen, "LISTEN", DEFAULT_LISTEN, env), "--listen"),
@@ -219,6 +235,7 @@ def build(
         trace_service_name=None if env.get("OTEL_SERVICE_NAME") else "proviso",
         workers=worker_count,
         max_in_flight=in_flight,
+        audit_group_commit_seconds=gather_ms / 1000,
     )
     for name, address in (
         ("--listen", settings.listen),

@@ -7,9 +7,11 @@ writer thread takes every record queued so far, gives each its place in the chai
 chain), writes them, and calls ``fsync`` once for the whole batch, so concurrent Checks share
 the cost of durability. The writer does little Python work of its own (it holds the GIL only
 briefly, so it does not slow the event loop down) and wakes each event loop once per batch.
-When Checks arrive together, a record waits up to ``group_commit_seconds`` for as many others
-as the recent batches held, so a batch is several records rather than one: fewer fsyncs and
-fewer thread hand-offs per Check. A record alone (one call in flight) is handed over at once.
+When Checks arrive together, a record waits up to ``group_commit_seconds`` (counted from its
+arrival) for as many others as the recent batches held, so a batch is several records rather
+than one: fewer fsyncs and fewer thread hand-offs per Check. While calls come one at a time
+(and from ~0.2 s after a busy spell) a record is handed over at once; ``group_commit_seconds``
+of 0 never waits.
 ``append`` returns only once the record is on disk, and raises ``AuditWriteError`` if it could
 not be: the caller must then not answer ALLOW.
 
@@ -115,6 +117,7 @@ class AuditLog:
         clock: Clock | None = None,
         max_batch: int = 512,
         group_commit_seconds: float = DEFAULT_GROUP_COMMIT_SECONDS,
+        peak_window_seconds: float = _PEAK_WINDOW_SECONDS,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
@@ -133,6 +136,7 @@ class AuditLog:
         self._clock = clock or SystemClock()
         self._max_batch = max_batch
         self._group_commit_seconds = group_commit_seconds
+        self._peak_window = peak_window_seconds
         self._checkpoint_every = checkpoint_every
         self._checkpoint_seconds = checkpoint_seconds
         self._max_file_bytes = max_file_bytes
@@ -157,6 +161,7 @@ class AuditLog:
         self._batch_loop: asyncio.AbstractEventLoop | None = None
         self._batch_in_flight = False
         self._gathering: asyncio.TimerHandle | None = None
+        self._first_waiting = 0.0  # when the oldest record of ``_batch`` was appended
         self._peak = 0  # the largest batch handed over in this window
         self._peak_before = 0  # and in the window before it
         self._peak_until = 0.0
@@ -189,8 +194,13 @@ class AuditLog:
         record = self._prepare(body, waiter)
         if record is not None:
             if self._batch_loop is not loop:
-                self._flush_batch()  # another loop's records (tests): hand them over now
+                # Another loop's records (tests): hand them over now. That loop may be gone
+                # and never hear its batch is done, so this loop does not wait for it.
+                self._flush_batch()
+                self._batch_in_flight = False
                 self._batch_loop = loop
+            if not self._batch:
+                self._first_waiting = time.monotonic()
             self._batch.append(_Pending(record, waiter, loop))
             self._hand_over(loop)
         return await waiter
@@ -228,17 +238,19 @@ class AuditLog:
         """
         if self._batch_in_flight or not self._batch:
             return  # the batch being written hands these over when it is done
-        if len(self._batch) >= self._recent_peak(time.monotonic()):
+        now = time.monotonic()
+        waited = now - self._first_waiting
+        if waited >= self._group_commit_seconds or len(self._batch) >= self._recent_peak(now):
             self._flush_batch()
         elif self._gathering is None:
-            self._gathering = loop.call_later(self._group_commit_seconds, self._gathered)
+            self._gathering = loop.call_later(self._group_commit_seconds - waited, self._gathered)
 
     def _recent_peak(self, now: float) -> int:
         """The largest batch of this window and the one before (windows start when due)."""
         if now >= self._peak_until:
-            recent = now < self._peak_until + _PEAK_WINDOW_SECONDS
+            recent = now < self._peak_until + self._peak_window
             self._peak_before, self._peak = (self._peak if recent else 0), 0
-            self._peak_until = now + _PEAK_WINDOW_SECONDS
+            self._peak_until = now + self._peak_window
         return max(self._peak, self._peak_before)
 
     def _gathered(self) -> None:
@@ -275,9 +287,11 @@ class AuditLog:
     def _batch_done(self, waiters: list[tuple[Waiter, Outcome]]) -> None:
         """On the loop, when the writer is done with a batch: settle it, send the next."""
         _resolve_all(waiters)
+        loop = asyncio.get_running_loop()
+        if loop is not self._batch_loop:
+            return  # records now come from another loop (tests), which sends its own
         self._batch_in_flight = False
-        if self._batch_loop is not None:
-            self._hand_over(self._batch_loop)
+        self._hand_over(loop)
 
     def close(self) -> None:
         """Write what is queued, seal it with a last checkpoint, stop, and close the file."""

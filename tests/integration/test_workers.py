@@ -134,6 +134,7 @@ def _a_deleted_chain_is_missed(state: Path) -> None:
     assert report["break"] is None, "what is there still verifies"
     told = subprocess.run(verify, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert "MISSING: decisions.w1.jsonl" in told.stdout, told.stdout
+    assert told.stdout.startswith("INCOMPLETE: "), "never 'ok' while a chain is missing"
     alone = subprocess.run(
         [*verify, str(w0[-1])], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
     )

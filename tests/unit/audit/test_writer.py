@@ -67,11 +67,15 @@ async def test_records_arriving_together_wait_for_as_many_as_the_last_batches(
 ) -> None:
     """After a batch of 3, the next records gather to 3 before the writer gets them.
 
-    The window is far longer than the test: had the burst waited for it, the test would say so.
+    The windows are far longer than the test: had the burst waited for its window, or
+    forgotten the batch of 3, the test would say so.
     """
     commits: list[int] = []
     log = open_log(
-        tmp_path / "a.jsonl", group_commit_seconds=30, on_commit=lambda n, _: commits.append(n)
+        tmp_path / "a.jsonl",
+        group_commit_seconds=30,
+        peak_window_seconds=3600,
+        on_commit=lambda n, _: commits.append(n),
     )
     loop = asyncio.get_running_loop()
     await _burst(log, 4)  # the first goes alone (nothing seen yet), the 3 others together
@@ -83,29 +87,76 @@ async def test_records_arriving_together_wait_for_as_many_as_the_last_batches(
     assert [n for n in commits if n] == [1, 3, 3, 3]
 
 
-async def test_a_record_alone_waits_at_most_the_window_then_goes_at_once(tmp_path: Path) -> None:
-    """One call in flight must not pay for the group commit once the busy spell is over."""
+async def test_a_record_alone_after_a_busy_moment_waits_at_most_the_window(
+    tmp_path: Path,
+) -> None:
+    """The wait is bounded: a record that finds no company goes when the window closes."""
     commits: list[int] = []
     log = open_log(
-        tmp_path / "a.jsonl", group_commit_seconds=0.3, on_commit=lambda n, _: commits.append(n)
+        tmp_path / "a.jsonl",
+        group_commit_seconds=0.3,
+        peak_window_seconds=3600,
+        on_commit=lambda n, _: commits.append(n),
     )
     loop = asyncio.get_running_loop()
     await _burst(log, 4)
-    await asyncio.sleep(0.25)  # longer than two windows of batch sizes: the busy spell is over
     started = loop.time()
-    await log.append({"kind": "t", "i": "idle"})
-    assert loop.time() - started < 0.29, "an idle log hands a record over at once"
-    await _burst(log, 4)
-    started = loop.time()
-    await log.append({"kind": "t", "i": "lone"})  # busy a moment ago: waits for company
+    await asyncio.wait_for(log.append({"kind": "t", "i": "lone"}), 10)
     assert loop.time() - started >= 0.29
     log.close()
-    assert [n for n in commits if n] == [1, 3, 1, 1, 3, 1]
+    assert [n for n in commits if n] == [1, 3, 1]
+
+
+async def test_once_the_busy_spell_is_over_a_record_goes_at_once(tmp_path: Path) -> None:
+    """Batch sizes are forgotten after two quiet windows: one call in flight never waits.
+
+    The group commit window (30 s) is longer than the test's time limit, so a wait would fail.
+    """
+    log = open_log(tmp_path / "a.jsonl", group_commit_seconds=30, peak_window_seconds=0.05)
+    await _burst(log, 4)
+    await asyncio.sleep(0.2)  # more than two windows since the last batch was handed over
+    await asyncio.wait_for(log.append({"kind": "t", "i": "idle"}), 10)
+    log.close()
+
+
+async def test_a_zero_window_never_holds_a_record_back(tmp_path: Path) -> None:
+    commits: list[int] = []
+    log = open_log(
+        tmp_path / "a.jsonl", group_commit_seconds=0, on_commit=lambda n, _: commits.append(n)
+    )
+    await _burst(log, 4)
+    await asyncio.wait_for(log.append({"kind": "t", "i": "next"}), 10)
+    log.close()
+    assert [n for n in commits if n] == [1, 3, 1]
+
+
+def test_a_loop_that_ended_with_a_record_gathering_does_not_stall_the_next(
+    tmp_path: Path,
+) -> None:
+    """A record left gathering on a loop that ended is written; the next loop is not blocked
+    waiting for the first loop to hear that its batch is done (it never will)."""
+    log = open_log(tmp_path / "a.jsonl", group_commit_seconds=30, peak_window_seconds=3600)
+
+    async def first() -> None:
+        await _burst(log, 4)  # a batch of 3: the next record waits for company
+        left = asyncio.ensure_future(log.append({"kind": "t", "i": "left"}))
+        await asyncio.sleep(0.05)
+        left.cancel()
+
+    async def second() -> None:
+        await asyncio.wait_for(_burst(log, 3), 10)  # as many as the batch of 3: no wait
+
+    asyncio.run(first())
+    asyncio.run(second())
+    log.close()
+    written = [r.get("i") for r in read(tmp_path / "a.jsonl")]
+    assert "left" in written, "a record appended is written even if its caller is gone"
+    assert verify_log(log_files(tmp_path / "a.jsonl"), KEYS).broken is None
 
 
 async def test_close_writes_the_records_still_gathering(tmp_path: Path) -> None:
     """Records waiting for company when the log closes are written, and their callers told."""
-    log = open_log(tmp_path / "a.jsonl", group_commit_seconds=30)
+    log = open_log(tmp_path / "a.jsonl", group_commit_seconds=30, peak_window_seconds=3600)
     await _burst(log, 4)
     waiting = asyncio.ensure_future(log.append({"kind": "t", "i": "last"}))
     await asyncio.sleep(0.05)

@@ -193,3 +193,17 @@ def test_each_worker_gets_its_own_chain_and_metrics_port() -> None:
     assert (worker.listen.port, worker.metrics_listen.port, worker.reuse_port) == (7000, 9465, True)
     assert worker.audit_path == Path(".proviso/audit/decisions.w1.jsonl")
     assert not settings.reuse_port, "a single process never shares its port"
+
+
+def test_the_audit_group_commit_window_is_in_milliseconds() -> None:
+    """Default 4 ms; a flag wins over PROVISO_AUDIT_GROUP_COMMIT; 0 turns waiting off."""
+    assert _build().audit_group_commit_seconds == pytest.approx(0.004)
+    env = {"PROVISO_AUDIT_GROUP_COMMIT": "1.5"}
+    assert _build(env).audit_group_commit_seconds == pytest.approx(0.0015)
+    assert _build(env, audit_group_commit="0").audit_group_commit_seconds == 0
+
+
+@pytest.mark.parametrize("text", ["-1", "101", "soon", "", "nan"])
+def test_a_bad_audit_group_commit_window_is_refused(text: str) -> None:
+    with pytest.raises(SettingsError, match="--audit-group-commit"):
+        _build(audit_group_commit=text)
