@@ -144,6 +144,21 @@ def _count(name: str, text: str, maximum: int) -> int:
     return int(text)
 
 
+def _number(name: str, text: str, maximum: float, expected: str) -> float:
+    """A number from 0 to ``maximum`` (``expected`` says which, in the error).
+
+    Raises:
+        SettingsError: it is not one (NaN included).
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= maximum:
+        raise SettingsError(f"{name}: {expected}, got {text!r}")
+    return value
+
+
 def _trace_exporters(env: Mapping[str, str]) -> tuple[str, ...]:
     """The standard ``OTEL_TRACES_EXPORTER`` list, empty when the SDK is disabled."""
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
@@ -179,15 +194,12 @@ def build(
     env = os.environ if env is None else env
     jwks = setting(idp_jwks, "IDP_JWKS", "", env)
     shadow = setting(shadow_policies, "SHADOW_POLICIES", "", env)
-    interval_text = setting(watch_interval, "WATCH_INTERVAL", "1", env)
-    try:
-        interval = float(interval_text)
-    except ValueError:
-        interval = -1.0
-    if not 0 <= interval <= 3600:
-        raise SettingsError(
-            f"--watch-interval: expected seconds between 0 (off) and 3600, got {interval_text!r}"
-        )
+    interval = _number(
+        "--watch-interval",
+        setting(watch_interval, "WATCH_INTERVAL", "1", env),
+        3600,
+        "expected seconds between 0 (off) and 3600",
+    )
     jwks_url = jwks if jwks.startswith(("https://", "http://")) else ""
     ca_file = setting(idp_ca_file, "IDP_CA_FILE", "", env)
     leeway_text = setting(token_leeway, "TOKEN_LEEWAY", str(DEFAULT_LEEWAY_SECONDS), env)
@@ -203,18 +215,12 @@ def build(
         setting(max_in_flight, "MAX_IN_FLIGHT", str(DEFAULT_MAX_IN_FLIGHT), env),
         1_000_000,
     )
-    gather_text = setting(
-        audit_group_commit, "AUDIT_GROUP_COMMIT", str(DEFAULT_AUDIT_GROUP_COMMIT_MS), env
+    gather_ms = _number(
+        "--audit-group-commit",
+        setting(audit_group_commit, "AUDIT_GROUP_COMMIT", str(DEFAULT_AUDIT_GROUP_COMMIT_MS), env),
+        MAX_AUDIT_GROUP_COMMIT_MS,
+        f"milliseconds from 0 (never wait) to {MAX_AUDIT_GROUP_COMMIT_MS}",
     )
-    try:
-        gather_ms = float(gather_text)
-    except ValueError:
-        gather_ms = -1.0
-    if not 0 <= gather_ms <= MAX_AUDIT_GROUP_COMMIT_MS:
-        raise SettingsError(
-            f"--audit-group-commit: milliseconds from 0 (never wait) to "
-            f"{MAX_AUDIT_GROUP_COMMIT_MS}, got {gather_text!r}"
-        )
     settings = Settings(
         policies=Path(setting(policies, "POLICIES", "policies", env)),
         listen=Address.parse(setting(listen, "LISTEN", DEFAULT_LISTEN, env), "--listen"),
