@@ -15,7 +15,9 @@ Each step is a function returning a denial or None, so a new step is one more li
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 from sidecar.engine.decision import (
     ApprovalRequirement,
@@ -35,7 +37,7 @@ from sidecar.engine.state import (
     StateChanges,
     StateView,
 )
-from sidecar.policy.conditions import Bindings, ConditionEvaluationError, bind
+from sidecar.policy.conditions import Bindings, ConditionEvaluationError, bind_variables
 from sidecar.policy.model import Policy, Tier, TierAction, Tool
 from tokens import CapabilityClaims, TokenError
 from tokens.scope import ScopeViolation, ViolationKind, find_grant
@@ -103,7 +105,7 @@ def decide(
         for v in tool.arguments.validate(call.arguments)
     )
     if not reasons:
-        bindings = _bindings(policy, call, token)
+        bindings = _bindings(policy, tool, call, token)
         rule = _check_rules(tool, bindings)
         reasons = (rule,) if rule is not None else ()
     if reasons:
@@ -375,7 +377,7 @@ def _apply_tiers(
     for tier in tool.tiers:
         if tier.when is not None:
             if bindings is None:
-                bindings = _bindings(policy, call, token)
+                bindings = _bindings(policy, tool, call, token)
             try:
                 matched = tier.when.evaluate(bindings)
             except ConditionEvaluationError as exc:
@@ -419,14 +421,24 @@ def _tier_decision(policy: Policy, tier: Tier, token: CapabilityClaims) -> Decis
     return _decide(policy, Outcome.DENY, (reason,), token=token, tier=tier.name)
 
 
-def _bindings(policy: Policy, call: ToolCall, token: CapabilityClaims) -> Bindings:
-    agent = policy.agents[token.subject]
-    return bind(
-        call.arguments,
-        {"id": agent.id, "roles": list(agent.roles)},
-        {"id": token.token_id, "issuer": token.issuer, "run_id": token.run_id or ""},
-        call.context,
-    )
+def _bindings(policy: Policy, tool: Tool, call: ToolCall, token: CapabilityClaims) -> Bindings:
+    """The variables the tool's conditions read (converting the others cost as much)."""
+    needed = tool.condition_variables
+    values: dict[str, Mapping[str, Any]] = {}
+    if "args" in needed:
+        values["args"] = call.arguments
+    if "agent" in needed:
+        agent = policy.agents[token.subject]
+        values["agent"] = {"id": agent.id, "roles": list(agent.roles)}
+    if "token" in needed:
+        values["token"] = {
+            "id": token.token_id,
+            "issuer": token.issuer,
+            "run_id": token.run_id or "",
+        }
+    if "context" in needed:
+        values["context"] = call.context
+    return bind_variables(values)
 
 
 def _deny(policy: Policy, reason: Reason, token: CapabilityClaims | None = None) -> Evaluation:

@@ -3,7 +3,8 @@
 Conditions see four variables, each a map from string to any value: ``args`` (the call's
 arguments), ``agent`` (``id``, ``roles``), ``token`` (``id``, ``issuer``, ``run_id``) and
 ``context`` (facts the calling runtime vouches for). JSON decimals reach CEL as doubles, and
-only when the double stands for exactly that decimal; a NUL in a string fails every condition.
+only when the double stands for exactly that decimal; a NUL in a string fails every condition
+that reads its variable. A call binds only the variables its tool's conditions read.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ def _env(names: tuple[str, ...]) -> Any:
 
 _ENV = _env(VARIABLES)
 _APPROVER_ENV = _env(APPROVER_VARIABLES)
+_ENVS_WITHOUT = {name: _env(tuple(n for n in VARIABLES if n != name)) for name in VARIABLES}
+"""For each call variable, an environment without it: a condition that no longer compiles
+there reads that variable (CEL's own checker decides, so a comprehension's ``agent`` or the
+string "agent" does not count)."""
 _POSITION_RE = re.compile(r"<input>:(\d+):(\d+): (.*)")
 
 
@@ -65,6 +70,7 @@ class _NotRepresentableError(ValueError):
 
 _SCALARS = frozenset({bool, int, float, type(None)})
 """Types CEL takes as they are (an int beyond 64 bits is CEL's own evaluation error)."""
+_NUL = "a string holds U+0000 (NUL), which CEL cuts short"
 
 
 def _to_cel(value: Any) -> Any:
@@ -77,12 +83,14 @@ def _to_cel(value: Any) -> Any:
     kind = type(value)
     if kind is str:
         if "\x00" in value:
-            raise _NotRepresentableError("a string holds U+0000 (NUL), which CEL cuts short")
+            raise _NotRepresentableError(_NUL)
         return value
     if kind in _SCALARS:
         return value
     if kind is Decimal:
         return _double(value)
+    if kind is dict:
+        return _dict_to_cel(value)
     if isinstance(value, Mapping):
         return {_to_cel(k): _to_cel(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -92,6 +100,24 @@ def _to_cel(value: Any) -> Any:
     if isinstance(value, Decimal):
         return _double(value)
     return value
+
+
+def _dict_to_cel(value: dict[Any, Any]) -> dict[Any, Any]:
+    """``_to_cel`` of a plain dict, with string keys and leaves handled here (the usual case):
+    a call per leaf was most of binding's cost."""
+    converted = {}
+    for key, item in value.items():
+        name = key if type(key) is str and "\x00" not in key else _to_cel(key)
+        kind = type(item)
+        if kind is str:
+            if "\x00" in item:
+                raise _NotRepresentableError(_NUL)
+            converted[name] = item
+        elif kind in _SCALARS:
+            converted[name] = item
+        else:
+            converted[name] = _to_cel(item)
+    return converted
 
 
 def _double(value: Decimal) -> float:
@@ -115,14 +141,17 @@ def bind(
     token: Mapping[str, Any],
     context: Mapping[str, Any],
 ) -> Bindings:
-    """Bind a call's variables for evaluation."""
+    """Bind all of a call's variables for evaluation."""
+    return bind_variables({"args": args, "agent": agent, "token": token, "context": context})
+
+
+def bind_variables(values: Mapping[str, Mapping[str, Any]]) -> Bindings:
+    """Bind some of a call's variables (``VARIABLES``), those the conditions to evaluate read.
+
+    A condition that reads a variable left out fails to evaluate: it never passes.
+    """
     try:
-        data = {
-            "args": _to_cel(args),
-            "agent": _to_cel(agent),
-            "token": _to_cel(token),
-            "context": _to_cel(context),
-        }
+        data = {name: _to_cel(value) for name, value in values.items()}
     except _NotRepresentableError as exc:
         return Bindings(None, str(exc))
     return Bindings(_ENV.Activation(data))
@@ -140,10 +169,12 @@ def bind_approver(approver: Mapping[str, Any], request: Mapping[str, Any]) -> Bi
 class Condition:
     """A compiled boolean CEL expression."""
 
-    __slots__ = ("_expression", "source")
+    __slots__ = ("_expression", "source", "variables")
 
     def __init__(self, source: str, *, approver: bool = False) -> None:
         """Compile ``source`` over the call's variables (or, with ``approver``, the approver's).
+
+        ``variables`` are the call variables the expression reads (empty for an approver's).
 
         Raises:
             ConditionCompileError: it does not parse, does not type-check, or is not boolean.
@@ -159,6 +190,11 @@ class Condition:
                 f"condition must be boolean, but its type is {result_type.name().lower()}", 1, 1
             )
         self._expression = expression
+        self.variables = frozenset(
+            ()
+            if approver
+            else (n for n, env in _ENVS_WITHOUT.items() if not _compiles(env, source))
+        )
 
     def evaluate(self, bindings: Bindings) -> bool:
         """True if the condition holds.
@@ -181,6 +217,14 @@ class Condition:
 
     def __repr__(self) -> str:
         return f"Condition({self.source!r})"
+
+
+def _compiles(env: Any, source: str) -> bool:
+    try:
+        env.compile(source)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _compile_error(text: str) -> ConditionCompileError:

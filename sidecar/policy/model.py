@@ -91,6 +91,14 @@ class Tool:
     rules: tuple[Rule, ...] = ()
     cost: Decimal = Decimal(0)
     redact: tuple[str, ...] = ()
+    condition_variables: frozenset[str] = field(init=False, repr=False, compare=False)
+    """The call variables its rules and tiers read: only these are bound for a call."""
+
+    def __post_init__(self) -> None:
+        conditions = [rule.require for rule in self.rules]
+        conditions += [tier.when for tier in self.tiers if tier.when is not None]
+        variables = frozenset().union(*(condition.variables for condition in conditions))
+        object.__setattr__(self, "condition_variables", variables)
 
 
 class KillScope(StrEnum):

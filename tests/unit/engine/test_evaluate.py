@@ -559,6 +559,20 @@ def test_conditions_see_args_agent_token_and_context(condition: str, matches: bo
     assert decision.matched_tier == ("probe" if matches else "else")
 
 
+def test_only_the_variables_a_tool_reads_are_bound_and_checked() -> None:
+    """A context value CEL cannot hold exactly fails the conditions that read the context, and
+    only those: a tool whose conditions read the arguments alone is not bound to it."""
+    inexact = {"total": Decimal("50.0000000000000001")}
+    reads_args = policy(tool("t", (tier("small", TierAction.ALLOW, "args.n < 5"),)))
+    reads_context = policy(tool("t", (tier("small", TierAction.ALLOW, "context.total < 60"),)))
+    assert reads_args.tools["t"].condition_variables == {"args"}
+    assert evaluate(
+        reads_args, call("t", {"n": 1}, context=inexact), claims(grant("t"))
+    ).outcome is (Outcome.ALLOW)
+    refused = evaluate(reads_context, call("t", {"n": 1}, context=inexact), claims(grant("t")))
+    assert refused.primary_code is ReasonCode.CONDITION_ERROR
+
+
 def test_an_unbound_token_shows_an_empty_run_id_to_conditions() -> None:
     """``token.run_id`` is the empty string (not an error) for a token not bound to a run."""
     probe = policy(tool("t", (tier("unbound", TierAction.ALLOW, 'token.run_id == ""'),)))

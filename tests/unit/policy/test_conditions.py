@@ -12,6 +12,7 @@ from sidecar.policy.conditions import (
     ConditionEvaluationError,
     bind,
     bind_approver,
+    bind_variables,
 )
 
 
@@ -70,3 +71,26 @@ def test_strings_and_numbers_reach_cel_unchanged() -> None:
         ' && args.l[1] == "x" && args.m.k == "v"',
         args,
     )
+
+
+@pytest.mark.parametrize(
+    ("source", "variables"),
+    [
+        ("args.amount <= context.invoice.amount_due", {"args", "context"}),
+        ('agent.id == "a" || token.run_id == ""', {"agent", "token"}),
+        ('"agent" in args', {"args"}),  # a string is not a reference
+        ("[1].exists(agent, agent == 1)", set()),  # nor is a comprehension's own variable
+        ('.token.id == "t"', {"token"}),
+        ("has(context.region)", {"context"}),
+        ("true", set()),
+    ],
+)
+def test_a_condition_knows_the_variables_it_reads(source: str, variables: set[str]) -> None:
+    """CEL's checker says which variables an expression reads: only those need binding."""
+    assert Condition(source).variables == variables
+
+
+def test_a_condition_reading_a_variable_left_unbound_fails() -> None:
+    """Binding only some variables can never make a condition that reads another one pass."""
+    with pytest.raises(ConditionEvaluationError):
+        Condition('!has(context.x) || context.x == ""').evaluate(bind_variables({"args": {}}))

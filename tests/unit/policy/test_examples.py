@@ -233,3 +233,10 @@ def test_internal_note_bodies_are_redacted_in_the_audit_log(policy: Policy) -> N
     """A note may quote a customer or a card number: the audit log keeps only its HMAC."""
     assert policy.tools["addInternalNote"].redact == ("body",)
     assert all(not tool.redact for name, tool in policy.tools.items() if name != "addInternalNote")
+
+
+def test_a_tool_binds_the_variables_of_its_rules_and_tiers(policy: Policy) -> None:
+    """The refund's rules read the invoice from the context and its tiers read the arguments:
+    both are bound for a call, and nothing else is."""
+    assert policy.tools["requestRefund"].condition_variables == {"args", "context"}
+    assert policy.tools["getInvoice"].condition_variables == set()
