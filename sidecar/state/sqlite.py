@@ -160,16 +160,17 @@ class _Transaction:
         db = self._db
         if changes.count_call:
             db.execute(
-                "INSERT INTO run_usage (run_key, calls, cost_micros, updated_at) "
-                "VALUES (?, 1, ?, ?) ON CONFLICT (run_key) DO UPDATE SET calls = calls + 1, "
+                "INSERT INTO run_usage (run_key, calls, cost_micros, updated_at, created_at) "
+                "VALUES (?, 1, ?, ?, ?) ON CONFLICT (run_key) DO UPDATE SET calls = calls + 1, "
                 "cost_micros = cost_micros + excluded.cost_micros, "
                 "updated_at = excluded.updated_at",
-                (scope.run_key, int(cost.scaleb(_COST_DIGITS)), now),
+                (scope.run_key, int(cost.scaleb(_COST_DIGITS)), now, now),
             )
         if changes.count_call or changes.failure_streak is not None:
             db.execute(
-                "INSERT INTO run_tool_usage (run_key, tool, calls, failure_streak, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_key, tool) DO UPDATE SET "
+                "INSERT INTO run_tool_usage "
+                "(run_key, tool, calls, failure_streak, updated_at, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_key, tool) DO UPDATE SET "
                 "calls = calls + excluded.calls, "
                 "failure_streak = COALESCE(?, failure_streak), updated_at = excluded.updated_at",
                 (
@@ -177,6 +178,7 @@ class _Transaction:
                     scope.tool,
                     1 if changes.count_call else 0,
                     changes.failure_streak or 0,
+                    now,
                     now,
                     changes.failure_streak,
                 ),
@@ -557,9 +559,10 @@ class SQLiteStore:
                 ).rowcount
             stale = now - RUN_USAGE_RETENTION_SECONDS
             for table in ("run_usage", "run_tool_usage"):
+                # created_at <= updated_at: its index finds the candidates (see 0005).
                 removed += self._db.execute(
-                    f"DELETE FROM {table} WHERE updated_at < ?",  # noqa: S608 - fixed names
-                    (stale,),
+                    f"DELETE FROM {table} WHERE created_at < ? AND updated_at < ?",  # noqa: S608
+                    (stale, stale),
                 ).rowcount
         return removed
 

@@ -31,7 +31,7 @@ from sidecar.engine import (
 from sidecar.errors import StoreUnavailableError
 from sidecar.policy.model import KillScope, KillSwitch
 from sidecar.state import DecisionScope, IssuedToken, NewApproval, Store
-from sidecar.state.sqlite import SQLiteStore
+from sidecar.state.sqlite import RUN_USAGE_RETENTION_SECONDS, SQLiteStore
 
 WINDOW = 3600
 SCOPE = DecisionScope(
@@ -143,6 +143,49 @@ def test_idempotency_record_round_trips_and_expires(open_store: Callable[[], Sto
     assert stored.decision == ALLOW
     assert expired is None
     assert store.prune(1000.0 + WINDOW + 1) >= 1
+
+
+def test_run_counters_untouched_for_the_retention_are_pruned(
+    open_store: Callable[[], Store],
+) -> None:
+    """A run's counters go once untouched for a week, even a run that started long before."""
+    store = open_store()
+    week = RUN_USAGE_RETENTION_SECONDS
+    idle = DecisionScope(agent="a@service", tool="t", run_key="run-idle")
+    commit(store, StateChanges(count_call=True), now=1000.0, scope=idle)
+    commit(store, StateChanges(count_call=True), now=1000.0)  # run-1 starts with run-idle...
+    commit(store, StateChanges(count_call=True), now=1000.0 + week)  # ...and is still busy
+    assert store.prune(1000.0 + week) == 0
+    assert store.prune(1001.0 + week) == 2  # run-idle's run and tool counters
+    with store.decision() as transaction:
+        assert transaction.view(idle, 0.0).usage.calls == 0
+        assert transaction.view(SCOPE, 0.0).usage.calls == 2
+
+
+def test_counters_from_before_the_created_at_column_are_pruned_alike(tmp_path: Path) -> None:
+    """A store written by an older version (no created_at) keeps its counters on upgrade and
+    prunes them by their last use."""
+    database = tmp_path / "state.db"
+    SQLiteStore(database).close()
+    with sqlite3.connect(database) as db:  # back to schema 4: what an older version wrote
+        db.execute("DELETE FROM schema_migrations WHERE version = 5")
+        db.execute("DROP INDEX run_usage_created")
+        db.execute("ALTER TABLE run_usage DROP COLUMN created_at")
+        db.execute("DROP INDEX run_tool_usage_created")
+        db.execute("ALTER TABLE run_tool_usage DROP COLUMN created_at")
+        db.execute("CREATE INDEX run_usage_updated ON run_usage (updated_at)")
+        db.execute("CREATE INDEX run_tool_usage_updated ON run_tool_usage (updated_at)")
+        db.execute("INSERT INTO run_usage VALUES ('run-1', 4, 0, 1000.0)")
+        db.execute("INSERT INTO run_tool_usage VALUES ('run-1', 't', 4, 0, 1000.0)")
+    db.close()
+    store = SQLiteStore(database)
+    try:
+        with store.decision() as transaction:
+            assert transaction.view(SCOPE, 0.0).usage.calls == 4
+        assert store.prune(1000.0 + RUN_USAGE_RETENTION_SECONDS) == 0
+        assert store.prune(1001.0 + RUN_USAGE_RETENTION_SECONDS) == 2
+    finally:
+        store.close()
 
 
 def test_an_exception_rolls_the_transaction_back(open_store: Callable[[], Store]) -> None:
