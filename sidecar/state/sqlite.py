@@ -559,10 +559,12 @@ class SQLiteStore:
                 ).rowcount
             stale = now - RUN_USAGE_RETENTION_SECONDS
             for table in ("run_usage", "run_tool_usage"):
-                # created_at <= updated_at: its index finds the candidates (see 0005).
+                # The created_at index finds the candidates (see 0005); one created "in the
+                # future" (the clock has since stepped back) is a candidate too.
                 removed += self._db.execute(
-                    f"DELETE FROM {table} WHERE created_at < ? AND updated_at < ?",  # noqa: S608
-                    (stale, stale),
+                    f"DELETE FROM {table} WHERE (created_at < ? OR created_at > ?) "  # noqa: S608
+                    "AND updated_at < ?",
+                    (stale, now, stale),
                 ).rowcount
         return removed
 

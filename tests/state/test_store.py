@@ -162,6 +162,47 @@ def test_run_counters_untouched_for_the_retention_are_pruned(
         assert transaction.view(SCOPE, 0.0).usage.calls == 2
 
 
+def test_a_counter_created_while_the_clock_ran_ahead_is_pruned_once_untouched(
+    open_store: Callable[[], Store],
+) -> None:
+    """A clock that stepped back does not keep counters created before the step forever."""
+    store = open_store()
+    future = 10_000_000.0
+    commit(store, StateChanges(count_call=True), now=future)  # the clock ran ahead...
+    commit(store, StateChanges(count_call=True), now=1000.0)  # ...and came back
+    assert store.prune(1000.0 + RUN_USAGE_RETENTION_SECONDS) == 0
+    assert store.prune(1001.0 + RUN_USAGE_RETENTION_SECONDS) == 2
+
+
+def test_a_checks_commit_leaves_created_at_and_its_index_alone(tmp_path: Path) -> None:
+    """The point of created_at: a Check's update rewrites no index entry, and pruning still
+    finds its candidates through the index instead of reading the whole table."""
+    store = SQLiteStore(tmp_path / "state.db")
+    statements: list[str] = []
+    try:
+        commit(store, StateChanges(count_call=True), now=1000.0)
+        commit(store, StateChanges(count_call=True), now=2000.0)
+        store._db.set_trace_callback(statements.append)  # the SQL prune runs, values expanded
+        store.prune(3000.0)
+        store._db.set_trace_callback(None)
+    finally:
+        store.close()
+    db = sqlite3.connect(tmp_path / "state.db")
+    try:
+        for table in ("run_usage", "run_tool_usage"):
+            row = db.execute(f"SELECT created_at, updated_at FROM {table}").fetchone()  # noqa: S608
+            assert row == (1000.0, 2000.0)
+            indexes = {r[1] for r in db.execute(f"PRAGMA index_list({table})")}
+            assert f"{table}_created" in indexes
+            assert f"{table}_updated" not in indexes
+            prefix = "DELETE FROM " + table + " "  # noqa: S608 - a fixed name
+            (prune,) = [sql for sql in statements if sql.startswith(prefix)]
+            plan = db.execute(f"EXPLAIN QUERY PLAN {prune}").fetchall()
+            assert any(f"USING INDEX {table}_created" in step[3] for step in plan), plan
+    finally:
+        db.close()
+
+
 def test_counters_from_before_the_created_at_column_are_pruned_alike(tmp_path: Path) -> None:
     """A store written by an older version (no created_at) keeps its counters on upgrade and
     prunes them by their last use."""

@@ -571,6 +571,19 @@ def test_only_the_variables_a_tool_reads_are_bound_and_checked() -> None:
     ).outcome is (Outcome.ALLOW)
     refused = evaluate(reads_context, call("t", {"n": 1}, context=inexact), claims(grant("t")))
     assert refused.primary_code is ReasonCode.CONDITION_ERROR
+    assert "more digits" in refused.reasons[0].message  # bound and refused, not left unbound
+
+
+def test_a_nul_in_the_context_fails_only_the_tools_whose_conditions_read_it() -> None:
+    """The same for a NUL, which CEL would cut the string at."""
+    nul = {"region": "eu\x00west"}
+    reads_args = policy(tool("t", (tier("small", TierAction.ALLOW, "args.n < 5"),)))
+    reads_context = policy(tool("t", (tier("eu", TierAction.ALLOW, 'context.region == "eu"'),)))
+    allowed = evaluate(reads_args, call("t", {"n": 1}, context=nul), claims(grant("t")))
+    refused = evaluate(reads_context, call("t", {"n": 1}, context=nul), claims(grant("t")))
+    assert allowed.outcome is Outcome.ALLOW
+    assert refused.primary_code is ReasonCode.CONDITION_ERROR
+    assert "NUL" in refused.reasons[0].message
 
 
 def test_an_unbound_token_shows_an_empty_run_id_to_conditions() -> None:

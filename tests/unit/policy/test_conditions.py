@@ -48,10 +48,13 @@ def test_a_decimal_with_more_digits_than_a_double_fails_the_condition(amount: st
         ({}, {"amount_due\x00x": 1}),
     ],
 )
-def test_a_nul_anywhere_fails_every_condition(
+def test_a_nul_anywhere_in_the_bound_variables_fails_every_condition(
     args: dict[str, Any], context: dict[str, Any]
 ) -> None:
-    """CEL cuts a string at a NUL ('ok\\0card' would read 'ok'): the condition fails instead."""
+    """CEL cuts a string at a NUL ('ok\\0card' would read 'ok'): the condition fails instead.
+
+    ``bind`` binds all four variables, so even ``true`` fails.
+    """
     with pytest.raises(ConditionEvaluationError, match="NUL"):
         _holds("true", args, context)
 

@@ -240,3 +240,8 @@ def test_a_tool_binds_the_variables_of_its_rules_and_tiers(policy: Policy) -> No
     both are bound for a call, and nothing else is."""
     assert policy.tools["requestRefund"].condition_variables == {"args", "context"}
     assert policy.tools["getInvoice"].condition_variables == set()
+    refund = policy.tools["requestRefund"]
+    rules_only = dataclasses.replace(refund, tiers=())
+    assert rules_only.condition_variables == {"args", "context"}
+    tiers_only = dataclasses.replace(refund, rules=())
+    assert tiers_only.condition_variables == {"args"}
