@@ -224,85 +224,82 @@ class App:
             sibling_logs=settings.audit_sibling_logs,
             on_commit=metrics.audit_committed,
         )
-        try:
+        with contextlib.ExitStack() as undo:  # closes what was opened, should start fail
+            undo.callback(audit.close)
             traces = traces or tracing.start(
                 settings.trace_exporters, service_name=settings.trace_service_name
             )
-        except BaseException:
-            audit.close()
-            raise
-        verifier = TokenVerifier(
-            keys,
-            audience=settings.audience,
-            issuer=settings.token_issuer,
-            leeway_seconds=settings.leeway_seconds,
-        )
-        store = SQLiteStore(settings.state_dir / "state.db")
-        approvals = Approvals(store, audit, metrics, clock, ApprovalFeed())
-        approvals.refresh_pending()
-        authorizer = Authorizer(
-            holder,
-            tokens=verifier,
-            store=store,
-            approvals=approvals,
-            audit=audit,
-            metrics=metrics,
-            clock=clock,
-            shadow=shadow,
-            redactor=Redactor.load_or_create(settings.state_dir),
-            tracer=traces.tracer if traces else None,
-        )
-        identities = identity_verifier(settings, dev_idp)
-        if isinstance(identities.source, RemoteJwks):
-            # Fetch once now, off the event loop, so the first issuer call does not wait.
-            await asyncio.to_thread(identities.source.refresh)
-        services: list[AuthorizationService | TokenService | AdminService | ApprovalService] = [
-            AuthorizationService(authorizer, metrics=metrics, max_in_flight=settings.max_in_flight),
-            TokenService(
-                holder,
+            if traces:
+                undo.callback(traces.shutdown)
+            verifier = TokenVerifier(
                 keys,
-                identities,
-                metrics,
-                clock,
-                issuer=settings.token_issuer,
                 audience=settings.audience,
-                store=store,
-                tokens=verifier,
-                audit=audit,
-            ),
-            AdminService(
+                issuer=settings.token_issuer,
+                leeway_seconds=settings.leeway_seconds,
+            )
+            store = SQLiteStore(settings.state_dir / "state.db", background_checkpoints=True)
+            undo.callback(store.close)
+            approvals = Approvals(store, audit, metrics, clock, ApprovalFeed())
+            approvals.refresh_pending()
+            authorizer = Authorizer(
                 holder,
-                identities=identities,
+                tokens=verifier,
                 store=store,
+                approvals=approvals,
                 audit=audit,
                 metrics=metrics,
                 clock=clock,
-                reloader=reloader,
                 shadow=shadow,
-                audit_path=settings.audit_path if settings.workers == 1 else settings.audit_dir,
-                reload_peers=reload_peers,
-            ),
-            ApprovalService(holder, identities=identities, approvals=approvals, clock=clock),
-        ]
-        http = HttpServer(
-            HttpApp(metrics.exposition, lambda: _published_jwks(keys)),
-            settings.metrics_listen.host,
-            settings.metrics_listen.port,
-        )
-        try:
+                redactor=Redactor.load_or_create(settings.state_dir),
+                tracer=traces.tracer if traces else None,
+            )
+            identities = identity_verifier(settings, dev_idp)
+            if isinstance(identities.source, RemoteJwks):
+                # Fetch once now, off the event loop, so the first issuer call does not wait.
+                await asyncio.to_thread(identities.source.refresh)
+            services: list[AuthorizationService | TokenService | AdminService | ApprovalService] = [
+                AuthorizationService(
+                    authorizer, metrics=metrics, max_in_flight=settings.max_in_flight
+                ),
+                TokenService(
+                    holder,
+                    keys,
+                    identities,
+                    metrics,
+                    clock,
+                    issuer=settings.token_issuer,
+                    audience=settings.audience,
+                    store=store,
+                    tokens=verifier,
+                    audit=audit,
+                ),
+                AdminService(
+                    holder,
+                    identities=identities,
+                    store=store,
+                    audit=audit,
+                    metrics=metrics,
+                    clock=clock,
+                    reloader=reloader,
+                    shadow=shadow,
+                    audit_path=settings.audit_path if settings.workers == 1 else settings.audit_dir,
+                    reload_peers=reload_peers,
+                ),
+                ApprovalService(holder, identities=identities, approvals=approvals, clock=clock),
+            ]
+            http = HttpServer(
+                HttpApp(metrics.exposition, lambda: _published_jwks(keys)),
+                settings.metrics_listen.host,
+                settings.metrics_listen.port,
+            )
+            undo.callback(http.stop)
             server, port, health_servicer = await grpc_server.start(
                 [*(s.handler() for s in services), *extra_handlers],
                 [s.name for s in services],
                 str(settings.listen),
                 reuse_port=settings.reuse_port,
             )
-        except BaseException:
-            http.stop()
-            audit.close()
-            store.close()
-            if traces:
-                traces.shutdown()
-            raise
+            undo.pop_all()
         http.start()
         pruner = asyncio.create_task(_prune_forever(store, approvals, keys, clock), name="pruner")
         app = cls(

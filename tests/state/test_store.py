@@ -601,3 +601,51 @@ def test_writers_of_one_directory_wait_for_each_other_and_time_out(tmp_path: Pat
         release.set()
         holder.join(30)
         store.close()
+
+
+def _wal_bytes(database: Path) -> int:
+    wal = database.with_name(database.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def test_background_checkpoints_keep_the_wal_bounded_under_steady_commits(
+    tmp_path: Path,
+) -> None:
+    """Passive checkpoints alone never let the WAL start over while commits keep coming; the
+    checkpointer's short RESTART under the writers' lock does, so the WAL stays small."""
+    database = tmp_path / "state.db"
+    store = SQLiteStore(
+        database,
+        background_checkpoints=True,
+        checkpoint_interval_seconds=0.005,
+        wal_restart_frames=200,
+    )
+    largest = 0
+    try:
+        for call in range(3000):
+            commit(store, StateChanges(count_call=True, rate=RateBucket(1.0, call)), now=call)
+            time.sleep(0.0002)  # a Check's gap between transactions
+            if call % 100 == 0:
+                largest = max(largest, _wal_bytes(database))
+    finally:
+        store.close()
+    # 3,000 commits write ~10,000 frames (40 MiB) when the WAL never starts over.
+    assert largest < 1500 * 4096, largest
+
+
+def test_a_store_checkpoints_on_a_thread_only_when_asked_and_stops_it_on_close(
+    tmp_path: Path,
+) -> None:
+    """Serving processes ask for the checkpointer; the CLI's short-lived stores do not."""
+
+    def checkpointers() -> int:
+        return sum(thread.name == "state-checkpoint" for thread in threading.enumerate())
+
+    before = checkpointers()
+    plain = SQLiteStore(tmp_path / "state.db")
+    assert checkpointers() == before
+    serving = SQLiteStore(tmp_path / "state.db", background_checkpoints=True)
+    assert checkpointers() == before + 1
+    serving.close()
+    plain.close()
+    assert checkpointers() == before
