@@ -24,9 +24,14 @@ from google.protobuf import json_format
 
 from sidecar import cli_identity, config
 from sidecar.audit.files import AuditLogNotFoundError, log_stem, logs, records, verify_log
-from sidecar.audit.writer import AuditLogCorruptError
+from sidecar.audit.writer import AuditLogCorruptError, AuditLogInUseError
 from sidecar.durations import parse_duration
-from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError, SidecarError
+from sidecar.errors import (
+    PolicyLoadError,
+    ShadowPolicyLoadError,
+    SidecarError,
+    StoreUnavailableError,
+)
 from sidecar.keystore import (
     has_key_ring,
     key_statuses,
@@ -164,8 +169,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except PolicyLoadError as exc:
         print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
         return _fail(f"policy bundle {settings.policies} has errors; not serving")
-    except AuditLogCorruptError as exc:
+    except (AuditLogCorruptError, AuditLogInUseError) as exc:
         return _fail(f"not serving: {exc}")
+    except StoreUnavailableError as exc:
+        return _fail(f"cannot start: {exc}")
     except (OSError, ValueError) as exc:
         return _fail(f"cannot start: {exc}")
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import queue
@@ -105,8 +107,24 @@ class AuditLogCorruptError(SidecarError):
         )
 
 
+class AuditLogInUseError(SidecarError):
+    """Another process is writing the log: two writers would fork its hash chain."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"audit log {path} is being written by another process (is another proviso serving "
+            "this state directory?). One process writes each log: run a single server per state "
+            "directory, with `serve --workers N` for more processes"
+        )
+
+
 class AuditLog:
-    """One hash-chained log, appended to by a single writer thread."""
+    """One hash-chained log, appended to by a single writer thread.
+
+    A regular file's log is held with an exclusive ``flock`` on ``PATH.lock`` while open, so a
+    second server started on the same state directory fails at start instead of interleaving
+    its records with this one's.
+    """
 
     def __init__(
         self,
@@ -128,6 +146,7 @@ class AuditLog:
 
         Raises:
             AuditLogCorruptError: the existing log does not verify at its end.
+            AuditLogInUseError: another process has the log open.
             OSError: the file cannot be opened.
         """
         self.path = path
@@ -144,12 +163,18 @@ class AuditLog:
         self._sibling_logs = tuple(sibling_logs)
         self._queue: queue.SimpleQueue[_Pending | list[_Pending] | object] = queue.SimpleQueue()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._lock_fd = _lock_log(path)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except BaseException:
+            _unlock_log(self._lock_fd)
+            raise
         try:
             self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
             state, self._file_first_seq = self._resume() if self._regular else (ChainState(), 0)
         except BaseException:
             os.close(self._fd)
+            _unlock_log(self._lock_fd)
             raise
         self._seq, self._head, self._sealed_seq = state.seq, state.head, state.sealed_seq
         self._last_checkpoint = time.monotonic()
@@ -302,6 +327,7 @@ class AuditLog:
         self._queue.put(_STOP)
         self._thread.join()
         os.close(self._fd)
+        _unlock_log(self._lock_fd)
 
     # ------------------------------------------------------------ the writer thread
 
@@ -540,6 +566,33 @@ def _add(batch: list[_Pending], item: object) -> None:
 def _resolve_all(waiters: list[tuple[Waiter, Outcome]]) -> None:
     for waiter, outcome in waiters:
         _resolve(waiter, outcome)
+
+
+def _lock_log(path: Path) -> int | None:
+    """Hold ``PATH.lock`` exclusively (None for a log that is not a regular file: a pipe).
+
+    Raises:
+        AuditLogInUseError: another process holds it.
+        OSError: the lock file cannot be opened or locked.
+    """
+    if path.exists() and not path.is_file():
+        return None
+    lock_fd = os.open(
+        path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise AuditLogInUseError(path) from None
+        raise
+    return lock_fd
+
+
+def _unlock_log(lock_fd: int | None) -> None:
+    if lock_fd is not None:
+        os.close(lock_fd)  # releases the flock
 
 
 def _resolve(waiter: Waiter, outcome: Outcome) -> None:

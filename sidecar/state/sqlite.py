@@ -519,11 +519,13 @@ class SQLiteStore:
                     restart_frames=wal_restart_frames,
                     busy_timeout=busy_timeout_seconds,
                 )
-        except (sqlite3.Error, OSError) as exc:
+        except BaseException as exc:
             if db is not None:
                 db.close()
             os.close(self._lock_fd)
-            raise StoreUnavailableError(f"cannot open the state store {path}: {exc}") from exc
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise StoreUnavailableError(f"cannot open the state store {path}: {exc}") from exc
+            raise
 
     def _lock_writers(self) -> None:
         _lock_writers(self._lock_fd, self._busy_timeout)
@@ -537,7 +539,14 @@ class SQLiteStore:
                 "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL DEFAULT (unixepoch()))"
             )
             applied = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-            for version, script in _migrations():
+            known = _migrations()
+            newest = max(version for version, _ in known)
+            if applied and max(applied) > newest:
+                raise StoreUnavailableError(
+                    f"the state store was written by a newer proviso (schema {max(applied)}; "
+                    f"this one knows up to {newest}): run that version, or a new --state-dir"
+                )
+            for version, script in known:
                 if version in applied:
                     continue
                 for statement in filter(str.strip, _COMMENT_RE.sub("", script).split(";")):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import EXAMPLE_POLICIES, ROOT
-from tests.integration.serve_process import PROVISO
+from tests.integration.serve_process import PROVISO, serve_process
 from tests.integration.test_cli import run
 
 IDENTITY = ("--identity-token", "not.checked.here")
@@ -92,3 +93,45 @@ def test_a_reader_that_stops_reading_gets_no_traceback(
     result = run_into_a_closed_pipe(*command, buffered=buffered)
     assert result.stderr == ""
     assert result.returncode == 141
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_second_server_on_a_state_directory_in_use_refuses_to_start(
+    tmp_path: Path, workers: str
+) -> None:
+    """Two servers appending to one audit chain would fork it (verify then fails): the second
+    one stops at start with a message naming the log, and the first goes on serving."""
+    state_dir = tmp_path / "state"
+    args = (
+        "--policies", str(EXAMPLE_POLICIES), "--state-dir", str(state_dir),
+        "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--workers", workers,
+    )  # fmt: skip
+    with serve_process(args, directory=tmp_path) as first:
+        second = subprocess.run(
+            [*PROVISO, "serve", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "is being written by another process" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.process.poll() is None, first.output()
+        alive = run(
+            "kill", "list", "--target", first.target, "--state-dir", str(state_dir),
+            "--as", "olivia@example.com",
+        )  # fmt: skip
+        assert alive.returncode == 0, alive.stdout + alive.stderr
+
+
+def test_a_state_store_that_cannot_be_opened_stops_serve_with_a_message(tmp_path: Path) -> None:
+    """`serve` names the store it cannot open and exits 1, without a traceback."""
+    (tmp_path / "state.db").mkdir()
+    result = subprocess.run(
+        [*PROVISO, "serve", "--policies", str(EXAMPLE_POLICIES), "--state-dir", str(tmp_path),
+         "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--workers", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"proviso: cannot start: cannot open the state store {tmp_path / 'state.db'}" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr

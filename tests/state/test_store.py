@@ -649,3 +649,19 @@ def test_a_store_checkpoints_on_a_thread_only_when_asked_and_stops_it_on_close(
     serving.close()
     plain.close()
     assert checkpointers() == before
+
+
+def test_a_store_written_by_a_newer_version_is_refused_untouched(tmp_path: Path) -> None:
+    """An older proviso on a newer schema would write rows the newer one does not expect
+    (e.g. counters without created_at): it refuses to open the store, and changes nothing."""
+    database = tmp_path / "state.db"
+    SQLiteStore(database).close()
+    with sqlite3.connect(database) as db:
+        db.execute("INSERT INTO schema_migrations (version) VALUES (999)")
+    db.close()
+    for _ in range(2):  # nothing is left open or locked by the refusal
+        with pytest.raises(StoreUnavailableError, match=r"newer proviso \(schema 999; this one"):
+            SQLiteStore(database)
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT max(version) FROM schema_migrations").fetchone() == (999,)
+    db.close()

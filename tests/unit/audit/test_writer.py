@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.audit.chain import Problem
 from sidecar.audit.files import log_files, verify_log
-from sidecar.audit.writer import AuditLog, AuditLogCorruptError
+from sidecar.audit.writer import AuditLog, AuditLogCorruptError, AuditLogInUseError
 from sidecar.errors import AuditWriteError
 from tokens import SigningKey, VerificationKeys
 
@@ -317,3 +317,33 @@ async def test_appends_after_close_fail(tmp_path: Path) -> None:
     log.close()
     with pytest.raises(AuditWriteError):
         await log.append({"kind": "t"})
+
+
+def test_a_second_writer_of_an_open_log_is_refused_and_the_chain_stays_whole(
+    tmp_path: Path,
+) -> None:
+    """Two servers on one state directory would interleave their records and fork the chain:
+    the second is refused at once (the lock is per open file, so this holds between two opens
+    in one process as between two processes), and can open the log once the first closed it."""
+    path = tmp_path / "a.jsonl"
+    first = open_log(path)
+    first.submit({"kind": "t", "i": 1}).result(timeout=5)
+    with pytest.raises(AuditLogInUseError, match="another process"):
+        open_log(path)
+    first.close()
+    second = open_log(path)
+    second.submit({"kind": "t", "i": 2}).result(timeout=5)
+    second.close()
+    assert verify_log(log_files(path), KEYS).broken is None
+    assert [r["i"] for r in read(path) if r["kind"] == "t"] == [1, 2]
+
+
+def test_logs_of_different_files_do_not_lock_each_other(tmp_path: Path) -> None:
+    """Each worker of ``serve --workers N`` writes its own chain, each with its own lock."""
+    w0, w1 = open_log(tmp_path / "decisions.w0.jsonl"), open_log(tmp_path / "decisions.w1.jsonl")
+    w0.close()
+    w1.close()
+    assert {p.name for p in tmp_path.glob("*.jsonl")} == {
+        "decisions.w0.jsonl",
+        "decisions.w1.jsonl",
+    }
