@@ -244,7 +244,10 @@ async def _serve(settings: config.Settings) -> int:
     freeze_startup_heap()
     policy = app.policy.current
     print(f"proviso: serving gRPC on {settings.listen.host}:{app.grpc_port}", flush=True)
-    print(f"proviso: metrics on http://{settings.metrics_listen}/metrics", flush=True)
+    print(
+        f"proviso: metrics on http://{settings.metrics_listen.host}:{app.http.port}/metrics",
+        flush=True,
+    )
     print(f"proviso: policy {settings.policies} version {policy.version}", flush=True)
     print(f"proviso: audit log {settings.audit_path}", flush=True)
     if app.shadow is not None:
@@ -263,6 +266,7 @@ async def _serve(settings: config.Settings) -> int:
     await stop.wait()
     print("proviso: stopping (finishing calls in flight)", flush=True)
     await app.stop()
+    print("proviso: stopped", flush=True)
     return EXIT_OK
 
 

@@ -349,9 +349,13 @@ class AdminService:
         admin = self._admin(context)
         scope, target = convert.kill_switch_target(request)
         now = self._clock.now()
+        was_engaged = True  # a release of a switch that is not engaged is NOT_FOUND below
         if request.engaged:
             if not request.reason.strip():
                 raise InvalidRequestError("reason", "say why the switch is engaged")
+            was_engaged = any(  # for the record only: engaging again updates the reason
+                s.scope is scope and s.target == target for s in self._store.kill_switches()
+            )
             switch: KillSwitch | None = self._store.set_kill_switch(
                 KillSwitch(scope, target, request.reason, "api", admin.subject, now)
             )
@@ -366,7 +370,7 @@ class AdminService:
             "target": target,
             "reason": request.reason,
             "by": admin.subject,
-            "was_engaged": switch is not None,
+            "was_engaged": was_engaged,
         }
         await self._audit.append(
             event_body("kill_switch", new_record_id(now, "evt"), timestamp(now), fields)

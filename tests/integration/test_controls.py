@@ -272,8 +272,12 @@ async def test_kill_switch_denies_the_next_check_and_survives_restart(
     assert codes(denied) == ["KILL_SWITCH"]
     assert "tool:requestRefund" in denied.reasons[0].message
     assert scrape(sidecar)[("proviso_kill_switches_active", ())] == 1
+    await set_switch(sidecar, engaged=True)  # again: the reason is updated, the switch stays
     events = [r for r in audit_lines(sidecar) if r["kind"] == "kill_switch"]
-    assert [(e["action"], e["by"]) for e in events] == [("engage", ADMIN)]
+    assert [(e["action"], e["by"], e["was_engaged"]) for e in events] == [
+        ("engage", ADMIN, False),
+        ("engage", ADMIN, True),
+    ]
 
     await sidecar.close()
     restarted: Sidecar = await custom(EXAMPLE_POLICIES)  # type: ignore[misc]
@@ -282,6 +286,8 @@ async def test_kill_switch_denies_the_next_check_and_survives_restart(
     await set_switch(restarted, engaged=False)
     released = await check(restarted, token, "requestRefund", refund("10"))
     assert released.decision == pb.DECISION_ALLOW
+    release = [r for r in audit_lines(restarted) if r["kind"] == "kill_switch"][-1]
+    assert (release["action"], release["was_engaged"]) == ("release", True)
 
 
 async def test_global_kill_switch_denies_even_without_a_token(sidecar: Sidecar) -> None:

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 
 from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
 from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
@@ -241,3 +242,25 @@ def test_a_single_worker_on_a_taken_port_exits_instead_of_hanging(tmp_path: Path
     assert result.returncode == 1, result.stdout + result.stderr
     assert time.monotonic() - started < 30
     assert "serving gRPC" not in result.stdout
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_prints_the_metrics_port_it_bound_and_says_when_it_stopped(
+    tmp_path: Path, workers: str
+) -> None:
+    """With ``--metrics-listen HOST:0`` the banner names the port really bound (one per
+    worker), and after SIGTERM the last line says the server stopped, whatever the workers."""
+    with serve_process(
+        [
+            "--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"),
+            "--workers", workers, "--log-level", "ERROR",
+        ],
+        directory=tmp_path, banner_lines=int(workers) + 1, stop_timeout=60,
+    ) as server:  # fmt: skip
+        ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)/metrics", server.banner)]
+        assert len(ports) == int(workers), server.banner
+        assert 0 not in ports, server.banner
+        assert all(_decisions(port) == 0 for port in ports)  # each one serves /metrics
+    assert server.returncode == 0, server.output()
+    assert server.stdout.splitlines()[-1] == "proviso: stopped", server.output()
