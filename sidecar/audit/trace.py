@@ -59,6 +59,8 @@ class TraceStep:
     run_metadata: Mapping[str, str] = field(default_factory=dict)
     chain: str = ""
     """The chain the record is in (``w0``…; the log's name when it is the only one)."""
+    replay_of: str = ""
+    """The decision an idempotent retry answered again (it counted nothing a second time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,11 @@ class RunTrace:
         return dict(sorted(Counter(step.decision for step in self.steps).items()))
 
     @property
+    def replays(self) -> int:
+        """Checks that answered a recorded decision again (idempotent retries)."""
+        return sum(1 for step in self.steps if step.replay_of)
+
+    @property
     def latency_ms(self) -> Decimal:
         return sum((step.latency_ms for step in self.steps), Decimal(0))
 
@@ -162,6 +169,7 @@ def step_from_record(record: Mapping[str, Any], chain: str = "") -> TraceStep:
             {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
         ),
         chain=chain,
+        replay_of=_text(record, "replay_of"),
     )
 
 
@@ -260,6 +268,7 @@ def to_json(trace: RunTrace) -> dict[str, Any]:
         "end_time": trace.steps[-1].time,
         "run_metadata": trace.run_metadata,
         "outcomes": trace.outcomes,
+        "replays": trace.replays,
         "latency_ms": str(trace.latency_ms),
         "chains": list(trace.chains),
         "steps": [
@@ -285,6 +294,7 @@ def to_json(trace: RunTrace) -> dict[str, Any]:
                 "redacted": list(step.redacted),
                 "run_metadata": dict(step.run_metadata),
                 "chain": step.chain,
+                "replay_of": step.replay_of,
             }
             for step in trace.steps
         ],
@@ -362,6 +372,8 @@ def _step_row(step: TraceStep) -> tuple[list[str], list[str]]:
         details.append(approval)
     if step.redacted:
         details.append(f"redacted: {', '.join(step.redacted)}")
+    if step.replay_of:
+        details.append(f"replay of {step.replay_of} (an idempotent retry; counted once)")
     return cells, details
 
 
@@ -404,6 +416,7 @@ def to_table(trace: RunTrace) -> str:
         f"policy    {', '.join(trace.policy_versions)}",
         f"time      {timeline[0].time} .. {timeline[-1].time}",
         f"outcome   {len(trace.steps)} checks: {outcomes}; {trace.latency_ms} ms deciding"
+        + (f"; {trace.replays} replayed a recorded decision" if trace.replays else "")
         + (f"; {events} approval event(s)" if events else ""),
         "",
     ]

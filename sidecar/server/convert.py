@@ -421,6 +421,7 @@ def _trace_step(step: TraceStep) -> admin_pb.TraceStep:
         redacted_arguments=list(step.redacted),
         run_metadata=dict(step.run_metadata),
         chain=step.chain,
+        replay_of=step.replay_of,
     )
     requirement = step.approval_requirement
     if requirement:

@@ -150,12 +150,25 @@ async def test_get_run_trace_rebuilds_a_run_for_admins(sidecar: Sidecar) -> None
                   run_metadata={"model": "m-1"})
         for i, a in enumerate(("10", "120", "9000"))
     ]  # fmt: skip
+    retried = await ask(
+        sidecar, token, "requestRefund", refund("11"), "run-t", step_id="s3",
+        idempotency_key="k-retried",
+    )  # fmt: skip
+    retry = await ask(
+        sidecar, token, "requestRefund", refund("11"), "run-t", step_id="s3",
+        idempotency_key="k-retried",
+    )  # fmt: skip
+    assert retry.replayed
     await ask(sidecar, token, "requestRefund", refund("10"), "run-other")
     stub = admin_grpc.AdminServiceStub(sidecar.channel)
     admin = identity(sidecar, "olivia@example.com")
     trace = (
         await stub.GetRunTrace(admin_pb.GetRunTraceRequest(run_id="run-t"), metadata=admin)
     ).trace
+    *steps, replayed = trace.steps
+    assert replayed.replay_of == retried.decision_id != replayed.decision_id
+    assert [s.replay_of for s in steps] == ["", "", "", ""]
+    del trace.steps[3:]  # the rest is about the first three Checks
     assert trace.run_id == "run-t"
     assert list(trace.agents) == ["billing-resolution-agent@service"]
     assert list(trace.policy_versions) == [sidecar.app.policy.current.version]

@@ -221,3 +221,27 @@ async def test_approval_events_of_the_run_are_steps_of_its_trace(
     ), "an approver's comment is quoted: it cannot pass for a line of the trace"
     assert "  w0 seq 4: approval apr_1 consumed by billing-resolution-agent@service" in details
     assert not any(line.startswith("  w0 seq 9") for line in details)
+
+
+async def test_an_idempotent_retry_shows_as_a_replay_of_the_decision_it_answered_again(
+    tmp_path: Path, example_policy: Policy
+) -> None:
+    """A retry answered from the idempotency record counted nothing a second time: the trace
+    says which decision it replayed, and how many Checks of the run were replays."""
+    first = check(example_policy, "run-r", "s1", 1)
+    retry = {**check(example_policy, "run-r", "s1", 2), "record_id": "dec_retry"}
+    retry["replay_of"] = first["record_id"]
+    await write(tmp_path / "decisions.jsonl", [first, retry])
+
+    found = trace.load_trace(tmp_path, "run-r")
+
+    assert found is not None
+    assert [s.replay_of for s in found.steps] == ["", first["record_id"]]
+    assert found.replays == 1
+    shown = trace.to_json(found)
+    assert shown["replays"] == 1
+    assert [s["replay_of"] for s in shown["steps"]] == ["", first["record_id"]]
+    table = trace.to_table(found)
+    assert "2 checks: DENY 2;" in table
+    assert "; 1 replayed a recorded decision" in table
+    assert f"seq 2: replay of {first['record_id']} (an idempotent retry; counted once)" in table
