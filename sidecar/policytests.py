@@ -71,6 +71,7 @@ _CASE = {
         "args": {"type": "object"},
         "context": {"type": "object"},
         "run_id": _IDENTIFIER,
+        "token_run_id": _IDENTIFIER,
         "idempotency_key": {"type": "string", "maxLength": 256},
         "expect": _EXPECT,
     },
@@ -357,6 +358,7 @@ class _CaseReader:
                 expires_at=2**32,
                 token_id=f"test-{self.name}-{index + 1}",
                 grants=grants,
+                run_id=body.get("token_run_id"),
             ),
             expect=expect,
         )

@@ -198,3 +198,34 @@ def test_the_test_format_schema_is_valid_and_the_shipped_files_follow_it() -> No
     for path in files:
         document = yaml.safe_load(path.read_text("utf-8"))
         assert list(Draft202012Validator(TEST_FORMAT_SCHEMA).iter_errors(document)) == []
+
+
+def test_a_case_can_bind_its_token_to_a_run(tmp_path: Path) -> None:
+    """``token_run_id`` binds the test token to a run, as ``token issue --run-id`` does: the
+    same run passes, another one is OUT_OF_SCOPE at run_id, and without it any run is fine."""
+    cases = """\
+agent: billing-resolution-agent@service
+cases:
+  - name: the token's own run
+    tool: getInvoice
+    args: {invoice_id: in_1}
+    run_id: run-1
+    token_run_id: run-1
+    expect: {decision: ALLOW}
+  - name: another run
+    tool: getInvoice
+    args: {invoice_id: in_1}
+    run_id: run-2
+    token_run_id: run-1
+    expect: {decision: DENY, reason: OUT_OF_SCOPE, field: run_id}
+  - name: an unbound token
+    tool: getInvoice
+    args: {invoice_id: in_1}
+    run_id: run-2
+    expect: {decision: ALLOW}
+"""
+    directory = bundle_with(tmp_path, {"a_test.yaml": cases})
+    report = run_suite(directory)
+    assert report.issues == ()
+    assert report.failed == (), format_text(report)
+    assert [r.case.token.run_id for r in report.results] == ["run-1", "run-1", None]
