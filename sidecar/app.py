@@ -224,7 +224,7 @@ class App:
             sibling_logs=settings.audit_sibling_logs,
             on_commit=metrics.audit_committed,
         )
-        with contextlib.ExitStack() as undo:  # closes what was opened, should start fail
+        async with contextlib.AsyncExitStack() as undo:  # closes what was opened, should start fail
             undo.callback(audit.close)
             traces = traces or tracing.start(
                 settings.trace_exporters, service_name=settings.trace_service_name
@@ -299,8 +299,9 @@ class App:
                 str(settings.listen),
                 reuse_port=settings.reuse_port,
             )
+            undo.push_async_callback(server.stop, None)
+            http.start()
             undo.pop_all()
-        http.start()
         pruner = asyncio.create_task(_prune_forever(store, approvals, keys, clock), name="pruner")
         app = cls(
             settings=settings,

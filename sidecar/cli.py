@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -217,21 +218,20 @@ def _serve_workers(settings: config.Settings) -> int:
         workers = supervisor.start_workers(settings)
     except supervisor.WorkerStartError as exc:
         return _fail(f"cannot start: {exc}")
-    host = settings.listen.host
+    target = str(replace(settings.listen, port=workers[0].grpc_port))
     print(
-        f"proviso: serving gRPC on {host}:{workers[0].grpc_port} "
-        f"({len(workers)} worker processes, SO_REUSEPORT)",
+        f"proviso: serving gRPC on {target} ({len(workers)} worker processes, SO_REUSEPORT)",
         flush=True,
     )
     for worker in workers:
         print(
             f"proviso: worker {worker.index} pid {worker.pid}: metrics on "
-            f"http://{settings.metrics_listen.host}:{worker.metrics_port}/metrics, "
+            f"http://{replace(settings.metrics_listen, port=worker.metrics_port)}/metrics, "
             f"audit chain {worker.audit_path}",
             flush=True,
         )
     print(f"proviso: policy {settings.policies} version {policy.version}", flush=True)
-    _announce_callers(settings, f"{host}:{workers[0].grpc_port}")
+    _announce_callers(settings, target)
     status = supervisor.supervise(workers)
     print("proviso: stopped", flush=True)
     return status
@@ -243,11 +243,10 @@ async def _serve(settings: config.Settings) -> int:
     app = await App.start(settings)
     freeze_startup_heap()
     policy = app.policy.current
-    print(f"proviso: serving gRPC on {settings.listen.host}:{app.grpc_port}", flush=True)
-    print(
-        f"proviso: metrics on http://{settings.metrics_listen.host}:{app.http.port}/metrics",
-        flush=True,
-    )
+    target = str(replace(settings.listen, port=app.grpc_port))
+    metrics = replace(settings.metrics_listen, port=app.http.port)
+    print(f"proviso: serving gRPC on {target}", flush=True)
+    print(f"proviso: metrics on http://{metrics}/metrics", flush=True)
     print(f"proviso: policy {settings.policies} version {policy.version}", flush=True)
     print(f"proviso: audit log {settings.audit_path}", flush=True)
     if app.shadow is not None:
@@ -257,7 +256,7 @@ async def _serve(settings: config.Settings) -> int:
             "(evaluated beside the active one; never decides)",
             flush=True,
         )
-    _announce_callers(settings, f"{settings.listen.host}:{app.grpc_port}")
+    _announce_callers(settings, target)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -80,10 +80,14 @@ WAL_RESTART_FRAMES = 1000
 writers off briefly so the WAL starts over: under steady writes it otherwise never would, and
 would grow. A RESTART right after a passive checkpoint has little left to copy."""
 _BACKSTOP_AUTOCHECKPOINT_PAGES = 2 * WAL_RESTART_FRAMES
-"""Should the checkpointer fall behind or fail, commits checkpoint as SQLite does by default."""
-_CHECKPOINT_BUSY_MS = 50
-"""The checkpointer's RESTART waits this long at most for readers of old pages, then retries
-at its next turn: writers are held off meanwhile."""
+"""Should the checkpointer fall behind (a writer busy enough to starve its thread of the GIL)
+or fail, commits checkpoint as SQLite does by default, at twice its threshold: the WAL stays
+under ~8 MiB either way."""
+_CHECKPOINT_LOCK_SECONDS = 0.1
+"""How long the checkpointer tries for the writers' lock before it skips the turn."""
+_RESTART_BACKOFF_TURNS = 64
+"""After a RESTART that a reader's open snapshot kept from finishing, the checkpointer waits
+1, 2, 4… up to this many turns before it tries again (each try holds writers off briefly)."""
 
 log = logging.getLogger("proviso.state")
 
@@ -405,9 +409,11 @@ class _Checkpointer:
     writers keep appending, so once it holds ``restart_frames`` frames the checkpointer takes
     the writers' file lock (through its own descriptor: flock is per open file, not per
     thread) for a RESTART, which has little left to copy, and the next commit starts the WAL
-    from its beginning. Failures are logged and retried at the next turn; should it keep
-    failing, commits checkpoint themselves again past ``_BACKSTOP_AUTOCHECKPOINT_PAGES``, as
-    with SQLite's default, only later.
+    from its beginning. The RESTART does not wait for readers (busy timeout 0): one holding an
+    old snapshot (a ``sqlite3`` shell, a backup) makes it return at once, and the next try is
+    backed off. Failures are logged and retried at the next turn; should it keep failing,
+    commits checkpoint themselves again past ``_BACKSTOP_AUTOCHECKPOINT_PAGES``, as with
+    SQLite's default, only later.
     """
 
     def __init__(
@@ -417,23 +423,21 @@ class _Checkpointer:
         *,
         interval_seconds: float,
         restart_frames: int,
-        busy_timeout: float,
     ) -> None:
         self._interval = interval_seconds
         self._restart_frames = restart_frames
-        self._busy_timeout = busy_timeout
         self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
         try:
+            # Made here, used only on the thread (and closed after it has been joined).
             self._db = sqlite3.connect(
-                path,
-                timeout=_CHECKPOINT_BUSY_MS / 1000,
-                isolation_level=None,
-                check_same_thread=False,
+                path, timeout=0, isolation_level=None, check_same_thread=False
             )
         except BaseException:
             os.close(self._lock_fd)
             raise
         self._failing = False
+        self._backoff = 0  # turns to wait before the next RESTART; 0 when the last one finished
+        self._skip = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="state-checkpoint", daemon=True)
         self._thread.start()
@@ -442,15 +446,29 @@ class _Checkpointer:
         """One turn; returns how many frames the WAL held before it.
 
         Raises:
-            sqlite3.Error, StoreUnavailableError: the checkpoint or the lock failed.
+            sqlite3.Error: the checkpoint failed.
         """
         frames: int = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
-        if frames >= self._restart_frames:
-            _lock_writers(self._lock_fd, self._busy_timeout)
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        if frames < self._restart_frames:
+            return frames
+        if self._skip:
+            self._skip -= 1
+            return frames
+        try:
+            _lock_writers(self._lock_fd, _CHECKPOINT_LOCK_SECONDS)
+        except StoreUnavailableError:
+            return frames  # the writers are busy: next turn
+        try:
+            busy = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        if busy:
+            if not self._backoff:
+                log.info("a reader's snapshot keeps the state WAL from starting over; retrying")
+            self._backoff = min(max(1, 2 * self._backoff), _RESTART_BACKOFF_TURNS)
+            self._skip = self._backoff
+        else:
+            self._backoff = 0
         return frames
 
     def _run(self) -> None:
@@ -517,7 +535,6 @@ class SQLiteStore:
                     lock_path,
                     interval_seconds=checkpoint_interval_seconds,
                     restart_frames=wal_restart_frames,
-                    busy_timeout=busy_timeout_seconds,
                 )
         except BaseException as exc:
             if db is not None:

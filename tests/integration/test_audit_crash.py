@@ -161,11 +161,11 @@ def test_a_full_disk_yields_no_unrecorded_allow(tmp_path: Path) -> None:
     """When the log's file cannot grow, Checks fail UNAVAILABLE, never ALLOW, and errors count.
 
     The limit holds for every file of the server (RLIMIT_FSIZE), so it is sized for the state
-    database and its WAL to fit (the checkpointer starts the WAL over past 1,000 frames, 4 MiB,
-    plus what commits add between its turns): the log fills first.
+    database and its WAL to fit (the checkpointer starts the WAL over past 1,000 frames, 4 MiB;
+    should it fall behind, commits checkpoint themselves at 2,000, 8 MiB): the log fills first.
     """
     state_dir = tmp_path / "state"
-    limit = 8 * 1024 * 1024
+    limit = 12 * 1024 * 1024
     with serve(state_dir, file_limit=limit) as (_, target, metrics_port):
         allowed, failed = asyncio.run(load(target, token(state_dir), total=50_000, workers=8))
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as page:

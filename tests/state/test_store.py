@@ -665,3 +665,35 @@ def test_a_store_written_by_a_newer_version_is_refused_untouched(tmp_path: Path)
     with sqlite3.connect(database) as db:
         assert db.execute("SELECT max(version) FROM schema_migrations").fetchone() == (999,)
     db.close()
+
+
+def test_a_reader_holding_a_snapshot_does_not_stall_commits(tmp_path: Path) -> None:
+    """A reader on an old snapshot (a sqlite3 shell, a backup) keeps the WAL from starting
+    over. The checkpointer's RESTART then gives up at once and backs off, instead of holding
+    the writers' lock while it waits for the reader at every turn."""
+    database = tmp_path / "state.db"
+    store = SQLiteStore(
+        database,
+        background_checkpoints=True,
+        checkpoint_interval_seconds=0.005,
+        wal_restart_frames=50,
+    )
+    commit(store, StateChanges(count_call=True))
+    reader = sqlite3.connect(database, isolation_level=None)
+    slow = 0
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM run_usage").fetchone()  # the snapshot is taken
+        deadline = time.monotonic() + 1.5
+        call = 0
+        while time.monotonic() < deadline:
+            call += 1
+            started = time.monotonic()
+            commit(store, StateChanges(count_call=True, rate=RateBucket(1.0, call)), now=call)
+            slow += time.monotonic() - started > 0.03
+            time.sleep(0.0003)
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+        store.close()
+    assert slow <= 3, f"{slow} commits waited > 30 ms"
