@@ -36,6 +36,7 @@ import grpc
 
 from sidecar.audit.redaction import Redactor
 from sidecar.config import Settings
+from sidecar.errors import SidecarError
 from sidecar.identity import DevIdentityProvider
 from sidecar.keystore import load_or_create
 from sidecar.observability import logging as json_logging
@@ -241,7 +242,8 @@ def worker_main(
         code = asyncio.run(_serve(settings, index, channel, extra))
     except Exception as exc:
         with contextlib.suppress(OSError, ValueError):
-            channel.send({"error": f"{type(exc).__name__}: {exc}"})
+            known = isinstance(exc, SidecarError)  # says what is wrong in its own words
+            channel.send({"error": str(exc) if known else f"{type(exc).__name__}: {exc}"})
         raise SystemExit(1) from None
     raise SystemExit(code)
 
