@@ -172,9 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(f"policy bundle {settings.policies} has errors; not serving")
     except (AuditLogCorruptError, AuditLogInUseError) as exc:
         return _fail(f"not serving: {exc}")
-    except StoreUnavailableError as exc:
-        return _fail(f"cannot start: {exc}")
-    except (OSError, ValueError) as exc:
+    except (StoreUnavailableError, OSError, ValueError) as exc:
         return _fail(f"cannot start: {exc}")
 
 

@@ -475,7 +475,7 @@ class _Checkpointer:
         while not self._stop.wait(self._interval):
             try:
                 self.checkpoint()
-            except (sqlite3.Error, StoreUnavailableError) as exc:
+            except sqlite3.Error as exc:  # a lock not had in time only skips the turn
                 if not self._failing:
                     log.warning("state checkpoint failed; retrying", extra={"error": str(exc)})
                 self._failing = True
