@@ -350,13 +350,11 @@ class AdminService:
         scope, target = convert.kill_switch_target(request)
         now = self._clock.now()
         was_engaged = True  # a release of a switch that is not engaged is NOT_FOUND below
+        switch: KillSwitch | None
         if request.engaged:
             if not request.reason.strip():
                 raise InvalidRequestError("reason", "say why the switch is engaged")
-            was_engaged = any(  # for the record only: engaging again updates the reason
-                s.scope is scope and s.target == target for s in self._store.kill_switches()
-            )
-            switch: KillSwitch | None = self._store.set_kill_switch(
+            switch, was_engaged = self._store.set_kill_switch(  # again: updates the reason
                 KillSwitch(scope, target, request.reason, "api", admin.subject, now)
             )
         else:

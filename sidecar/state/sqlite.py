@@ -374,11 +374,16 @@ def _kill_switches(db: sqlite3.Connection) -> tuple[KillSwitch, ...]:
     )
 
 
+class _WritersBusyError(StoreUnavailableError):
+    """Another writer held the writers' lock all the time we waited (not a failure of flock)."""
+
+
 def _lock_writers(lock_fd: int, busy_timeout: float) -> None:
     """Take the writers' file lock, waiting at most ``busy_timeout`` seconds.
 
     Raises:
-        StoreUnavailableError: another writer held it all that time, or flock failed.
+        _WritersBusyError: another writer held it all that time.
+        StoreUnavailableError: flock itself failed.
     """
     wait = _LOCK_FIRST_WAIT_SECONDS
     deadline = 0.0
@@ -394,7 +399,7 @@ def _lock_writers(lock_fd: int, busy_timeout: float) -> None:
         if not deadline:
             deadline = now + busy_timeout
         elif now >= deadline:
-            raise StoreUnavailableError(
+            raise _WritersBusyError(
                 f"state store unavailable: another writer held it for {busy_timeout:g} s"
             )
         time.sleep(wait)
@@ -447,6 +452,7 @@ class _Checkpointer:
 
         Raises:
             sqlite3.Error: the checkpoint failed.
+            StoreUnavailableError: flock failed on the writers' lock (not: it was busy).
         """
         frames: int = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
         if frames < self._restart_frames:
@@ -456,8 +462,8 @@ class _Checkpointer:
             return frames
         try:
             _lock_writers(self._lock_fd, _CHECKPOINT_LOCK_SECONDS)
-        except StoreUnavailableError:
-            return frames  # the writers are busy: next turn
+        except _WritersBusyError:
+            return frames  # next turn
         try:
             busy = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
         finally:
@@ -475,7 +481,7 @@ class _Checkpointer:
         while not self._stop.wait(self._interval):
             try:
                 self.checkpoint()
-            except sqlite3.Error as exc:  # a lock not had in time only skips the turn
+            except (sqlite3.Error, StoreUnavailableError) as exc:
                 if not self._failing:
                     log.warning("state checkpoint failed; retrying", extra={"error": str(exc)})
                 self._failing = True
@@ -627,8 +633,15 @@ class SQLiteStore:
                 if restored:
                     _event(self._db, consumed_approval, "restored", "proviso", now)
 
-    def set_kill_switch(self, switch: KillSwitch) -> KillSwitch:
+    def set_kill_switch(self, switch: KillSwitch) -> tuple[KillSwitch, bool]:
         with self._write():
+            was_engaged = (
+                self._db.execute(
+                    "SELECT 1 FROM kill_switches WHERE scope = ? AND target = ?",
+                    (switch.scope.value, switch.target),
+                ).fetchone()
+                is not None
+            )
             self._db.execute(
                 "INSERT INTO kill_switches (scope, target, reason, engaged_by, engaged_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, target) DO UPDATE SET "
@@ -637,7 +650,7 @@ class SQLiteStore:
                 (switch.scope.value, switch.target, switch.reason, switch.engaged_by,
                  switch.engaged_at),
             )  # fmt: skip
-        return KillSwitch(
+        stored = KillSwitch(
             switch.scope,
             switch.target,
             switch.reason,
@@ -645,6 +658,7 @@ class SQLiteStore:
             engaged_by=switch.engaged_by,
             engaged_at=switch.engaged_at,
         )
+        return stored, was_engaged
 
     def release_kill_switch(self, scope: KillScope, target: str) -> KillSwitch | None:
         with self._write():

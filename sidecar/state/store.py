@@ -145,8 +145,9 @@ class Store(Protocol):
         the consumption of an approval (back to approved). Budgets stay spent (the safe side)."""
         ...
 
-    def set_kill_switch(self, switch: KillSwitch) -> KillSwitch:
-        """Engage (or update) a switch; returns it as stored."""
+    def set_kill_switch(self, switch: KillSwitch) -> tuple[KillSwitch, bool]:
+        """Engage (or update) a switch; returns it as stored, and whether it was already
+        engaged (read in the same write, so two engages at once cannot both say no)."""
         ...
 
     def release_kill_switch(self, scope: KillScope, target: str) -> KillSwitch | None:

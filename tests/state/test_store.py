@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import multiprocessing
 import os
@@ -261,6 +262,9 @@ def test_kill_switches_engage_list_and_release(open_store: Callable[[], Store]) 
     """Switches are kept with who and why, listed, seen by decisions, and released."""
     store = open_store()
     switch = KillSwitch(KillScope.TOOL, "t", "broken", "api", "olivia@example.com", 5.0)
+    assert store.set_kill_switch(switch) == (switch, False)
+    updated = KillSwitch(KillScope.TOOL, "t", "still broken", "api", "oscar@example.com", 5.5)
+    assert store.set_kill_switch(updated) == (updated, True), "engaged again: the reason updates"
     store.set_kill_switch(switch)
     store.set_kill_switch(KillSwitch(KillScope.GLOBAL, "", "all stop", "api", "o", 6.0))
     assert [(s.scope, s.target) for s in store.kill_switches()] == [
@@ -649,6 +653,42 @@ def test_a_store_checkpoints_on_a_thread_only_when_asked_and_stops_it_on_close(
     serving.close()
     plain.close()
     assert checkpointers() == before
+
+
+def test_the_checkpointer_skips_a_busy_writers_lock_but_reports_a_failing_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The RESTART waits for the writers' lock for a while only; a writer holding it all that
+    time skips the turn quietly, while flock itself failing is an error the thread logs."""
+    database = tmp_path / "state.db"
+    store = SQLiteStore(
+        database,
+        background_checkpoints=True,
+        checkpoint_interval_seconds=3600.0,  # the thread stays idle: the test drives the turns
+        wal_restart_frames=1,
+    )
+    checkpointer = store._checkpointer
+    assert checkpointer is not None
+    writer = os.open(database.with_name("state.db.lock"), os.O_RDWR)
+    try:
+        commit(store, StateChanges(count_call=True))
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        started = time.monotonic()
+        assert checkpointer.checkpoint() > 0, "busy: the turn is skipped"
+        assert time.monotonic() - started < 1.0
+        fcntl.flock(writer, fcntl.LOCK_UN)
+
+        def broken_flock(fd: int, operation: int) -> None:
+            raise OSError(errno.EIO, "I/O error")
+
+        commit(store, StateChanges(count_call=True))
+        monkeypatch.setattr(fcntl, "flock", broken_flock)  # the OS says no
+        with pytest.raises(StoreUnavailableError, match=r"lock failed: .*I/O error"):
+            checkpointer.checkpoint()
+    finally:
+        monkeypatch.undo()
+        os.close(writer)
+        store.close()
 
 
 def test_a_store_written_by_a_newer_version_is_refused_untouched(tmp_path: Path) -> None:
