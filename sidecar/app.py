@@ -252,6 +252,7 @@ class App:
                 shadow=shadow,
                 redactor=Redactor.load_or_create(settings.state_dir),
                 tracer=traces.tracer if traces else None,
+                batch_window_seconds=settings.audit_group_commit_seconds,
             )
             identities = identity_verifier(settings, dev_idp)
             if isinstance(identities.source, RemoteJwks):

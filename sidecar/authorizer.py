@@ -6,6 +6,7 @@ failure to write it raises (the server answers UNAVAILABLE), so no ALLOW is ever
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -13,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from functools import partial
 from typing import Protocol
 
 from opentelemetry.trace import Span, StatusCode, Tracer
@@ -22,12 +24,14 @@ from sidecar.approvals import Approvals
 from sidecar.audit.record import AuditRecord, ShadowResult, new_record_id
 from sidecar.audit.redaction import Redactor
 from sidecar.audit.writer import AuditLog
+from sidecar.batching import DecisionBatcher
 from sidecar.clock import Clock, timestamp
 from sidecar.engine import (
     ApprovalRecord,
     ApprovalRequirement,
     ApprovalStatus,
     Decision,
+    Evaluation,
     StateChanges,
     StateView,
     ToolCall,
@@ -36,7 +40,7 @@ from sidecar.engine import (
 from sidecar.errors import AuditWriteError, StoreUnavailableError
 from sidecar.observability.metrics import Metrics, bounded
 from sidecar.policy.model import Policy, TierAction
-from sidecar.state import DecisionScope, NewApproval, Store
+from sidecar.state import DecisionScope, NewApproval, StateTransaction, Store
 from tokens import CapabilityClaims, TokenError, TokenUnknownKeyError, VerificationKeys, verify
 
 log = logging.getLogger("proviso.authorizer")
@@ -186,6 +190,54 @@ class TokenVerifier:
         return len(self._cache)
 
 
+_Decided = tuple[StateView, Evaluation, NewApproval | None]
+
+
+def _decide(
+    policy: Policy,
+    call: ToolCall,
+    token: CapabilityClaims | TokenError | None,
+    scope: DecisionScope | None,
+    transaction: StateTransaction,
+    *,
+    now: float,
+    record_id: str,
+) -> _Decided:
+    """Read the call's state, decide, and write what the decision changes (a new approval
+    request included): one Check's part of a decision batch."""
+    view = transaction.view(scope, now)
+    evaluation = decide(policy, call, token, view, now)
+    changes = evaluation.changes
+    new_approval = None
+    if scope is None or call.dry_run or changes.empty:
+        return view, evaluation, new_approval
+    if changes.open_approval is not None:
+        new_approval = _new_approval(
+            policy,
+            call,
+            scope,
+            changes.open_approval,
+            now=now,
+            token_id=decision_token_id(token),
+        )
+        evaluation = replace(
+            evaluation,
+            decision=replace(evaluation.decision, approval_id=new_approval.record.id),
+        )
+    tool = policy.tools.get(call.tool)
+    transaction.commit(
+        scope,
+        changes,
+        decision=evaluation.decision,
+        decision_id=record_id,
+        cost=tool.cost if tool else Decimal(0),
+        now=now,
+        idempotency_window_seconds=policy.controls.idempotency_window_seconds,
+        new_approval=new_approval,
+    )
+    return view, evaluation, new_approval
+
+
 def new_decision_id(now: float) -> str:
     """A decision id (the audit record's id)."""
     return new_record_id(now, "dec")
@@ -208,6 +260,7 @@ class Authorizer:
         shadow: PolicyHolder | None = None,
         redactor: Redactor,
         tracer: Tracer | None = None,
+        batch_window_seconds: float = 0.0,
     ) -> None:
         self._policy = policy
         self._shadow = shadow
@@ -220,6 +273,15 @@ class Authorizer:
         self._metrics = metrics
         self._clock = clock
         self._new_id = new_id
+        self._batcher: DecisionBatcher[_Decided] = DecisionBatcher(
+            store, window_seconds=batch_window_seconds, on_batch=self._batch_decided
+        )
+
+    def _batch_decided(self, checks: int) -> None:
+        """Once the batch's Checks have appended their records (they resume first), those go
+        to the writer together, without waiting again for company."""
+        self._metrics.decision_batch.observe(checks)
+        asyncio.get_running_loop().call_soon(self._audit.send_gathered)
 
     async def check(self, request: CheckInput) -> CheckResult:
         """Decide and record one call (in an OpenTelemetry span when tracing is on).
@@ -232,18 +294,19 @@ class Authorizer:
             StoreUnavailableError: state could not be read or written; nothing is answered.
             AuditWriteError: the record could not be made durable; the caller must not allow.
         """
-        if self._tracer is None:
-            return await self._check(request, None)
-        span = self._tracer.start_span("proviso.Check")
-        try:
-            result = await self._check(request, span)
-        except BaseException as exc:
-            span.record_exception(exc)
-            span.set_status(StatusCode.ERROR, type(exc).__name__)
-            raise
-        finally:
-            span.end()
-        return result
+        with self._batcher.in_flight():
+            if self._tracer is None:
+                return await self._check(request, None)
+            span = self._tracer.start_span("proviso.Check")
+            try:
+                result = await self._check(request, span)
+            except BaseException as exc:
+                span.record_exception(exc)
+                span.set_status(StatusCode.ERROR, type(exc).__name__)
+                raise
+            finally:
+                span.end()
+            return result
 
     async def _check(self, request: CheckInput, span: Span | None) -> CheckResult:
         started = time.perf_counter()
@@ -269,36 +332,9 @@ class Authorizer:
                 and any(t.action is TierAction.REQUIRE_APPROVAL for t in tool.tiers),
                 token_ids=token.lineage,
             )
-        new_approval = None
-        with self._store.decision() as transaction:
-            view = transaction.view(scope, now)
-            evaluation = decide(policy, call, token, view, now)
-            changes = evaluation.changes
-            if scope is not None and not call.dry_run and not changes.empty:
-                if changes.open_approval is not None:
-                    new_approval = _new_approval(
-                        policy,
-                        call,
-                        scope,
-                        changes.open_approval,
-                        now=now,
-                        token_id=decision_token_id(token),
-                    )
-                    approval_id = new_approval.record.id
-                    evaluation = replace(
-                        evaluation,
-                        decision=replace(evaluation.decision, approval_id=approval_id),
-                    )
-                transaction.commit(
-                    scope,
-                    changes,
-                    decision=evaluation.decision,
-                    decision_id=record_id,
-                    cost=tool.cost if tool else Decimal(0),
-                    now=now,
-                    idempotency_window_seconds=policy.controls.idempotency_window_seconds,
-                    new_approval=new_approval,
-                )
+        view, evaluation, new_approval = await self._batcher.decide(
+            partial(_decide, policy, call, token, scope, now=now, record_id=record_id)
+        )
         self._metrics.kill_switches_active.set(len(policy.kill_switches) + len(view.kill_switches))
         decision = evaluation.decision
         shadow = self._evaluate_shadow(policy, call, token, decision, view=view, now=now)

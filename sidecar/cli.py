@@ -1358,9 +1358,10 @@ def _add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     serve.add_argument(
         "--audit-group-commit",
         metavar="MS",
-        help="under load, how long an audit record may wait for the records arriving with it, "
-        f"to share one fsync: 0 (never wait) to {config.MAX_AUDIT_GROUP_COMMIT_MS} ms "
-        f"(default {config.DEFAULT_AUDIT_GROUP_COMMIT_MS}); a call alone never waits",
+        help="under load, how long a Check may wait for the Checks arriving with it, to be "
+        "decided with them in one state transaction and share one audit fsync: 0 (never wait) "
+        f"to {config.MAX_AUDIT_GROUP_COMMIT_MS} ms (default "
+        f"{config.DEFAULT_AUDIT_GROUP_COMMIT_MS}); a call alone never waits",
     )
     serve.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
     serve.add_argument(

@@ -19,7 +19,8 @@ MAX_LEEWAY_SECONDS = 30
 DEFAULT_MAX_IN_FLIGHT = 256
 MAX_WORKERS = 64
 DEFAULT_AUDIT_GROUP_COMMIT_MS = 4
-"""How long an audit record may wait, under load, for the records arriving with it."""
+"""How long a Check may wait, under load, for the Checks arriving with it (decided together,
+their audit records written with one fsync)."""
 MAX_AUDIT_GROUP_COMMIT_MS = 100
 
 
@@ -84,7 +85,8 @@ class Settings:
     audit_sibling_logs: tuple[str, ...] = ()
     """Every chain of one ``serve --workers N`` (file names), named in each signed checkpoint."""
     audit_group_commit_seconds: float = DEFAULT_AUDIT_GROUP_COMMIT_MS / 1000
-    """How long a record may wait for others arriving together, to share their fsync."""
+    """How long a Check may wait for others arriving together: one state transaction and one
+    audit fsync for all of them (``serve --audit-group-commit``)."""
     trace_exporters: tuple[str, ...] = ()
     """OpenTelemetry exporters (``OTEL_TRACES_EXPORTER``); empty: tracing is off."""
     trace_service_name: str | None = "proviso"

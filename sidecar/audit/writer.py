@@ -270,6 +270,13 @@ class AuditLog:
         elif self._gathering is None:
             self._gathering = loop.call_later(self._group_commit_seconds - waited, self._gathered)
 
+    def send_gathered(self) -> None:
+        """Hand the records gathered on this loop to the writer now, without waiting for
+        company: their Checks were decided together, so no others are coming with them. (If a
+        batch is being written, they go when it is done.)"""
+        if not self._batch_in_flight:
+            self._flush_batch()
+
     def _recent_peak(self, now: float) -> int:
         """The largest batch of this window and the one before (windows start when due)."""
         if now >= self._peak_until:

@@ -121,6 +121,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=self.registry,
         )
+        self.decision_batch = Histogram(
+            "proviso_decision_batch_checks",
+            "Checks decided in one state transaction (those in flight together).",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
         self.audit_checkpoints = Counter(
             "proviso_audit_checkpoints",
             "Signed checkpoints written to the audit log.",

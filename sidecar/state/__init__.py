@@ -3,6 +3,7 @@
 from sidecar.state.store import (
     ApprovalEvent,
     ApprovalTransaction,
+    DecisionBatch,
     DecisionScope,
     IssuedToken,
     NewApproval,
@@ -14,6 +15,7 @@ from sidecar.state.store import (
 __all__ = [
     "ApprovalEvent",
     "ApprovalTransaction",
+    "DecisionBatch",
     "DecisionScope",
     "IssuedToken",
     "NewApproval",

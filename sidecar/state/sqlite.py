@@ -251,6 +251,41 @@ class _Transaction:
             )
 
 
+class _Batch:
+    """Checks' transactions in savepoints of one open ``BEGIN IMMEDIATE`` transaction."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._db = connection
+        self.broken = False  # a Check's writes could not be undone: the batch must not commit
+
+    @contextmanager
+    def decision(self) -> Iterator[_Transaction]:
+        if self.broken:
+            raise StoreUnavailableError("state store unavailable: an earlier undo failed")
+        try:
+            self._db.execute("SAVEPOINT check_decision")
+        except sqlite3.Error as exc:
+            self.broken = True
+            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
+        try:
+            yield _Transaction(self._db)
+        except BaseException as failure:
+            try:
+                self._db.execute("ROLLBACK TO check_decision")
+                self._db.execute("RELEASE check_decision")
+            except sqlite3.Error as exc:
+                self.broken = True
+                raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
+            if isinstance(failure, sqlite3.Error):
+                raise StoreUnavailableError(f"state store unavailable: {failure}") from failure
+            raise
+        try:
+            self._db.execute("RELEASE check_decision")
+        except sqlite3.Error as exc:
+            self.broken = True
+            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
+
+
 _APPROVAL_COLUMNS = (
     "id, agent, tool, args_digest, run_id, tier, approvals_required, approver_roles, vetoes, "
     "status, created_at, expires_at, arguments, token_id, policy_version, closed_at"
@@ -587,6 +622,14 @@ class SQLiteStore:
             yield from self._transaction()
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def decisions(self) -> Iterator[_Batch]:
+        with self.decision():
+            batch = _Batch(self._db)
+            yield batch
+            if batch.broken:
+                raise StoreUnavailableError("state store unavailable: a Check's undo failed")
 
     def _transaction(self) -> Iterator[_Transaction]:
         try:

@@ -4,6 +4,8 @@ A Check runs its read-decide-write inside one ``decision`` transaction: the back
 ``StateView`` for the call's scope, the engine decides, and the backend commits the
 ``StateChanges`` before the transaction ends. Backends must make that transaction atomic
 against every other process sharing the store, so budgets and idempotency keys are exact.
+Checks in flight together are decided in one ``decisions`` batch: each in a ``decision`` of
+its own within it (a savepoint), all committed at once.
 """
 
 from __future__ import annotations
@@ -127,6 +129,19 @@ class StateTransaction(Protocol):
         ...
 
 
+class DecisionBatch(Protocol):
+    """Several Checks decided one after the other inside one exclusive transaction."""
+
+    def decision(self) -> AbstractContextManager[StateTransaction]:
+        """One Check's reads and writes. It sees the writes of the Checks before it in the
+        batch; if the block raises, only its own writes are undone.
+
+        Raises:
+            StoreUnavailableError: the store failed; the batch can no longer commit.
+        """
+        ...
+
+
 class Store(Protocol):
     """Durable state shared by every sidecar process on the host (or fleet)."""
 
@@ -135,6 +150,16 @@ class Store(Protocol):
 
         Raises:
             StoreUnavailableError: the store cannot be reached or locked in time.
+        """
+        ...
+
+    def decisions(self) -> AbstractContextManager[DecisionBatch]:
+        """An exclusive transaction for a batch of Checks: one lock and one commit for all of
+        them, with the same exactness as one transaction each. Rolled back whole if the block
+        raises, a Check's undo failed, or the commit fails.
+
+        Raises:
+            StoreUnavailableError: the store cannot be reached, locked in time, or committed.
         """
         ...
 

@@ -182,6 +182,33 @@ async def test_run_hits_its_tool_cap_exactly_under_concurrency(sidecar: Sidecar)
     assert "20 calls of 'requestRefund'" in denied.reasons[0].message
 
 
+async def test_checks_in_flight_together_share_transactions_and_stay_exact(
+    sidecar: Sidecar,
+) -> None:
+    """Bursts of 16 concurrent Checks over gRPC are decided in shared state transactions
+    (fewer batches than Checks), and the run still gets exactly its 20 refunds."""
+    token = sidecar.token()
+    results: list[pb.CheckResponse] = []
+    for _ in range(3):
+        results += await asyncio.gather(
+            *(
+                check(sidecar, token, "requestRefund", refund("1"), run_id="run-b")
+                for _ in range(16)
+            )
+        )
+    outcome = [codes(r)[0] for r in results]
+    assert (outcome.count("TIER_ALLOWED"), outcome.count("BUDGET_EXCEEDED")) == (20, 28)
+    samples = scrape(sidecar)
+    assert samples[("proviso_decision_batch_checks_sum", ())] == 48
+    batches = samples[("proviso_decision_batch_checks_count", ())]
+    assert batches < 48, "every Check was decided alone"
+    records = [
+        json.loads(line) for line in sidecar.app.settings.audit_path.read_text().splitlines()
+    ]
+    decided = [r["record_id"] for r in records if r["kind"] == "decision"]
+    assert sorted(decided) == sorted(r.decision_id for r in results), "one record each"
+
+
 async def test_checks_without_a_run_fall_under_a_per_token_budget(sidecar: Sidecar) -> None:
     """Without run ids, each token has its own budget."""
     first, second = sidecar.token(), sidecar.token()

@@ -31,7 +31,14 @@ from sidecar.engine import (
 )
 from sidecar.errors import StoreUnavailableError
 from sidecar.policy.model import KillScope, KillSwitch
-from sidecar.state import DecisionScope, IssuedToken, NewApproval, Store
+from sidecar.state import (
+    DecisionBatch,
+    DecisionScope,
+    IssuedToken,
+    NewApproval,
+    StateTransaction,
+    Store,
+)
 from sidecar.state.sqlite import RUN_USAGE_RETENTION_SECONDS, SQLiteStore
 
 WINDOW = 3600
@@ -98,6 +105,63 @@ def test_reopening_applies_migrations_once(open_store: Callable[[], Store]) -> N
     commit(open_store(), StateChanges(count_call=True))
     with open_store().decision() as transaction:
         assert transaction.view(SCOPE, 0.0).usage.calls == 1
+
+
+def _count_call(transaction: StateTransaction) -> int:
+    """One Check's part of a batch: the run's calls before it, then one more."""
+    calls = transaction.view(SCOPE, 1000.0).usage.calls
+    transaction.commit(
+        SCOPE,
+        StateChanges(count_call=True),
+        decision=ALLOW,
+        decision_id="dec_1",
+        cost=Decimal(1),
+        now=1000.0,
+        idempotency_window_seconds=WINDOW,
+    )
+    return calls
+
+
+def test_a_batch_decides_in_order_and_undoes_only_a_failed_decision(
+    open_store: Callable[[], Store],
+) -> None:
+    """Each decision of a batch sees those before it; one that fails leaves no writes, and the
+    others commit together."""
+    store = open_store()
+    seen = []
+
+    def decide_then_fail(batch: DecisionBatch) -> None:
+        with batch.decision() as transaction:
+            seen.append(_count_call(transaction))
+            raise ValueError("engine bug")
+
+    with store.decisions() as batch:
+        with batch.decision() as transaction:
+            seen.append(_count_call(transaction))
+        with pytest.raises(ValueError, match="engine bug"):
+            decide_then_fail(batch)
+        with batch.decision() as transaction:
+            seen.append(_count_call(transaction))
+    assert seen == [0, 1, 1], "the failed decision's call was undone"
+    with open_store().decision() as transaction:  # another process sees the batch whole
+        assert transaction.view(SCOPE, 1000.0).usage.calls == 2
+
+
+def test_a_batch_that_raises_commits_nothing(open_store: Callable[[], Store]) -> None:
+    """A failure outside the decisions (the batch itself) rolls every decision back."""
+    store = open_store()
+
+    def decide_three_then_fail() -> None:
+        with store.decisions() as batch:
+            for _ in range(3):
+                with batch.decision() as transaction:
+                    _count_call(transaction)
+            raise RuntimeError("batch failed")
+
+    with pytest.raises(RuntimeError, match="batch failed"):
+        decide_three_then_fail()
+    with store.decision() as transaction:
+        assert transaction.view(SCOPE, 1000.0).usage.calls == 0
 
 
 def test_counted_calls_and_costs_add_up_exactly(open_store: Callable[[], Store]) -> None:

@@ -120,6 +120,24 @@ async def test_once_the_busy_spell_is_over_a_record_goes_at_once(tmp_path: Path)
     log.close()
 
 
+async def test_send_gathered_hands_over_the_records_waiting_for_company(
+    tmp_path: Path,
+) -> None:
+    """A decided batch of Checks knows no more records are coming with its own: it sends them
+    at once instead of letting them wait for as many as the last batches held."""
+    log, commits = counting_log(
+        tmp_path / "a.jsonl", group_commit_seconds=30, peak_window_seconds=3600
+    )
+    await _burst(log, 4)  # batches of 1 and 3: the next records wait for three
+    waiting = [asyncio.ensure_future(log.append({"kind": "t", "i": i})) for i in range(2)]
+    await asyncio.sleep(0.05)
+    assert not any(w.done() for w in waiting), "they wait for a third"
+    log.send_gathered()
+    await asyncio.wait_for(asyncio.gather(*waiting), 10)
+    log.close()
+    assert commits == [1, 3, 2]
+
+
 async def test_a_zero_window_never_holds_a_record_back(tmp_path: Path) -> None:
     log, commits = counting_log(tmp_path / "a.jsonl", group_commit_seconds=0)
     await _burst(log, 4)

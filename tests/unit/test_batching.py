@@ -1,0 +1,180 @@
+"""The decision batcher on a real SQLite store: who waits, for how long, and what a failure
+takes down with it."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from sidecar.batching import DecisionBatcher
+from sidecar.engine import Decision, Outcome, Reason, ReasonCode, StateChanges
+from sidecar.errors import StoreUnavailableError
+from sidecar.state import DecisionScope, StateTransaction
+from sidecar.state.sqlite import SQLiteStore
+
+SCOPE = DecisionScope(agent="a@service", tool="t", run_key="run-1")
+ALLOW = Decision(
+    Outcome.ALLOW, (Reason(ReasonCode.TIER_ALLOWED, "ok"),), "v1", "auto", agent="a@service"
+)
+
+
+def count_call(transaction: StateTransaction) -> int:
+    """A Check's state work: the run's calls before it, then one more."""
+    calls = transaction.view(SCOPE, 1000.0).usage.calls
+    transaction.commit(
+        SCOPE,
+        StateChanges(count_call=True),
+        decision=ALLOW,
+        decision_id="dec_1",
+        cost=Decimal(0),
+        now=1000.0,
+        idempotency_window_seconds=60,
+    )
+    return calls
+
+
+def calls(store: SQLiteStore) -> int:
+    with store.decision() as transaction:
+        return transaction.view(SCOPE, 1000.0).usage.calls
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    opened = SQLiteStore(tmp_path / "state.db", busy_timeout_seconds=0.2)
+    yield opened
+    opened.close()
+
+
+class Checks:
+    """Checks on one batcher that stay in flight after their decision until released, as a
+    real Check does while its audit record is written."""
+
+    def __init__(self, store: SQLiteStore, window_seconds: float) -> None:
+        self.batches: list[int] = []
+        self.batcher: DecisionBatcher[int] = DecisionBatcher(
+            store,
+            window_seconds=window_seconds,
+            peak_window_seconds=60.0,
+            on_batch=self.batches.append,
+        )
+        self.answered = asyncio.Event()
+
+    async def check(self, work: Callable[[StateTransaction], int] = count_call) -> int:
+        with self.batcher.in_flight():
+            result = await self.batcher.decide(work)
+            await self.answered.wait()
+            return result
+
+    async def burst(self, count: int) -> list[int]:
+        """``count`` Checks in flight together, answered once all are decided."""
+        self.answered.clear()
+        decided = sum(self.batches) + count
+        tasks = [asyncio.create_task(self.check()) for _ in range(count)]
+        deadline = time.monotonic() + 10
+        while sum(self.batches) < decided:
+            assert time.monotonic() < deadline, "the burst was never decided"
+            await asyncio.sleep(0.001)
+        self.answered.set()
+        return await asyncio.gather(*tasks)
+
+
+async def test_checks_in_flight_together_are_decided_in_one_batch_in_order(
+    store: SQLiteStore,
+) -> None:
+    """The first burst teaches the batcher how many Checks fly together (each is decided as it
+    comes); the next one waits for all of them and is decided in one transaction, in order."""
+    checks = Checks(store, window_seconds=5.0)
+    assert await checks.burst(8) == list(range(8))
+    assert checks.batches == [1] * 8
+    started = time.monotonic()
+    assert await checks.burst(8) == list(range(8, 16)), "each saw the writes before it"
+    assert checks.batches[8:] == [8]
+    assert time.monotonic() - started < 2.0, "the last arrival ran the batch, not the window"
+    assert calls(store) == 16
+
+
+async def test_fewer_checks_than_the_peak_wait_for_the_window_only(store: SQLiteStore) -> None:
+    """When fewer Checks come than flew together before, they wait out the window, no more."""
+    checks = Checks(store, window_seconds=0.05)
+    await checks.burst(8)
+    started = time.monotonic()
+    assert await checks.burst(3) == [8, 9, 10]
+    waited = time.monotonic() - started
+    assert checks.batches[8:] == [3]
+    assert 0.04 <= waited < 1.0
+
+
+async def test_a_call_alone_never_waits(store: SQLiteStore) -> None:
+    """One call in flight at a time is decided at once, whatever the window."""
+    checks = Checks(store, window_seconds=5.0)
+    checks.answered.set()
+    started = time.monotonic()
+    for expected in range(5):
+        assert await checks.check() == expected
+    assert time.monotonic() - started < 1.0
+    assert checks.batches == [1] * 5
+
+
+async def test_a_failing_check_is_undone_alone(store: SQLiteStore) -> None:
+    """A Check whose work raises gets its own error and leaves no writes; the others in its
+    batch are decided and committed."""
+    checks = Checks(store, window_seconds=5.0)
+    await checks.burst(3)
+
+    def count_then_fail(transaction: StateTransaction) -> int:
+        count_call(transaction)
+        raise ValueError("engine bug")
+
+    checks.answered.clear()
+    tasks = [
+        asyncio.create_task(checks.check()),
+        asyncio.create_task(checks.check(count_then_fail)),
+        asyncio.create_task(checks.check()),
+    ]
+    await asyncio.sleep(0.05)
+    checks.answered.set()
+    first, failed, third = await asyncio.gather(*tasks, return_exceptions=True)
+    assert (first, third) == (3, 4), "the third saw the first's call, not the failed one's"
+    assert isinstance(failed, ValueError)
+    assert checks.batches[3:] == [3]
+    assert calls(store) == 5
+
+
+async def test_a_batch_that_cannot_lock_fails_every_check_in_it(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    """Another writer holding the store past the busy timeout fails the whole batch closed:
+    every Check gets StoreUnavailableError and nothing is written."""
+    checks = Checks(store, window_seconds=5.0)
+    await checks.burst(4)
+    writer = os.open(tmp_path / "state.db.lock", os.O_RDWR)
+    try:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        checks.answered.set()
+        results = await asyncio.gather(*(checks.check() for _ in range(4)), return_exceptions=True)
+    finally:
+        os.close(writer)
+    assert all(isinstance(r, StoreUnavailableError) for r in results), results
+    assert calls(store) == 4
+
+
+async def test_a_check_cancelled_while_it_waits_is_not_decided(store: SQLiteStore) -> None:
+    """A Check whose deadline passes while it waits for company is dropped from the batch."""
+    checks = Checks(store, window_seconds=0.05)
+    await checks.burst(2)
+    checks.answered.set()
+    cancelled = asyncio.create_task(checks.check())
+    await asyncio.sleep(0)
+    assert checks.batcher._waiting, "it waits for the second Check of the peak"
+    cancelled.cancel()
+    assert await checks.check() == 2, "only the Check still waiting was decided"
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert calls(store) == 3
