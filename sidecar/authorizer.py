@@ -23,7 +23,7 @@ from sidecar import strictjson
 from sidecar.approvals import Approvals
 from sidecar.audit.record import AuditRecord, ShadowResult, new_record_id
 from sidecar.audit.redaction import Redactor
-from sidecar.audit.writer import AuditLog
+from sidecar.audit.writer import AuditLog, Receipt
 from sidecar.batching import DecisionBatcher
 from sidecar.clock import Clock, timestamp
 from sidecar.engine import (
@@ -191,6 +191,8 @@ class TokenVerifier:
 
 
 _Decided = tuple[StateView, Evaluation, NewApproval | None]
+_Recorded = tuple[Evaluation, NewApproval | None, float, "asyncio.Future[Receipt]"]
+"""The decision, the approval it created, when its record was queued, and the record's write."""
 
 
 def _decide(
@@ -273,15 +275,15 @@ class Authorizer:
         self._metrics = metrics
         self._clock = clock
         self._new_id = new_id
-        self._batcher: DecisionBatcher[_Decided] = DecisionBatcher(
+        self._batcher: DecisionBatcher[_Recorded] = DecisionBatcher(
             store, window_seconds=batch_window_seconds, on_batch=self._batch_decided
         )
 
     def _batch_decided(self, checks: int) -> None:
-        """Once the batch's Checks have appended their records (they resume first), those go
-        to the writer together, without waiting again for company."""
+        """The batch's records are all queued: they go to the writer together now, without
+        waiting again for company."""
         self._metrics.decision_batch.observe(checks)
-        asyncio.get_running_loop().call_soon(self._audit.send_gathered)
+        self._audit.send_gathered()
 
     async def check(self, request: CheckInput) -> CheckResult:
         """Decide and record one call (in an OpenTelemetry span when tracing is on).
@@ -332,44 +334,52 @@ class Authorizer:
                 and any(t.action is TierAction.REQUIRE_APPROVAL for t in tool.tiers),
                 token_ids=token.lineage,
             )
-        view, evaluation, new_approval = await self._batcher.decide(
-            partial(_decide, policy, call, token, scope, now=now, record_id=record_id)
+
+        def record(decided: _Decided) -> _Recorded:
+            """Once the decision is committed: its audit record, queued at once (no await in
+            between, so a Check cancelled now still leaves its record)."""
+            view, evaluation, new_approval = decided
+            active_switches = len(policy.kill_switches) + len(view.kill_switches)
+            self._metrics.kill_switches_active.set(active_switches)
+            decision = evaluation.decision
+            shadow = self._evaluate_shadow(policy, call, token, decision, view=view, now=now)
+            arguments, redacted = self._redactor.redact(call.arguments, tool.redact if tool else ())
+            body = AuditRecord(
+                record_id=record_id,
+                time=timestamp(now),
+                decision=decision,
+                call=call,
+                args_digest=call.args_digest,
+                arguments=arguments,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                token=token if isinstance(token, CapabilityClaims) else None,
+                redacted=redacted,
+                run_metadata=request.run_metadata,
+                replay_of=evaluation.replay_of,
+                shadow=shadow,
+            ).to_body()
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "proviso.decision_id": record_id,
+                        "proviso.run_id": call.run_id,
+                        "proviso.tool": call.tool,
+                        "proviso.agent": decision.agent,
+                        "proviso.decision": decision.outcome.value,
+                        "proviso.reason": decision.primary_code or "",
+                        "proviso.matched_tier": decision.matched_tier,
+                        "proviso.policy_version": decision.policy_version,
+                        "proviso.replayed": bool(evaluation.replay_of),
+                    }
+                )
+            return evaluation, new_approval, time.perf_counter(), self._audit.enqueue(body)
+
+        evaluation, new_approval, write_started, written = await self._batcher.decide(
+            partial(_decide, policy, call, token, scope, now=now, record_id=record_id), record
         )
-        self._metrics.kill_switches_active.set(len(policy.kill_switches) + len(view.kill_switches))
         decision = evaluation.decision
-        shadow = self._evaluate_shadow(policy, call, token, decision, view=view, now=now)
-        arguments, redacted = self._redactor.redact(call.arguments, tool.redact if tool else ())
-        record = AuditRecord(
-            record_id=record_id,
-            time=timestamp(now),
-            decision=decision,
-            call=call,
-            args_digest=call.args_digest,
-            arguments=arguments,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            token=token if isinstance(token, CapabilityClaims) else None,
-            redacted=redacted,
-            run_metadata=request.run_metadata,
-            replay_of=evaluation.replay_of,
-            shadow=shadow,
-        )
-        if span is not None:
-            span.set_attributes(
-                {
-                    "proviso.decision_id": record_id,
-                    "proviso.run_id": call.run_id,
-                    "proviso.tool": call.tool,
-                    "proviso.agent": decision.agent,
-                    "proviso.decision": decision.outcome.value,
-                    "proviso.reason": decision.primary_code or "",
-                    "proviso.matched_tier": decision.matched_tier,
-                    "proviso.policy_version": decision.policy_version,
-                    "proviso.replayed": bool(evaluation.replay_of),
-                }
-            )
-        write_started = time.perf_counter()
         try:
-            await self._audit.append(record.to_body())
+            await written
         except AuditWriteError:
             self._metrics.audit_write_errors.inc()
             log.error("audit write failed; failing the check closed", extra={"tool": call.tool})

@@ -3,10 +3,10 @@
 Under load the event loop is the bottleneck. A Check decided alone pays a file lock, ``BEGIN``
 and ``COMMIT`` of its own, and runs the engine on caches that the gRPC work since the last
 Check has made cold (the same ``decide`` takes ~70 us there against ~30 us right after
-another). So while several Checks are in flight, one that arrives waits, at most ``window``
-from the first one waiting, until every Check in flight has arrived (as many as the recent
-peak); then they are decided one after the other in one ``Store.decisions`` transaction, each
-in a savepoint of its own:
+another). So while several Checks are in flight, one that arrives waits until every Check in
+flight has arrived (as many as the recent peak), for as long as the next keeps coming within
+``arrival_gap`` and at most ``window`` from the first one waiting. Then they are decided one
+after the other in one ``Store.decisions`` transaction, each in a savepoint of its own:
 
 - each sees the writes of those before it, so budgets and idempotency keys stay as exact as
   with a transaction each;
@@ -14,29 +14,40 @@ in a savepoint of its own:
 - a failure of the batch (the lock, the commit) fails every Check in it: nothing is answered
   that was not committed.
 
-The lock is held only while the batch is decided, synchronously, never across an ``await``. A
-call alone (the recent peak is one) waits for nothing; a Check cancelled while it waits (its
-deadline passed) is not decided at all.
+Once the batch is committed, each Check's ``committed`` step (the authorizer queues its audit
+record there) runs before any of them resumes, so a Check cancelled after its decision was
+committed still leaves its record. The lock is held only while the batch is decided,
+synchronously, never across an ``await``. A call alone waits at most the arrival gap; a Check
+cancelled while it waits (its deadline passed) is not decided at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from sidecar.errors import StoreUnavailableError
 from sidecar.state import StateTransaction, Store
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger("proviso.batching")
 
 PEAK_WINDOW_SECONDS = 0.1
 """Checks in flight are counted over windows this long; the larger of the last two counts."""
 
+ARRIVAL_GAP_SECONDS = 0.0003
+"""The longest a batch waits for its next Check. At 16 in flight the Checks of a burst arrive
+~50 us apart; when traffic is only moderately busy, the next one may be far off."""
 
-class DecisionBatcher(Generic[T]):
+
+class DecisionBatcher(Generic[R]):
     """Gathers the Checks of one event loop and decides them in batches (see the module)."""
 
     def __init__(
@@ -44,14 +55,17 @@ class DecisionBatcher(Generic[T]):
         store: Store,
         *,
         window_seconds: float,
+        arrival_gap_seconds: float = ARRIVAL_GAP_SECONDS,
         peak_window_seconds: float = PEAK_WINDOW_SECONDS,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._store = store
         self._window = window_seconds
+        self._gap = arrival_gap_seconds
         self._peak_window = peak_window_seconds
         self._on_batch = on_batch
-        self._waiting: list[tuple[Callable[[StateTransaction], T], asyncio.Future[T]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: list[_Waiting[Any, R]] = []
         self._first_waiting = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._active = 0  # Checks between arrival and answer
@@ -71,25 +85,44 @@ class DecisionBatcher(Generic[T]):
         finally:
             self._active -= 1
 
-    async def decide(self, work: Callable[[StateTransaction], T]) -> T:
-        """Run ``work`` in a transaction of its own within the next batch; its result.
+    async def decide(self, work: Callable[[StateTransaction], T], committed: Callable[[T], R]) -> R:
+        """Run ``work`` in a transaction of its own within the next batch, then, once the batch
+        is committed, ``committed`` on what it returned (before any Check of the batch resumes:
+        a Check cancelled from then on has had it run); the latter's result.
 
         Raises:
             StoreUnavailableError: the batch could not be locked or committed.
-            Exception: whatever ``work`` raised (its writes are undone).
+            Exception: whatever ``work`` raised (its writes are undone) or ``committed`` did.
         """
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[T] = loop.create_future()
+        if loop is not self._loop:
+            self._move_to(loop)
+        waiter: asyncio.Future[R] = loop.create_future()
         now = time.monotonic()
         if not self._waiting:
             self._first_waiting = now
-        self._waiting.append((work, waiter))
+        self._waiting.append(_Waiting(work, committed, waiter))
         waited = now - self._first_waiting
         if waited >= self._window or self._active >= self._recent_peak(now):
-            self.run()  # every Check in flight is here (or waited long enough)
-        elif self._timer is None:
-            self._timer = loop.call_later(self._window - waited, self.run)
+            self.run()  # every Check in flight is here (or the batch waited long enough)
+        else:  # wait for the next one, briefly: Checks that come together come close together
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_later(min(self._window - waited, self._gap), self.run)
         return await waiter
+
+    def _move_to(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Checks now come from another event loop (tests): the last one's are abandoned."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for waiting in self._waiting:
+            with contextlib.suppress(RuntimeError, asyncio.InvalidStateError):  # loop closed
+                waiting.waiter.set_exception(
+                    StoreUnavailableError("the Check's event loop was replaced")
+                )
+        self._waiting = []
+        self._loop = loop
 
     def _recent_peak(self, now: float) -> int:
         if now >= self._peak_until:
@@ -103,34 +136,55 @@ class DecisionBatcher(Generic[T]):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch = [(work, waiter) for work, waiter in self._waiting if not waiter.done()]
+        batch = [waiting for waiting in self._waiting if not waiting.waiter.done()]
         self._waiting = []
         if not batch:
             return
-        outcomes: list[tuple[asyncio.Future[T], T | None, Exception | None]] = []
+        decided: list[tuple[_Waiting[Any, R], Any, Exception | None]] = []
         try:
             with self._store.decisions() as transactions:
-                for work, waiter in batch:
+                for waiting in batch:
                     try:
                         with transactions.decision() as transaction:
-                            outcomes.append((waiter, work(transaction), None))
+                            decided.append((waiting, waiting.work(transaction), None))
                     except Exception as exc:
-                        outcomes.append((waiter, None, exc))
+                        decided.append((waiting, None, exc))
         except BaseException as exc:
             failure = (
                 exc
                 if isinstance(exc, Exception)
                 else StoreUnavailableError("the decision batch was interrupted")
             )
-            for _, waiter in batch:
-                waiter.set_exception(failure)
+            for waiting in batch:
+                waiting.waiter.set_exception(failure)
             if not isinstance(exc, Exception):
                 raise
             return
+        outcomes: list[tuple[asyncio.Future[R], R | None, Exception | None]] = []
+        for waiting, value, failed in decided:
+            result, error = None, failed
+            if failed is None:
+                try:
+                    result = waiting.committed(value)
+                except Exception as exc:
+                    error = exc
+            outcomes.append((waiting.waiter, result, error))
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(batch))
+            except Exception:
+                log.exception("the decision batch's observer failed")
         for waiter, result, error in outcomes:
             if error is not None:
                 waiter.set_exception(error)
             else:
                 waiter.set_result(result)  # type: ignore[arg-type]
-        if self._on_batch is not None:
-            self._on_batch(len(batch))
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting(Generic[T, R]):
+    """A Check waiting for its batch: its state work, what follows the commit, its answer."""
+
+    work: Callable[[StateTransaction], T]
+    committed: Callable[[T], R]
+    waiter: asyncio.Future[R]

@@ -1361,7 +1361,8 @@ def _add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
         help="under load, how long a Check may wait for the Checks arriving with it, to be "
         "decided with them in one state transaction and share one audit fsync: 0 (never wait) "
         f"to {config.MAX_AUDIT_GROUP_COMMIT_MS} ms (default "
-        f"{config.DEFAULT_AUDIT_GROUP_COMMIT_MS}); a call alone never waits",
+        f"{config.DEFAULT_AUDIT_GROUP_COMMIT_MS}); it stops waiting when the next Check is "
+        "0.3 ms late",
     )
     serve.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
     serve.add_argument(

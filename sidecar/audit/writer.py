@@ -186,6 +186,7 @@ class AuditLog:
         self._batch_loop: asyncio.AbstractEventLoop | None = None
         self._batch_in_flight = False
         self._gathering: asyncio.TimerHandle | None = None
+        self._send_at_once = False  # send_gathered came while a batch was being written
         self._first_waiting = 0.0  # when the oldest record of ``_batch`` was appended
         self._peak = 0  # the largest batch handed over in this window
         self._peak_before = 0  # and in the window before it
@@ -214,6 +215,11 @@ class AuditLog:
         Raises:
             AuditWriteError: the record could not be written and synced.
         """
+        return await self.enqueue(body)
+
+    def enqueue(self, body: Mapping[str, Any]) -> asyncio.Future[Receipt]:
+        """``append`` without the wait: the record is queued now (on the running loop), and the
+        future says when it is durable, or raises ``AuditWriteError``."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Receipt] = loop.create_future()
         record = self._prepare(body, waiter)
@@ -228,7 +234,7 @@ class AuditLog:
                 self._first_waiting = time.monotonic()
             self._batch.append(_Pending(record, waiter, loop))
             self._hand_over(loop)
-        return await waiter
+        return waiter
 
     def submit(self, body: Mapping[str, Any]) -> concurrent.futures.Future[Receipt]:
         """Queue one record; the future resolves once it is durable (or fails)."""
@@ -265,7 +271,11 @@ class AuditLog:
             return  # the batch being written hands these over when it is done
         now = time.monotonic()
         waited = now - self._first_waiting
-        if waited >= self._group_commit_seconds or len(self._batch) >= self._recent_peak(now):
+        if (
+            self._send_at_once
+            or waited >= self._group_commit_seconds
+            or len(self._batch) >= self._recent_peak(now)
+        ):
             self._flush_batch()
         elif self._gathering is None:
             self._gathering = loop.call_later(self._group_commit_seconds - waited, self._gathered)
@@ -274,7 +284,9 @@ class AuditLog:
         """Hand the records gathered on this loop to the writer now, without waiting for
         company: their Checks were decided together, so no others are coming with them. (If a
         batch is being written, they go when it is done.)"""
-        if not self._batch_in_flight:
+        if self._batch_in_flight:
+            self._send_at_once = True
+        else:
             self._flush_batch()
 
     def _recent_peak(self, now: float) -> int:
@@ -294,6 +306,7 @@ class AuditLog:
         if self._gathering is not None:
             self._gathering.cancel()
             self._gathering = None
+        self._send_at_once = False
         if self._batch:
             batch, self._batch = self._batch, []
             self._batch_in_flight = True

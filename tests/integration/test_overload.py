@@ -31,14 +31,19 @@ async def held(
 ) -> AsyncIterator[tuple[Sidecar, asyncio.Event]]:
     """A sidecar (at most LIMIT Checks in flight) whose audit writes wait for an event."""
     release = asyncio.Event()
-    append = AuditLog.append
+    enqueue = AuditLog.enqueue
 
-    async def held_append(self: AuditLog, body: Mapping[str, Any]) -> Receipt:
-        if body.get("kind") == "decision":
+    def held_enqueue(self: AuditLog, body: Mapping[str, Any]) -> asyncio.Future[Receipt]:
+        if body.get("kind") != "decision":
+            return enqueue(self, body)
+
+        async def when_released() -> Receipt:
             await release.wait()
-        return await append(self, body)
+            return await enqueue(self, body)
 
-    monkeypatch.setattr(AuditLog, "append", held_append)
+        return asyncio.ensure_future(when_released())
+
+    monkeypatch.setattr(AuditLog, "enqueue", held_enqueue)
     app = await App.start(make_settings(tmp_path / "state", max_in_flight=LIMIT))
     running = Sidecar.connect(app)
     try:

@@ -129,22 +129,58 @@ def test_a_batch_decides_in_order_and_undoes_only_a_failed_decision(
     others commit together."""
     store = open_store()
     seen = []
-
-    def decide_then_fail(batch: DecisionBatch) -> None:
-        with batch.decision() as transaction:
-            seen.append(_count_call(transaction))
-            raise ValueError("engine bug")
-
     with store.decisions() as batch:
         with batch.decision() as transaction:
             seen.append(_count_call(transaction))
         with pytest.raises(ValueError, match="engine bug"):
-            decide_then_fail(batch)
+            _decide_then_fail(batch)
         with batch.decision() as transaction:
             seen.append(_count_call(transaction))
-    assert seen == [0, 1, 1], "the failed decision's call was undone"
+    assert seen == [0, 1], "the failed decision's call was undone"
     with open_store().decision() as transaction:  # another process sees the batch whole
         assert transaction.view(SCOPE, 1000.0).usage.calls == 2
+
+
+class _UndoFails:
+    """A connection whose ``ROLLBACK TO`` fails (as on a failing disk); the rest is real."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
+        if sql.startswith("ROLLBACK TO"):
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._connection.execute(sql, *parameters)
+
+
+def test_a_batch_whose_undo_failed_commits_nothing(tmp_path: Path) -> None:
+    """If a failed decision's writes cannot be undone, the batch holds them half-made: no
+    later decision runs in it and it is rolled back whole, never committed."""
+    store = SQLiteStore(tmp_path / "state.db")
+
+    def decide_then_lose_an_undo() -> None:
+        with store.decisions() as batch:
+            with batch.decision() as transaction:
+                _count_call(transaction)
+            batch._db = _UndoFails(batch._db)  # type: ignore[assignment]
+            with pytest.raises(StoreUnavailableError, match="disk I/O error"):
+                _decide_then_fail(batch)
+            with pytest.raises(StoreUnavailableError, match="an earlier undo failed"):
+                _decide_then_fail(batch)
+
+    try:
+        with pytest.raises(StoreUnavailableError, match="undo failed"):
+            decide_then_lose_an_undo()
+        with store.decision() as transaction:
+            assert transaction.view(SCOPE, 1000.0).usage.calls == 0
+    finally:
+        store.close()
+
+
+def _decide_then_fail(batch: DecisionBatch) -> None:
+    with batch.decision() as transaction:
+        _count_call(transaction)
+        raise ValueError("engine bug")
 
 
 def test_a_batch_that_raises_commits_nothing(open_store: Callable[[], Store]) -> None:

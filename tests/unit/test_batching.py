@@ -56,19 +56,27 @@ class Checks:
     """Checks on one batcher that stay in flight after their decision until released, as a
     real Check does while its audit record is written."""
 
-    def __init__(self, store: SQLiteStore, window_seconds: float) -> None:
+    def __init__(
+        self, store: SQLiteStore, window_seconds: float, arrival_gap_seconds: float = 60.0
+    ) -> None:
         self.batches: list[int] = []
         self.batcher: DecisionBatcher[int] = DecisionBatcher(
             store,
             window_seconds=window_seconds,
+            arrival_gap_seconds=arrival_gap_seconds,
             peak_window_seconds=60.0,
             on_batch=self.batches.append,
         )
         self.answered = asyncio.Event()
+        self.committed: list[int] = []  # what each Check's committed step saw, in order
+
+    def after_commit(self, calls: int) -> int:
+        self.committed.append(calls)
+        return calls
 
     async def check(self, work: Callable[[StateTransaction], int] = count_call) -> int:
         with self.batcher.in_flight():
-            result = await self.batcher.decide(work)
+            result = await self.batcher.decide(work, self.after_commit)
             await self.answered.wait()
             return result
 
@@ -109,6 +117,24 @@ async def test_fewer_checks_than_the_peak_wait_for_the_window_only(store: SQLite
     waited = time.monotonic() - started
     assert checks.batches[8:] == [3]
     assert 0.04 <= waited < 1.0
+
+
+async def test_a_batch_waits_only_while_checks_keep_coming(store: SQLiteStore) -> None:
+    """Short of the peak, a batch waits for its next Check for the arrival gap only: Checks
+    that come close together are decided together, and one far from the next is not held for
+    the whole window."""
+    checks = Checks(store, window_seconds=30.0, arrival_gap_seconds=0.3)
+    await checks.burst(8)
+    checks.answered.set()
+    started = time.monotonic()
+    close_together = []
+    for _ in range(3):
+        close_together.append(asyncio.create_task(checks.check()))
+        await asyncio.sleep(0.02)
+    assert await asyncio.gather(*close_together) == [8, 9, 10]
+    assert await checks.check() == 11, "alone, after the gap"
+    assert time.monotonic() - started < 10, "nothing waited for the 30 s window"
+    assert checks.batches[8:] == [3, 1]
 
 
 async def test_a_call_alone_never_waits(store: SQLiteStore) -> None:
@@ -158,11 +184,15 @@ async def test_a_batch_that_cannot_lock_fails_every_check_in_it(
     try:
         fcntl.flock(writer, fcntl.LOCK_EX)
         checks.answered.set()
+        started = time.monotonic()
         results = await asyncio.gather(*(checks.check() for _ in range(4)), return_exceptions=True)
+        waited = time.monotonic() - started
     finally:
         os.close(writer)
     assert all(isinstance(r, StoreUnavailableError) for r in results), results
+    assert waited < 0.6, "one batch waited for the lock (0.2 s), not four Checks one by one"
     assert calls(store) == 4
+    assert checks.committed == list(range(4)), "no committed step ran for a failed batch"
 
 
 async def test_a_check_cancelled_while_it_waits_is_not_decided(store: SQLiteStore) -> None:
@@ -178,3 +208,46 @@ async def test_a_check_cancelled_while_it_waits_is_not_decided(store: SQLiteStor
     with pytest.raises(asyncio.CancelledError):
         await cancelled
     assert calls(store) == 3
+
+
+async def test_a_check_cancelled_after_its_batch_committed_has_its_committed_step_run(
+    store: SQLiteStore,
+) -> None:
+    """The committed step (where the authorizer queues the audit record) runs inside the batch,
+    before any Check resumes: a Check cancelled once its decision is committed (gRPC cancels on
+    a deadline or a reset) never leaves a committed decision without its record."""
+    checks = Checks(store, window_seconds=5.0)
+    await checks.burst(2)
+    checks.answered.set()
+    first = asyncio.create_task(checks.check())
+    await asyncio.sleep(0)  # it waits for the second Check of the peak
+    assert await checks.check() == 3, "the second ran the batch"
+    first.cancel()  # its result is set, but it has not resumed yet
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert checks.committed[2:] == [2, 3], "the cancelled Check's committed step ran"
+    assert calls(store) == 4
+
+
+def test_checks_from_a_new_event_loop_are_not_held_by_the_last_ones(tmp_path: Path) -> None:
+    """A loop that ended with a Check waiting (and its timer) does not stall the next loop's
+    Checks: they are decided, and the abandoned one is not."""
+    store = SQLiteStore(tmp_path / "state.db")
+    checks = Checks(store, window_seconds=0.2)
+
+    async def first() -> None:
+        await checks.burst(4)
+        checks.answered.set()
+        asyncio.get_running_loop().create_task(checks.check())  # waits for three more
+        await asyncio.sleep(0.01)
+
+    async def second() -> int:
+        checks.answered = asyncio.Event()
+        checks.answered.set()
+        return await asyncio.wait_for(checks.check(), 10)  # at most the window (0.2 s)
+
+    try:
+        asyncio.run(first())
+        assert asyncio.run(second()) == 4
+    finally:
+        store.close()

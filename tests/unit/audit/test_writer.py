@@ -134,8 +134,16 @@ async def test_send_gathered_hands_over_the_records_waiting_for_company(
     assert not any(w.done() for w in waiting), "they wait for a third"
     log.send_gathered()
     await asyncio.wait_for(asyncio.gather(*waiting), 10)
+    # Records sent while a batch is being written go as soon as it is done, not after a wait.
+    more = [asyncio.ensure_future(log.append({"kind": "t", "i": i})) for i in range(2, 4)]
+    await asyncio.sleep(0)  # both are appended, and wait for a third
+    log.send_gathered()  # they are being written...
+    last = asyncio.ensure_future(log.append({"kind": "t", "i": "last"}))
+    await asyncio.sleep(0)  # ...while this one is appended behind them
+    log.send_gathered()
+    await asyncio.wait_for(asyncio.gather(*more, last), 10)
     log.close()
-    assert commits == [1, 3, 2]
+    assert commits == [1, 3, 2, 2, 1]
 
 
 async def test_a_zero_window_never_holds_a_record_back(tmp_path: Path) -> None:
