@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 from opentelemetry.trace import Span, StatusCode, Tracer
 
@@ -39,7 +39,7 @@ from sidecar.engine import (
 )
 from sidecar.errors import AuditWriteError, StoreUnavailableError
 from sidecar.observability.metrics import Metrics, bounded
-from sidecar.policy.model import Policy, TierAction
+from sidecar.policy.model import Policy, TierAction, Tool
 from sidecar.state import DecisionScope, NewApproval, StateTransaction, Store
 from tokens import CapabilityClaims, TokenError, TokenUnknownKeyError, VerificationKeys, verify
 
@@ -190,23 +190,36 @@ class TokenVerifier:
         return len(self._cache)
 
 
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """One Check on its way through a decision batch: what it is decided on, and its record."""
+
+    request: CheckInput
+    call: ToolCall
+    policy: Policy
+    token: CapabilityClaims | TokenError | None
+    scope: DecisionScope | None
+    now: float
+    record_id: str
+    started: float
+    span: Span | None
+
+    @property
+    def tool(self) -> Tool | None:
+        return self.policy.tools.get(self.call.tool)
+
+
 _Decided = tuple[StateView, Evaluation, NewApproval | None]
 _Recorded = tuple[Evaluation, NewApproval | None, float, "asyncio.Future[Receipt]"]
 """The decision, the approval it created, when its record was queued, and the record's write."""
 
 
-def _decide(
-    policy: Policy,
-    call: ToolCall,
-    token: CapabilityClaims | TokenError | None,
-    scope: DecisionScope | None,
-    transaction: StateTransaction,
-    *,
-    now: float,
-    record_id: str,
-) -> _Decided:
+def _decide(pending: _Pending, transaction: StateTransaction) -> _Decided:
     """Read the call's state, decide, and write what the decision changes (a new approval
     request included): one Check's part of a decision batch."""
+    policy, call, token, scope, now = (
+        pending.policy, pending.call, pending.token, pending.scope, pending.now
+    )  # fmt: skip
     view = transaction.view(scope, now)
     evaluation = decide(policy, call, token, view, now)
     changes = evaluation.changes
@@ -226,12 +239,12 @@ def _decide(
             evaluation,
             decision=replace(evaluation.decision, approval_id=new_approval.record.id),
         )
-    tool = policy.tools.get(call.tool)
+    tool = pending.tool
     transaction.commit(
         scope,
         changes,
         decision=evaluation.decision,
-        decision_id=record_id,
+        decision_id=pending.record_id,
         cost=tool.cost if tool else Decimal(0),
         now=now,
         idempotency_window_seconds=policy.controls.idempotency_window_seconds,
@@ -318,7 +331,6 @@ class Authorizer:
         call = request.call
         if not call.args_digest:  # convert.check_input computes it; other callers may not
             call = replace(call, args_digest=strictjson.digest(call.arguments))
-        record_id = self._new_id(now)
         scope = None
         tool = policy.tools.get(call.tool)
         if isinstance(token, CapabilityClaims):
@@ -334,66 +346,15 @@ class Authorizer:
                 and any(t.action is TierAction.REQUIRE_APPROVAL for t in tool.tiers),
                 token_ids=token.lineage,
             )
-
-        def record(decided: _Decided) -> _Recorded:
-            """Once the decision is committed: its audit record, queued at once (no await in
-            between, so a Check cancelled now still leaves its record)."""
-            view, evaluation, new_approval = decided
-            active_switches = len(policy.kill_switches) + len(view.kill_switches)
-            self._metrics.kill_switches_active.set(active_switches)
-            decision = evaluation.decision
-            shadow = self._evaluate_shadow(policy, call, token, decision, view=view, now=now)
-            arguments, redacted = self._redactor.redact(call.arguments, tool.redact if tool else ())
-            body = AuditRecord(
-                record_id=record_id,
-                time=timestamp(now),
-                decision=decision,
-                call=call,
-                args_digest=call.args_digest,
-                arguments=arguments,
-                latency_ms=(time.perf_counter() - started) * 1000,
-                token=token if isinstance(token, CapabilityClaims) else None,
-                redacted=redacted,
-                run_metadata=request.run_metadata,
-                replay_of=evaluation.replay_of,
-                shadow=shadow,
-            ).to_body()
-            if span is not None:
-                span.set_attributes(
-                    {
-                        "proviso.decision_id": record_id,
-                        "proviso.run_id": call.run_id,
-                        "proviso.tool": call.tool,
-                        "proviso.agent": decision.agent,
-                        "proviso.decision": decision.outcome.value,
-                        "proviso.reason": decision.primary_code or "",
-                        "proviso.matched_tier": decision.matched_tier,
-                        "proviso.policy_version": decision.policy_version,
-                        "proviso.replayed": bool(evaluation.replay_of),
-                    }
-                )
-            return evaluation, new_approval, time.perf_counter(), self._audit.enqueue(body)
-
-        evaluation, new_approval, write_started, written = await self._batcher.decide(
-            partial(_decide, policy, call, token, scope, now=now, record_id=record_id), record
+        pending = _Pending(
+            request, call, policy, token, scope, now, self._new_id(now), started, span
         )
+        evaluation, new_approval, write_started, written = await self._batcher.decide(
+            partial(_decide, pending), partial(self._record, pending)
+        )
+        record_id = pending.record_id
         decision = evaluation.decision
-        try:
-            await written
-        except AuditWriteError:
-            self._metrics.audit_write_errors.inc()
-            log.error("audit write failed; failing the check closed", extra={"tool": call.tool})
-            if scope is not None and not call.dry_run:
-                # The answer is UNAVAILABLE: a retry must not replay this unrecorded decision
-                # as ALLOW, and an approval it consumed must stay usable.
-                with contextlib.suppress(StoreUnavailableError):
-                    self._store.undo_decision(
-                        scope,
-                        record_id,
-                        consumed_approval=evaluation.changes.consume_approval,
-                        now=now,
-                    )
-            raise
+        await asyncio.shield(written)  # AuditWriteError: UNAVAILABLE (``unrecorded`` undid it)
         finished = time.perf_counter()
         if not call.dry_run:
             await self._approval_events(evaluation.changes, new_approval, scope)
@@ -412,6 +373,84 @@ class Authorizer:
             decision_id=evaluation.replay_of or record_id,
             replayed=bool(evaluation.replay_of),
         )
+
+    def _record(self, pending: _Pending, decided: _Decided) -> _Recorded:
+        """Once the decision is committed: its audit record, queued at once (no await in
+        between, so a Check cancelled from now on still leaves its record), and the decision
+        undone if the record cannot be made durable, whether or not the Check still waits."""
+        evaluation = decided[1]
+        try:
+            written = self._audit.enqueue(self._audit_body(pending, decided[0], evaluation))
+        except Exception:
+            self._unrecorded(pending, evaluation.changes)
+            raise
+
+        def settled(future: asyncio.Future[Receipt]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                self._unrecorded(pending, evaluation.changes)
+
+        written.add_done_callback(settled)
+        return evaluation, decided[2], time.perf_counter(), written
+
+    def _unrecorded(self, pending: _Pending, changes: StateChanges) -> None:
+        """A committed decision has no durable record: the answer is UNAVAILABLE (if anyone
+        still waits for it), so a retry must not replay it as ALLOW, and an approval it
+        consumed must stay usable."""
+        call, scope = pending.call, pending.scope
+        self._metrics.audit_write_errors.inc()
+        log.error("audit write failed; failing the check closed", extra={"tool": call.tool})
+        if scope is not None and not call.dry_run:
+            with contextlib.suppress(StoreUnavailableError):
+                self._store.undo_decision(
+                    scope,
+                    pending.record_id,
+                    consumed_approval=changes.consume_approval,
+                    now=pending.now,
+                )
+
+    def _audit_body(
+        self, pending: _Pending, view: StateView, evaluation: Evaluation
+    ) -> dict[str, Any]:
+        """The decision's audit record (and its shadow evaluation and trace attributes)."""
+        policy, call, token, now, span = (
+            pending.policy, pending.call, pending.token, pending.now, pending.span
+        )  # fmt: skip
+        record_id, tool, started = pending.record_id, pending.tool, pending.started
+        request = pending.request
+        active_switches = len(policy.kill_switches) + len(view.kill_switches)
+        self._metrics.kill_switches_active.set(active_switches)
+        decision = evaluation.decision
+        shadow = self._evaluate_shadow(policy, call, token, decision, view=view, now=now)
+        arguments, redacted = self._redactor.redact(call.arguments, tool.redact if tool else ())
+        body = AuditRecord(
+            record_id=record_id,
+            time=timestamp(now),
+            decision=decision,
+            call=call,
+            args_digest=call.args_digest,
+            arguments=arguments,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            token=token if isinstance(token, CapabilityClaims) else None,
+            redacted=redacted,
+            run_metadata=request.run_metadata,
+            replay_of=evaluation.replay_of,
+            shadow=shadow,
+        ).to_body()
+        if span is not None:
+            span.set_attributes(
+                {
+                    "proviso.decision_id": record_id,
+                    "proviso.run_id": call.run_id,
+                    "proviso.tool": call.tool,
+                    "proviso.agent": decision.agent,
+                    "proviso.decision": decision.outcome.value,
+                    "proviso.reason": decision.primary_code or "",
+                    "proviso.matched_tier": decision.matched_tier,
+                    "proviso.policy_version": decision.policy_version,
+                    "proviso.replayed": bool(evaluation.replay_of),
+                }
+            )
+        return body
 
     async def _approval_events(
         self, changes: StateChanges, created: NewApproval | None, scope: DecisionScope | None

@@ -160,6 +160,19 @@ class DecisionBatcher(Generic[R]):
             if not isinstance(exc, Exception):
                 raise
             return
+        try:
+            self._settle(decided, len(batch))
+        finally:  # a BaseException (KeyboardInterrupt) out of a step: nobody is left waiting
+            for waiting in batch:
+                if not waiting.waiter.done():
+                    waiting.waiter.set_exception(
+                        StoreUnavailableError("the decision batch was interrupted")
+                    )
+
+    def _settle(
+        self, decided: list[tuple[_Waiting[Any, R], Any, Exception | None]], size: int
+    ) -> None:
+        """After the commit: every Check's ``committed`` step in order, then the answers."""
         outcomes: list[tuple[asyncio.Future[R], R | None, Exception | None]] = []
         for waiting, value, failed in decided:
             result, error = None, failed
@@ -171,7 +184,7 @@ class DecisionBatcher(Generic[R]):
             outcomes.append((waiting.waiter, result, error))
         if self._on_batch is not None:
             try:
-                self._on_batch(len(batch))
+                self._on_batch(size)
             except Exception:
                 log.exception("the decision batch's observer failed")
         for waiter, result, error in outcomes:

@@ -285,7 +285,7 @@ class AuditLog:
         company: their Checks were decided together, so no others are coming with them. (If a
         batch is being written, they go when it is done.)"""
         if self._batch_in_flight:
-            self._send_at_once = True
+            self._send_at_once = bool(self._batch)
         else:
             self._flush_batch()
 

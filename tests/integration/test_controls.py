@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import MappingProxyType
@@ -18,8 +19,9 @@ from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
 from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
 from sidecar.app import App
+from sidecar.audit.writer import AuditLog
 from tests.conftest import EXAMPLE_POLICIES, INCIDENT_AGENT, Sidecar, make_settings
-from tests.integration.test_check import check, codes, refund
+from tests.integration.test_check import INVOICE_CONTEXT, check, codes, refund
 from tests.integration.test_server import identity, scrape
 from tokens import Grant
 
@@ -429,6 +431,42 @@ async def test_a_store_failure_while_deciding_is_unavailable(sidecar: Sidecar) -
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await check(sidecar, sidecar.token(), "requestRefund", refund("10"))
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+async def test_a_check_cancelled_before_its_record_failed_is_undone_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller's deadline passes while the record is being written, then the write fails:
+    nobody waits for the answer any more, but the decision is still undone, so its
+    idempotency key cannot replay an unrecorded ALLOW."""
+    write = AuditLog._write
+
+    def slow_write(self: AuditLog, data: bytes) -> None:
+        time.sleep(0.5)  # on the writer thread: the Check's deadline passes meanwhile
+        write(self, data)
+
+    monkeypatch.setattr(AuditLog, "_write", slow_write)
+    state = tmp_path / "state"
+    broken = Sidecar.connect(await App.start(make_settings(state, audit_log=Path("/dev/full"))))
+    try:
+        request = pb.CheckRequest(
+            token=broken.token(), tool="requestRefund", arguments_json=refund("10"),
+            context_json=INVOICE_CONTEXT, run_id="run-1", idempotency_key="k-gone",
+        )  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await broken.authz.Check(request, timeout=0.2)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while scrape(broken)[("proviso_audit_write_errors_total", ())] < 1:
+            assert time.monotonic() < deadline, "the write never failed"
+            await asyncio.sleep(0.05)
+    finally:
+        await broken.close()
+    with sqlite3.connect(state / "state.db") as database:
+        keys = database.execute("SELECT count(*) FROM idempotency_keys WHERE key = 'k-gone'")
+        assert keys.fetchone() == (0,), "the unrecorded decision was forgotten"
+    database.close()
 
 
 async def test_a_decision_that_could_not_be_audited_is_never_replayed(

@@ -123,7 +123,7 @@ async def test_a_batch_waits_only_while_checks_keep_coming(store: SQLiteStore) -
     """Short of the peak, a batch waits for its next Check for the arrival gap only: Checks
     that come close together are decided together, and one far from the next is not held for
     the whole window."""
-    checks = Checks(store, window_seconds=30.0, arrival_gap_seconds=0.3)
+    checks = Checks(store, window_seconds=30.0, arrival_gap_seconds=1.0)
     await checks.burst(8)
     checks.answered.set()
     started = time.monotonic()
@@ -131,8 +131,8 @@ async def test_a_batch_waits_only_while_checks_keep_coming(store: SQLiteStore) -
     for _ in range(3):
         close_together.append(asyncio.create_task(checks.check()))
         await asyncio.sleep(0.02)
-    assert await asyncio.gather(*close_together) == [8, 9, 10]
-    assert await checks.check() == 11, "alone, after the gap"
+    assert await asyncio.wait_for(asyncio.gather(*close_together), 10) == [8, 9, 10]
+    assert await asyncio.wait_for(checks.check(), 10) == 11, "alone, after the gap"
     assert time.monotonic() - started < 10, "nothing waited for the 30 s window"
     assert checks.batches[8:] == [3, 1]
 
@@ -233,7 +233,7 @@ def test_checks_from_a_new_event_loop_are_not_held_by_the_last_ones(tmp_path: Pa
     """A loop that ended with a Check waiting (and its timer) does not stall the next loop's
     Checks: they are decided, and the abandoned one is not."""
     store = SQLiteStore(tmp_path / "state.db")
-    checks = Checks(store, window_seconds=0.2)
+    checks = Checks(store, window_seconds=5.0, arrival_gap_seconds=0.2)
 
     async def first() -> None:
         await checks.burst(4)
@@ -244,7 +244,7 @@ def test_checks_from_a_new_event_loop_are_not_held_by_the_last_ones(tmp_path: Pa
     async def second() -> int:
         checks.answered = asyncio.Event()
         checks.answered.set()
-        return await asyncio.wait_for(checks.check(), 10)  # at most the window (0.2 s)
+        return await asyncio.wait_for(checks.check(), 2)  # the arrival gap (0.2 s), no more
 
     try:
         asyncio.run(first())
