@@ -82,11 +82,12 @@ def serve_workers(policies: Path, state_dir: Path, token_ttl: int, workers: int)
             "metrics_ports": [worker.metrics_port for worker in started],
         }
         print(json.dumps(ready), flush=True)
-        stop = threading.Event()
+        stop = threading.Event()  # set by the stdin thread; a signal only sets a flag: an
+        signalled: list[int] = []  # Event.set() in a handler can deadlock on the Event's lock
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
+            signal.signal(signum, lambda signum, _: signalled.append(signum))
         threading.Thread(target=_set_on_eof, args=(stop,), daemon=True).start()
-        while not stop.wait(0.2):
+        while not stop.wait(0.2) and not signalled:
             if not all(worker.process.is_alive() for worker in started):
                 print("bench.server: a worker exited", file=sys.stderr, flush=True)
                 return EXIT_START_FAILED

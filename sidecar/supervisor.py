@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -191,13 +192,13 @@ def supervise(workers: Sequence[Worker]) -> int:
 
     0 after a requested stop with every worker exiting cleanly, 1 otherwise.
     """
-    stop = threading.Event()
     requested = False
 
     def on_stop(signum: int, frame: object) -> None:
+        # Only a flag: the handler runs in the main thread between any two bytecodes, and an
+        # Event.set() here deadlocked when it came while the loop below held the Event's lock.
         nonlocal requested
         requested = True
-        stop.set()
 
     previous = {
         signal.SIGTERM: signal.signal(signal.SIGTERM, on_stop),
@@ -207,7 +208,8 @@ def supervise(workers: Sequence[Worker]) -> int:
         ),
     }
     try:
-        while not stop.wait(0.2):
+        while not requested:
+            time.sleep(0.2)  # a signal cuts it short: its handler runs, then the sleep goes on
             dead = [w for w in workers if not w.process.is_alive()]
             if dead:
                 log.error(
