@@ -34,8 +34,9 @@ CHANNELS = 8
 CHECKS_PER_CHANNEL = 10
 
 
-async def _checks(target: str, token: str) -> list[pb.Decision.ValueType]:
-    """Checks over several connections (the kernel spreads connections, not calls)."""
+async def _checks(target: str, token: str, run: str = "") -> list[pb.Decision.ValueType]:
+    """Checks over several connections (the kernel spreads connections, not calls): a run of
+    their own per connection, or all in ``run``."""
 
     async def one_channel(c: int) -> list[pb.Decision.ValueType]:
         async with grpc.aio.insecure_channel(
@@ -47,8 +48,8 @@ async def _checks(target: str, token: str) -> list[pb.Decision.ValueType]:
                 response = await stub.Check(
                     pb.CheckRequest(
                         token=token, tool="requestRefund", arguments_json=refund("10"),
-                        context_json=INVOICE_CONTEXT, run_id=f"run-{c}",
-                        idempotency_key=f"k-{c}-{i}",
+                        context_json=INVOICE_CONTEXT, run_id=run or f"run-{c}",
+                        idempotency_key=f"k-{run}-{c}-{i}",
                     ),
                     timeout=10,
                 )  # fmt: skip
@@ -96,6 +97,9 @@ def test_two_workers_share_the_port_the_store_and_stop_together(tmp_path: Path) 
         assert answers == [pb.DECISION_ALLOW] * (CHANNELS * CHECKS_PER_CHANNEL)
         counted = [_decisions(port) for port in metrics_ports]
         assert sum(counted) == CHANNELS * CHECKS_PER_CHANNEL, counted
+        shared = asyncio.run(_checks(match.group(1), token, run="run-shared"))
+        assert shared.count(pb.DECISION_ALLOW) == 20, "the run's 20 refunds, across processes"
+        assert sum(_decisions(port) for port in metrics_ports) == 2 * len(shared)
         server.process.send_signal(signal.SIGHUP)  # forwarded: a policy reload, not a stop
         time.sleep(0.5)
         assert all(_pid_alive(pid) for pid in pids)
@@ -105,7 +109,7 @@ def test_two_workers_share_the_port_the_store_and_stop_together(tmp_path: Path) 
     chains = logs(state / "audit")
     assert [files[-1].name for files in chains] == ["decisions.w0.jsonl", "decisions.w1.jsonl"]
     decided = [r for files in chains for r in records(files) if r["kind"] == "decision"]
-    assert len(decided) == 2 * CHANNELS * CHECKS_PER_CHANNEL
+    assert len(decided) == 3 * CHANNELS * CHECKS_PER_CHANNEL
     verify = subprocess.run(
         [*PROVISO, "audit", "verify", "--state-dir", str(state), "--require-sealed",
          "--format", "json"],
