@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sidecar.errors import StoreUnavailableError
+from sidecar.peaks import RecentPeak
 from sidecar.state import StateTransaction, Store
 
 T = TypeVar("T")
@@ -62,24 +63,19 @@ class DecisionBatcher(Generic[R]):
         self._store = store
         self._window = window_seconds
         self._gap = arrival_gap_seconds
-        self._peak_window = peak_window_seconds
         self._on_batch = on_batch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: list[_Waiting[Any, R]] = []
         self._first_waiting = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._active = 0  # Checks between arrival and answer
-        self._peak = 0  # the most in flight at once in this window
-        self._peak_before = 0  # and in the window before it
-        self._peak_until = 0.0
+        self._in_flight_peak = RecentPeak(peak_window_seconds)
 
     @contextlib.contextmanager
     def in_flight(self) -> Iterator[None]:
         """Count a Check from its arrival to its answer (its audit record included)."""
         self._active += 1
-        now = time.monotonic()
-        self._recent_peak(now)
-        self._peak = max(self._peak, self._active)
+        self._in_flight_peak.observe(self._active, time.monotonic())
         try:
             yield
         finally:
@@ -103,7 +99,7 @@ class DecisionBatcher(Generic[R]):
             self._first_waiting = now
         self._waiting.append(_Waiting(work, committed, waiter))
         waited = now - self._first_waiting
-        if waited >= self._window or self._active >= self._recent_peak(now):
+        if waited >= self._window or self._active >= self._in_flight_peak.current(now):
             self.run()  # every Check in flight is here (or the batch waited long enough)
         else:  # wait for the next one, briefly: Checks that come together come close together
             if self._timer is not None:
@@ -123,13 +119,6 @@ class DecisionBatcher(Generic[R]):
                 )
         self._waiting = []
         self._loop = loop
-
-    def _recent_peak(self, now: float) -> int:
-        if now >= self._peak_until:
-            recent = now < self._peak_until + self._peak_window
-            self._peak_before, self._peak = (self._peak if recent else 0), 0
-            self._peak_until = now + self._peak_window
-        return max(self._peak, self._peak_before)
 
     def run(self) -> None:
         """Decide every Check waiting now, in one transaction."""

@@ -55,6 +55,7 @@ from sidecar.audit.chain import (
 from sidecar.audit.files import segment_path, segments
 from sidecar.clock import Clock, SystemClock, timestamp
 from sidecar.errors import AuditWriteError, SidecarError
+from sidecar.peaks import RecentPeak
 from tokens import SigningKey, VerificationKeys
 
 log = logging.getLogger("proviso.audit")
@@ -155,7 +156,6 @@ class AuditLog:
         self._clock = clock or SystemClock()
         self._max_batch = max_batch
         self._group_commit_seconds = group_commit_seconds
-        self._peak_window = peak_window_seconds
         self._checkpoint_every = checkpoint_every
         self._checkpoint_seconds = checkpoint_seconds
         self._max_file_bytes = max_file_bytes
@@ -188,9 +188,7 @@ class AuditLog:
         self._gathering: asyncio.TimerHandle | None = None
         self._send_at_once = False  # send_gathered came while a batch was being written
         self._first_waiting = 0.0  # when the oldest record of ``_batch`` was appended
-        self._peak = 0  # the largest batch handed over in this window
-        self._peak_before = 0  # and in the window before it
-        self._peak_until = 0.0
+        self._batch_peak = RecentPeak(peak_window_seconds)  # of the batches handed over
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -274,7 +272,7 @@ class AuditLog:
         if (
             self._send_at_once
             or waited >= self._group_commit_seconds
-            or len(self._batch) >= self._recent_peak(now)
+            or len(self._batch) >= self._batch_peak.current(now)
         ):
             self._flush_batch()
         elif self._gathering is None:
@@ -288,14 +286,6 @@ class AuditLog:
             self._send_at_once = bool(self._batch)
         else:
             self._flush_batch()
-
-    def _recent_peak(self, now: float) -> int:
-        """The largest batch of this window and the one before (windows start when due)."""
-        if now >= self._peak_until:
-            recent = now < self._peak_until + self._peak_window
-            self._peak_before, self._peak = (self._peak if recent else 0), 0
-            self._peak_until = now + self._peak_window
-        return max(self._peak, self._peak_before)
 
     def _gathered(self) -> None:
         self._gathering = None
@@ -311,8 +301,7 @@ class AuditLog:
             batch, self._batch = self._batch, []
             self._batch_in_flight = True
             self._queue.put(batch)
-            self._recent_peak(time.monotonic())
-            self._peak = max(self._peak, len(batch))
+            self._batch_peak.observe(len(batch), time.monotonic())
 
     def _settle(self, outcomes: Sequence[tuple[_Pending, Outcome]]) -> None:
         """Resolve waiters: futures here; a loop's batch with one wake-up of that loop.
