@@ -107,7 +107,7 @@ def test_reopening_applies_migrations_once(open_store: Callable[[], Store]) -> N
         assert transaction.view(SCOPE, 0.0).usage.calls == 1
 
 
-def _count_call(transaction: StateTransaction) -> int:
+def count_call(transaction: StateTransaction) -> int:
     """One Check's part of a batch: the run's calls before it, then one more."""
     calls = transaction.view(SCOPE, 1000.0).usage.calls
     transaction.commit(
@@ -131,11 +131,11 @@ def test_a_batch_decides_in_order_and_undoes_only_a_failed_decision(
     seen = []
     with store.decisions() as batch:
         with batch.decision() as transaction:
-            seen.append(_count_call(transaction))
+            seen.append(count_call(transaction))
         with pytest.raises(ValueError, match="engine bug"):
             _decide_then_fail(batch)
         with batch.decision() as transaction:
-            seen.append(_count_call(transaction))
+            seen.append(count_call(transaction))
     assert seen == [0, 1], "the failed decision's call was undone"
     with open_store().decision() as transaction:  # another process sees the batch whole
         assert transaction.view(SCOPE, 1000.0).usage.calls == 2
@@ -161,7 +161,7 @@ def test_a_batch_whose_undo_failed_commits_nothing(tmp_path: Path) -> None:
     def decide_then_lose_an_undo() -> None:
         with store.decisions() as batch:
             with batch.decision() as transaction:
-                _count_call(transaction)
+                count_call(transaction)
             batch._db = _UndoFails(batch._db)  # type: ignore[assignment]
             with pytest.raises(StoreUnavailableError, match="disk I/O error"):
                 _decide_then_fail(batch)
@@ -179,7 +179,7 @@ def test_a_batch_whose_undo_failed_commits_nothing(tmp_path: Path) -> None:
 
 def _decide_then_fail(batch: DecisionBatch) -> None:
     with batch.decision() as transaction:
-        _count_call(transaction)
+        count_call(transaction)
         raise ValueError("engine bug")
 
 
@@ -191,7 +191,7 @@ def test_a_batch_that_raises_commits_nothing(open_store: Callable[[], Store]) ->
         with store.decisions() as batch:
             for _ in range(3):
                 with batch.decision() as transaction:
-                    _count_call(transaction)
+                    count_call(transaction)
             raise RuntimeError("batch failed")
 
     with pytest.raises(RuntimeError, match="batch failed"):

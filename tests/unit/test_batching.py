@@ -8,36 +8,15 @@ import fcntl
 import os
 import time
 from collections.abc import Callable, Iterator
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from sidecar.batching import DecisionBatcher
-from sidecar.engine import Decision, Outcome, Reason, ReasonCode, StateChanges
 from sidecar.errors import StoreUnavailableError
-from sidecar.state import DecisionScope, StateTransaction
+from sidecar.state import StateTransaction
 from sidecar.state.sqlite import SQLiteStore
-
-SCOPE = DecisionScope(agent="a@service", tool="t", run_key="run-1")
-ALLOW = Decision(
-    Outcome.ALLOW, (Reason(ReasonCode.TIER_ALLOWED, "ok"),), "v1", "auto", agent="a@service"
-)
-
-
-def count_call(transaction: StateTransaction) -> int:
-    """A Check's state work: the run's calls before it, then one more."""
-    calls = transaction.view(SCOPE, 1000.0).usage.calls
-    transaction.commit(
-        SCOPE,
-        StateChanges(count_call=True),
-        decision=ALLOW,
-        decision_id="dec_1",
-        cost=Decimal(0),
-        now=1000.0,
-        idempotency_window_seconds=60,
-    )
-    return calls
+from tests.state.test_store import SCOPE, count_call
 
 
 def calls(store: SQLiteStore) -> int:
