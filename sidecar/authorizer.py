@@ -203,10 +203,7 @@ class _Pending:
     record_id: str
     started: float
     span: Span | None
-
-    @property
-    def tool(self) -> Tool | None:
-        return self.policy.tools.get(self.call.tool)
+    tool: Tool | None  # the policy's tool of that name, if any
 
 
 _Decided = tuple[StateView, Evaluation, NewApproval | None]
@@ -347,7 +344,7 @@ class Authorizer:
                 token_ids=token.lineage,
             )
         pending = _Pending(
-            request, call, policy, token, scope, now, self._new_id(now), started, span
+            request, call, policy, token, scope, now, self._new_id(now), started, span, tool
         )
         evaluation, new_approval, write_started, written = await self._batcher.decide(
             partial(_decide, pending), partial(self._record, pending)
