@@ -375,9 +375,9 @@ class Authorizer:
         """Once the decision is committed: its audit record, queued at once (no await in
         between, so a Check cancelled from now on still leaves its record), and the decision
         undone if the record cannot be made durable, whether or not the Check still waits."""
-        evaluation = decided[1]
+        view, evaluation, new_approval = decided
         try:
-            written = self._audit.enqueue(self._audit_body(pending, decided[0], evaluation))
+            written = self._audit.enqueue(self._audit_body(pending, view, evaluation))
         except Exception:
             self._unrecorded(pending, evaluation.changes)
             raise
@@ -387,7 +387,7 @@ class Authorizer:
                 self._unrecorded(pending, evaluation.changes)
 
         written.add_done_callback(settled)
-        return evaluation, decided[2], time.perf_counter(), written
+        return evaluation, new_approval, time.perf_counter(), written
 
     def _unrecorded(self, pending: _Pending, changes: StateChanges) -> None:
         """A committed decision has no durable record: the answer is UNAVAILABLE (if anyone
