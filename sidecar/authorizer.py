@@ -207,8 +207,9 @@ class _Pending:
 
 
 _Decided = tuple[StateView, Evaluation, NewApproval | None]
-_Recorded = tuple[Evaluation, NewApproval | None, float, "asyncio.Future[Receipt]"]
-"""The decision, the approval it created, when its record was queued, and the record's write."""
+_Recorded = tuple[_Pending, Evaluation, NewApproval | None, float, "asyncio.Future[Receipt]"]
+"""The Check, its decision, the approval it created, when its record was queued, and the
+record's write."""
 
 
 def _decide(pending: _Pending, transaction: StateTransaction) -> _Decided:
@@ -295,8 +296,12 @@ class Authorizer:
         self._metrics.decision_batch.observe(checks)
         self._audit.send_gathered()
 
-    async def check(self, request: CheckInput) -> CheckResult:
+    async def check(self, parse: Callable[[], CheckInput]) -> CheckResult:
         """Decide and record one call (in an OpenTelemetry span when tracing is on).
+
+        ``parse`` makes the request; it is called in the Check's decision batch, back to back
+        with the other Checks' (see ``sidecar.batching``), and what it raises
+        (``InvalidRequestError``) fails this Check alone, before anything is decided.
 
         State changes (budgets, idempotency, rate buckets, approvals) are committed before the
         audit record is written; if the record then fails, the call was counted but not
@@ -308,10 +313,10 @@ class Authorizer:
         """
         with self._batcher.in_flight():
             if self._tracer is None:
-                return await self._check(request, None)
+                return await self._check(parse, None)
             span = self._tracer.start_span("proviso.Check")
             try:
-                result = await self._check(request, span)
+                result = await self._check(parse, span)
             except BaseException as exc:
                 span.record_exception(exc)
                 span.set_status(StatusCode.ERROR, type(exc).__name__)
@@ -320,35 +325,12 @@ class Authorizer:
                 span.end()
             return result
 
-    async def _check(self, request: CheckInput, span: Span | None) -> CheckResult:
+    async def _check(self, parse: Callable[[], CheckInput], span: Span | None) -> CheckResult:
         started = time.perf_counter()
-        now = self._clock.now()
-        policy = self._policy.current
-        token = self._tokens.verify(request.token, now)
-        call = request.call
-        if not call.args_digest:  # convert.check_input computes it; other callers may not
-            call = replace(call, args_digest=strictjson.digest(call.arguments))
-        scope = None
-        tool = policy.tools.get(call.tool)
-        if isinstance(token, CapabilityClaims):
-            scope = DecisionScope(
-                agent=token.subject,
-                tool=call.tool,
-                run_key=call.run_id or f"token:{token.token_id}",
-                idempotency_key=call.idempotency_key,
-                args_digest=call.args_digest,
-                run_id=call.run_id,
-                approval_id=call.approval_id,
-                may_need_approval=tool is not None
-                and any(t.action is TierAction.REQUIRE_APPROVAL for t in tool.tiers),
-                token_ids=token.lineage,
-            )
-        pending = _Pending(
-            request, call, policy, token, scope, now, self._new_id(now), started, span, tool
+        pending, evaluation, new_approval, write_started, written = await self._batcher.decide(
+            partial(self._prepare, parse, started, span), _decide, self._record
         )
-        evaluation, new_approval, write_started, written = await self._batcher.decide(
-            partial(_decide, pending), partial(self._record, pending)
-        )
+        call, scope, policy = pending.call, pending.scope, pending.policy
         record_id = pending.record_id
         decision = evaluation.decision
         await asyncio.shield(written)  # AuditWriteError: UNAVAILABLE (``unrecorded`` undid it)
@@ -371,6 +353,37 @@ class Authorizer:
             replayed=bool(evaluation.replay_of),
         )
 
+    def _prepare(
+        self, parse: Callable[[], CheckInput], started: float, span: Span | None
+    ) -> _Pending:
+        """The request parsed, its token verified, and what it is decided on: the Check's part
+        of its batch before the lock."""
+        request = parse()
+        now = self._clock.now()
+        policy = self._policy.current
+        token = self._tokens.verify(request.token, now)
+        call = request.call
+        if not call.args_digest:  # convert.check_input computes it; other callers may not
+            call = replace(call, args_digest=strictjson.digest(call.arguments))
+        scope = None
+        tool = policy.tools.get(call.tool)
+        if isinstance(token, CapabilityClaims):
+            scope = DecisionScope(
+                agent=token.subject,
+                tool=call.tool,
+                run_key=call.run_id or f"token:{token.token_id}",
+                idempotency_key=call.idempotency_key,
+                args_digest=call.args_digest,
+                run_id=call.run_id,
+                approval_id=call.approval_id,
+                may_need_approval=tool is not None
+                and any(t.action is TierAction.REQUIRE_APPROVAL for t in tool.tiers),
+                token_ids=token.lineage,
+            )
+        return _Pending(
+            request, call, policy, token, scope, now, self._new_id(now), started, span, tool
+        )
+
     def _record(self, pending: _Pending, decided: _Decided) -> _Recorded:
         """Once the decision is committed: its audit record, queued at once (no await in
         between, so a Check cancelled from now on still leaves its record), and the decision
@@ -387,7 +400,7 @@ class Authorizer:
                 self._unrecorded(pending, evaluation.changes)
 
         written.add_done_callback(settled)
-        return evaluation, new_approval, time.perf_counter(), written
+        return pending, evaluation, new_approval, time.perf_counter(), written
 
     def _unrecorded(self, pending: _Pending, changes: StateChanges) -> None:
         """A committed decision has no durable record: the answer is UNAVAILABLE (if anyone

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -151,7 +152,7 @@ class AuthorizationService:
         self._in_flight += 1
         self._metrics.checks_in_flight.set(self._in_flight)
         try:
-            result = await self._authorizer.check(convert.check_input(request))
+            result = await self._authorizer.check(partial(convert.check_input, request))
         finally:
             self._in_flight -= 1
             self._metrics.checks_in_flight.set(self._in_flight)

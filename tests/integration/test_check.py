@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import MappingProxyType
 
 import grpc
@@ -281,6 +282,28 @@ async def test_malformed_requests_are_invalid_argument(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _bad_request_field(caught.value) == field
     assert field in (caught.value.details() or "")
+
+
+async def test_a_malformed_check_among_others_in_flight_fails_alone(sidecar: Sidecar) -> None:
+    """Checks in flight together are parsed and decided in one batch: a malformed one among
+    them is INVALID_ARGUMENT, and the others are answered as if it were not there."""
+    token = sidecar.token()
+    for burst in range(3):  # the first teaches the sidecar how many Checks fly together
+        malformed = pb.CheckRequest(token=token, tool="requestRefund", arguments_json="[1]")
+        calls: list[Awaitable[pb.CheckResponse]] = [
+            check(sidecar, token, "requestRefund", refund("10"), run_id=f"run-{burst}-{i}")
+            for i in range(7)  # a run each: the run budget allows only so many refunds
+        ]
+        calls.insert(3, sidecar.authz.Check(malformed))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        failed = results.pop(3)
+        assert isinstance(failed, grpc.aio.AioRpcError), f"burst {burst}"
+        assert failed.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert _bad_request_field(failed) == "arguments_json"
+        assert all(isinstance(r, pb.CheckResponse) for r in results), results
+        assert [r.decision for r in results if isinstance(r, pb.CheckResponse)] == [
+            pb.DECISION_ALLOW
+        ] * 7
 
 
 async def test_undecodable_protobuf_is_invalid_argument(sidecar: Sidecar) -> None:

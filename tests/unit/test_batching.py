@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -49,13 +50,27 @@ class Checks:
         self.answered = asyncio.Event()
         self.committed: list[int] = []  # what each Check's committed step saw, in order
 
-    def after_commit(self, calls: int) -> int:
+        self.steps: list[str] = []  # the phases of every Check, in the order they ran
+
+    def prepare(self) -> None:
+        self.steps.append("prepare")
+
+    def after_commit(self, _: None, calls: int) -> int:
+        self.steps.append("committed")
         self.committed.append(calls)
         return calls
 
-    async def check(self, work: Callable[[StateTransaction], int] = count_call) -> int:
+    async def check(
+        self,
+        work: Callable[[StateTransaction], int] = count_call,
+        prepare: Callable[[], None] | None = None,
+    ) -> int:
+        def decide(_: None, transaction: StateTransaction) -> int:
+            self.steps.append("work")
+            return work(transaction)
+
         with self.batcher.in_flight():
-            result = await self.batcher.decide(work, self.after_commit)
+            result = await self.batcher.decide(prepare or self.prepare, decide, self.after_commit)
             await self.answered.wait()
             return result
 
@@ -85,6 +100,9 @@ async def test_checks_in_flight_together_are_decided_in_one_batch_in_order(
     assert checks.batches[8:] == [8]
     assert time.monotonic() - started < 2.0, "the last arrival ran the batch, not the window"
     assert calls(store) == 16
+    assert checks.steps[24:] == ["prepare"] * 8 + ["work"] * 8 + ["committed"] * 8, (
+        "each phase ran for the whole batch back to back, the work in one transaction"
+    )
 
 
 async def test_fewer_checks_than_the_peak_wait_for_the_window_only(store: SQLiteStore) -> None:
@@ -152,6 +170,62 @@ async def test_a_failing_check_is_undone_alone(store: SQLiteStore) -> None:
     assert calls(store) == 5
 
 
+async def test_a_check_that_fails_to_prepare_fails_alone_and_decides_nothing(
+    store: SQLiteStore,
+) -> None:
+    """A Check whose preparation raises (a malformed request) gets its own error, without a
+    transaction of its own; the others in its batch are decided, and see no write of it."""
+    checks = Checks(store, window_seconds=5.0)
+    await checks.burst(3)
+
+    def malformed() -> None:
+        raise ValueError("not a valid request")
+
+    checks.answered.clear()
+    tasks = [
+        asyncio.create_task(checks.check()),
+        asyncio.create_task(checks.check(prepare=malformed)),
+        asyncio.create_task(checks.check()),
+    ]
+    await asyncio.sleep(0.05)
+    checks.answered.set()
+    first, failed, third = await asyncio.gather(*tasks, return_exceptions=True)
+    assert (first, third) == (3, 4)
+    assert isinstance(failed, ValueError)
+    assert checks.batches[3:] == [2], "the batch decided the two Checks that prepared"
+    assert checks.steps[9:] == ["prepare", "prepare", "work", "work", "committed", "committed"]
+    assert calls(store) == 5
+
+
+@pytest.mark.parametrize("phase", ["prepare", "work"])
+async def test_an_interrupted_batch_leaves_no_check_waiting_and_commits_nothing(
+    store: SQLiteStore, phase: str
+) -> None:
+    """A BaseException (KeyboardInterrupt) out of any Check's step propagates, rolls the batch
+    back, and answers every Check of the batch with StoreUnavailableError."""
+    checks = Checks(store, window_seconds=30.0, arrival_gap_seconds=30.0)
+    await checks.burst(3)
+    checks.answered.set()
+
+    def interrupt(*_: object) -> NoReturn:
+        raise KeyboardInterrupt
+
+    tasks = [
+        asyncio.create_task(checks.check()),
+        asyncio.create_task(
+            checks.check(prepare=interrupt) if phase == "prepare" else checks.check(interrupt)
+        ),
+    ]
+    await asyncio.sleep(0.05)
+    assert len(checks.batcher._waiting) == 2, "both wait for the third Check of the peak"
+    with pytest.raises(KeyboardInterrupt):
+        checks.batcher.run()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    assert all(isinstance(r, StoreUnavailableError) for r in results), results
+    assert calls(store) == 3, "the first Check's write was rolled back with the batch"
+    assert checks.committed == [0, 1, 2]
+
+
 async def test_a_batch_that_cannot_lock_fails_every_check_in_it(
     store: SQLiteStore, tmp_path: Path
 ) -> None:
@@ -187,6 +261,7 @@ async def test_a_check_cancelled_while_it_waits_is_not_decided(store: SQLiteStor
     with pytest.raises(asyncio.CancelledError):
         await cancelled
     assert calls(store) == 3
+    assert checks.steps[6:] == ["prepare", "work", "committed"], "nor even prepared"
 
 
 async def test_a_check_cancelled_after_its_batch_committed_has_its_committed_step_run(
