@@ -390,7 +390,9 @@ class Authorizer:
         undone if the record cannot be made durable, whether or not the Check still waits."""
         view, evaluation, new_approval = decided
         try:
-            written = self._audit.enqueue(self._audit_body(pending, view, evaluation))
+            written = self._audit.enqueue(
+                self._audit_body(pending, view, evaluation), gathered=True
+            )
         except Exception:
             self._unrecorded(pending, evaluation.changes)
             raise

@@ -215,9 +215,17 @@ class AuditLog:
         """
         return await self.enqueue(body)
 
-    def enqueue(self, body: Mapping[str, Any]) -> asyncio.Future[Receipt]:
+    def enqueue(
+        self, body: Mapping[str, Any], *, gathered: bool = False
+    ) -> asyncio.Future[Receipt]:
         """``append`` without the wait: the record is queued now (on the running loop), and the
-        future says when it is durable, or raises ``AuditWriteError``."""
+        future says when it is durable, or raises ``AuditWriteError``.
+
+        ``gathered``: the caller queues several records together (a decision batch's) and then
+        calls ``send_gathered``, so this one waits for it instead of going to an fsync of its
+        own as the first record after a quiet spell would (the group commit window still
+        bounds the wait, should ``send_gathered`` not come).
+        """
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Receipt] = loop.create_future()
         record = self._prepare(body, waiter)
@@ -231,7 +239,13 @@ class AuditLog:
             if not self._batch:
                 self._first_waiting = time.monotonic()
             self._batch.append(_Pending(record, waiter, loop))
-            self._hand_over(loop)
+            if not gathered:
+                self._hand_over(loop)
+            elif self._gathering is None and not self._batch_in_flight:
+                self._gathering = loop.call_later(
+                    self._group_commit_seconds - (time.monotonic() - self._first_waiting),
+                    self._gathered,
+                )
         return waiter
 
     def submit(self, body: Mapping[str, Any]) -> concurrent.futures.Future[Receipt]:

@@ -33,13 +33,15 @@ async def held(
     release = asyncio.Event()
     enqueue = AuditLog.enqueue
 
-    def held_enqueue(self: AuditLog, body: Mapping[str, Any]) -> asyncio.Future[Receipt]:
+    def held_enqueue(
+        self: AuditLog, body: Mapping[str, Any], *, gathered: bool = False
+    ) -> asyncio.Future[Receipt]:
         if body.get("kind") != "decision":
-            return enqueue(self, body)
+            return enqueue(self, body, gathered=gathered)
 
         async def when_released() -> Receipt:
             await release.wait()
-            return await enqueue(self, body)
+            return await enqueue(self, body)  # alone: its batch's send_gathered came long ago
 
         return asyncio.ensure_future(when_released())
 

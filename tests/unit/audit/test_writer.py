@@ -146,6 +146,29 @@ async def test_send_gathered_hands_over_the_records_waiting_for_company(
     assert commits == [1, 3, 2, 2, 1]
 
 
+async def test_gathered_records_wait_for_send_gathered_even_after_a_quiet_spell(
+    tmp_path: Path,
+) -> None:
+    """A decision batch's records go to one fsync together: the first does not go alone
+    because nothing was seen lately. Without ``send_gathered`` they go when the window closes."""
+    log, commits = counting_log(
+        tmp_path / "a.jsonl", group_commit_seconds=0.3, peak_window_seconds=0.01
+    )
+    loop = asyncio.get_running_loop()
+    batch = [log.enqueue({"kind": "t", "i": i}, gathered=True) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert not any(w.done() for w in batch), "they wait for send_gathered"
+    log.send_gathered()
+    await asyncio.wait_for(asyncio.gather(*batch), 10)
+    await asyncio.sleep(0.05)  # a quiet spell: the batch of 3 is forgotten
+    started = loop.time()
+    left = [log.enqueue({"kind": "t", "i": i}, gathered=True) for i in range(2)]
+    await asyncio.wait_for(asyncio.gather(*left), 10)
+    assert loop.time() - started >= 0.29, "without send_gathered, the window"
+    log.close()
+    assert commits == [3, 2]
+
+
 async def test_a_zero_window_never_holds_a_record_back(tmp_path: Path) -> None:
     log, commits = counting_log(tmp_path / "a.jsonl", group_commit_seconds=0)
     await _burst(log, 4)
