@@ -142,6 +142,7 @@ class App:
     policy: PolicyHolder
     keys: KeyStore
     tokens: TokenVerifier
+    authorizer: Authorizer
     metrics: Metrics
     audit: AuditLog
     grpc_server: grpc.aio.Server
@@ -309,6 +310,7 @@ class App:
             policy=holder,
             keys=keys,
             tokens=verifier,
+            authorizer=authorizer,
             metrics=metrics,
             audit=audit,
             grpc_server=server,

@@ -308,6 +308,7 @@ class Authorizer:
         answered, which errs on the safe side.
 
         Raises:
+            InvalidRequestError: ``parse`` refused the request; nothing was decided.
             StoreUnavailableError: state could not be read or written; nothing is answered.
             AuditWriteError: the record could not be made durable; the caller must not allow.
         """

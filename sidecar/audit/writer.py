@@ -223,8 +223,8 @@ class AuditLog:
 
         ``gathered``: the caller queues several records together (a decision batch's) and then
         calls ``send_gathered``, so this one waits for it instead of going to an fsync of its
-        own as the first record after a quiet spell would (the group commit window still
-        bounds the wait, should ``send_gathered`` not come).
+        own as the first record after a quiet spell would. Should ``send_gathered`` not come,
+        the record goes when the group commit window closes, or after the write under way.
         """
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Receipt] = loop.create_future()

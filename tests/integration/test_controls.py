@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 
@@ -20,6 +21,8 @@ from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
 from sidecar.app import App
 from sidecar.audit.writer import AuditLog
+from sidecar.authorizer import CheckInput
+from sidecar.server import convert
 from tests.conftest import EXAMPLE_POLICIES, INCIDENT_AGENT, Sidecar, make_settings
 from tests.integration.test_check import INVOICE_CONTEXT, check, codes, refund
 from tests.integration.test_server import identity, scrape
@@ -209,6 +212,52 @@ async def test_checks_in_flight_together_share_transactions_and_stay_exact(
     ]
     decided = [r["record_id"] for r in records if r["kind"] == "decision"]
     assert sorted(decided) == sorted(r.decision_id for r in results), "one record each"
+
+
+async def test_a_batch_of_checks_goes_to_one_audit_fsync_at_once(tmp_path: Path) -> None:
+    """The records of Checks decided in one batch are written together and at once: not split
+    because the audit log's recent writes were smaller (it would send the first on alone, the
+    others after a second fsync), nor held for the group commit window (5 s here)."""
+    app = await App.start(make_settings(tmp_path / "state", audit_group_commit_seconds=5.0))
+    sidecar = Sidecar.connect(app)
+    token = sidecar.token()
+
+    def request(i: int) -> Callable[[], CheckInput]:
+        return partial(
+            convert.check_input,
+            pb.CheckRequest(
+                token=token, tool="requestRefund", arguments_json=refund("1"),
+                context_json=INVOICE_CONTEXT, run_id=f"run-{i}", idempotency_key=f"key-{i}",
+            ),
+        )  # fmt: skip
+
+    def samples(name: str) -> float:
+        return scrape(sidecar).get((name, ()), 0.0)
+
+    async def burst(first: int) -> tuple[float, float]:
+        """Eight Checks started in one turn of the loop: the decision batches and the audit
+        writes they took."""
+        batches = samples("proviso_decision_batch_checks_count")
+        commits = samples("proviso_audit_batch_records_count")
+        records = samples("proviso_audit_batch_records_sum")
+        checks = (app.authorizer.check(request(i)) for i in range(first, first + 8))
+        results = await asyncio.wait_for(asyncio.gather(*checks), 2.5)
+        assert {r.decision.outcome.value for r in results} == {"ALLOW"}
+        deadline = time.monotonic() + 10  # the writer reports a write just after answering
+        while samples("proviso_audit_batch_records_sum") < records + 8:
+            assert time.monotonic() < deadline, "the records were never reported written"
+            await asyncio.sleep(0.01)
+        return (
+            samples("proviso_decision_batch_checks_count") - batches,
+            samples("proviso_audit_batch_records_count") - commits,
+        )
+
+    try:
+        batches, _ = await burst(0)  # each decided as it comes: nothing says more are coming
+        assert batches > 1
+        assert await burst(8) == (1, 1), "one batch of eight, one write"
+    finally:
+        await sidecar.close()
 
 
 async def test_checks_without_a_run_fall_under_a_per_token_budget(sidecar: Sidecar) -> None:
