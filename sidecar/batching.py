@@ -14,15 +14,15 @@ after the other in one ``Store.decisions`` transaction, each in a savepoint of i
 - a failure of the batch (the lock, the commit) fails every Check in it: nothing is answered
   that was not committed.
 
-Each Check is prepared first (the authorizer parses its request and verifies its token there),
-all of them back to back before the lock is taken: run together, that work too finds warm
-caches (~10 % more Checks/s at 16 in flight), and a Check that fails it (a malformed request) fails
-alone without holding the lock. Once the batch is committed, each Check's ``committed`` step
-(the authorizer queues its audit record there) runs before any of them resumes, so a Check
-cancelled after its decision was committed still leaves its record. The lock is held only
-while the batch is decided, synchronously, never across an ``await``. A call alone waits at
-most the arrival gap; a Check cancelled while it waits (its deadline passed) is not prepared
-or decided at all.
+Each Check is prepared first (the authorizer parses its request and verifies its token
+there), all of them back to back before the lock is taken: run together, that work too finds
+warm caches (~10 % more Checks/s at 16 in flight), and a Check that fails it (a malformed
+request) fails alone without holding the lock. Once the batch is committed, each Check's
+``committed`` step (the authorizer queues its audit record there) runs before any of them
+resumes, so a Check cancelled after its decision was committed still leaves its record. The
+lock is held only while the batch is decided, synchronously, never across an ``await``. A call
+alone waits at most the arrival gap; a Check cancelled while it waits (its deadline passed) is
+not prepared or decided at all.
 """
 
 from __future__ import annotations
