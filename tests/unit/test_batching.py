@@ -134,6 +134,26 @@ async def test_a_batch_waits_only_while_checks_keep_coming(store: SQLiteStore) -
     assert checks.batches[8:] == [3, 1]
 
 
+async def test_a_check_alone_in_moderate_traffic_does_not_wait_for_company(
+    store: SQLiteStore,
+) -> None:
+    """Once Checks keep coming further apart than the arrival gap, one alone in flight is
+    decided at once, though more flew together before (the peak): waiting for company that
+    does not come was most of its latency. Until then it waits the gap, as after a burst."""
+    checks = Checks(store, window_seconds=30.0, arrival_gap_seconds=0.2)
+    await checks.burst(8)
+    checks.answered.set()
+    waits = []
+    for _ in range(6):
+        await asyncio.sleep(0.25)  # further apart than the gap
+        started = time.monotonic()
+        await asyncio.wait_for(checks.check(), 10)
+        waits.append(time.monotonic() - started)
+    assert waits[0] >= 0.19, "right after a burst, a Check alone waits the gap for company"
+    assert max(waits[-3:]) < 0.1, f"after sparse arrivals, none waits: {waits}"
+    assert checks.batches[8:] == [1] * 6
+
+
 async def test_a_call_alone_never_waits(store: SQLiteStore) -> None:
     """One call in flight at a time is decided at once, whatever the window."""
     checks = Checks(store, window_seconds=5.0)
