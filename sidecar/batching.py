@@ -81,7 +81,7 @@ class DecisionBatcher(Generic[R]):
         self._timer: asyncio.TimerHandle | None = None
         self._active = 0  # Checks between arrival and answer
         self._in_flight_peak = RecentPeak(peak_window_seconds)
-        self._last_arrival = 0.0
+        self._last_busy = 0.0  # the last arrival, or the end of the last batch if later
         self._close_arrivals = 1.0  # of recent arrivals; company is likely until shown not
 
     @contextlib.contextmanager
@@ -115,9 +115,12 @@ class DecisionBatcher(Generic[R]):
             self._move_to(loop)
         waiter: asyncio.Future[R] = loop.create_future()
         now = time.monotonic()
-        close = now - self._last_arrival < self._gap
+        # Close to the last arrival, or to the end of the last batch: time the loop spent
+        # deciding is not time without arrivals (Checks decided one by one as they come, or
+        # under overload, reach this point a Check's worth of work apart).
+        close = now - self._last_busy < self._gap
         self._close_arrivals += (close - self._close_arrivals) * CLOSE_ARRIVALS_WEIGHT
-        self._last_arrival = now
+        self._last_busy = now
         if not self._waiting:
             self._first_waiting = now
         self._waiting.append(_Waiting(prepare, work, committed, waiter))
@@ -158,6 +161,7 @@ class DecisionBatcher(Generic[R]):
         self._waiting = []
         try:
             self._run(batch)
+            self._last_busy = time.monotonic()
         finally:  # a BaseException (KeyboardInterrupt) out of a step: nobody is left waiting
             for waiting in batch:
                 if not waiting.waiter.done():

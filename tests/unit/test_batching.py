@@ -74,11 +74,13 @@ class Checks:
             await self.answered.wait()
             return result
 
-    async def burst(self, count: int) -> list[int]:
+    async def burst(
+        self, count: int, work: Callable[[StateTransaction], int] = count_call
+    ) -> list[int]:
         """``count`` Checks in flight together, answered once all are decided."""
         self.answered.clear()
         decided = sum(self.batches) + count
-        tasks = [asyncio.create_task(self.check()) for _ in range(count)]
+        tasks = [asyncio.create_task(self.check(work)) for _ in range(count)]
         deadline = time.monotonic() + 10
         while sum(self.batches) < decided:
             assert time.monotonic() < deadline, "the burst was never decided"
@@ -152,6 +154,26 @@ async def test_a_check_alone_in_moderate_traffic_does_not_wait_for_company(
     assert waits[0] >= 0.19, "right after a burst, a Check alone waits the gap for company"
     assert max(waits[-3:]) < 0.1, f"after sparse arrivals, none waits: {waits}"
     assert checks.batches[8:] == [1] * 6
+
+
+async def test_checks_decided_one_by_one_are_not_taken_for_sparse_traffic(
+    store: SQLiteStore,
+) -> None:
+    """Checks that reach the batcher a decision's work apart (each decided as it came, or the
+    loop is overloaded) came together: the time spent deciding is not a gap in the traffic,
+    so the next Check alone still waits for company."""
+    checks = Checks(store, window_seconds=30.0, arrival_gap_seconds=0.05)
+
+    def slow(transaction: StateTransaction) -> int:
+        time.sleep(0.06)  # longer than the arrival gap
+        return count_call(transaction)
+
+    await checks.burst(8, slow)  # the peak is unknown yet: each is decided as it comes
+    assert checks.batches == [1] * 8
+    checks.answered.set()
+    started = time.monotonic()
+    await asyncio.wait_for(checks.check(), 10)
+    assert time.monotonic() - started >= 0.045, "it waited the gap for company"
 
 
 async def test_a_call_alone_never_waits(store: SQLiteStore) -> None:
