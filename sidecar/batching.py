@@ -21,8 +21,8 @@ request) fails alone without holding the lock. Once the batch is committed, each
 ``committed`` step (the authorizer queues its audit record there) runs before any of them
 resumes, so a Check cancelled after its decision was committed still leaves its record. The
 lock is held only while the batch is decided, synchronously, never across an ``await``. A call
-alone waits at most the arrival gap, and not at all when most recent Checks came further apart
-than the gap (moderate traffic: at 300 Checks/s the peak in flight is 2 or 3, yet a Check is
+alone waits at most the arrival gap, and not at all when few recent Checks came within the gap
+of the one before (moderate traffic: at 300 Checks/s the peak in flight is 2 or 3, yet a Check is
 usually alone, and waiting for company that does not come was most of its latency). A Check
 cancelled while it waits (its deadline passed) is not prepared or decided at all.
 """
@@ -55,8 +55,14 @@ ARRIVAL_GAP_SECONDS = 0.0003
 ~50 us apart; when traffic is only moderately busy, the next one may be far off."""
 
 CLOSE_ARRIVALS_WEIGHT = 0.2
-"""How much each arrival moves the share of Checks that came within the arrival gap of the one
-before (an exponentially weighted mean: the last ~10 arrivals count)."""
+"""How much each arrival moves the share of Checks that came close: within the arrival gap of
+the one before, or of the end of the last batch (an exponentially weighted mean: the last five
+arrivals or so weigh most)."""
+
+SPARSE_SHARE = 1 / 3
+"""Below this share of close arrivals, a Check alone in flight does not wait for company. A
+third, not a half: two Checks in flight answered together come back one after a gap and one
+close behind it, and their share settles between 0.44 and 0.56."""
 
 
 class DecisionBatcher(Generic[R]):
@@ -115,9 +121,9 @@ class DecisionBatcher(Generic[R]):
             self._move_to(loop)
         waiter: asyncio.Future[R] = loop.create_future()
         now = time.monotonic()
-        # Close to the last arrival, or to the end of the last batch: time the loop spent
-        # deciding is not time without arrivals (Checks decided one by one as they come, or
-        # under overload, reach this point a Check's worth of work apart).
+        # Close to the last arrival, or to the end of the last batch: a Check that comes right
+        # after a batch came while the loop was busy, not after a quiet spell (Checks decided
+        # one by one as they come, or under overload, arrive a decision's work apart).
         close = now - self._last_busy < self._gap
         self._close_arrivals += (close - self._close_arrivals) * CLOSE_ARRIVALS_WEIGHT
         self._last_busy = now
@@ -128,10 +134,10 @@ class DecisionBatcher(Generic[R]):
         if (
             waited >= self._window
             or self._active >= self._in_flight_peak.current(now)
-            or (self._active == 1 and self._close_arrivals < 0.5)
+            or (self._active == 1 and self._close_arrivals < SPARSE_SHARE)
         ):
             # Every Check in flight is here, or the batch waited long enough, or this one is
-            # alone and the next is more likely than not to come later than the gap.
+            # alone and few Checks lately came close enough to be worth waiting for.
             self.run()
         else:  # wait for the next one, briefly: Checks that come together come close together
             if self._timer is not None:

@@ -255,13 +255,12 @@ async def test_a_batch_of_checks_goes_to_one_audit_fsync_at_once(tmp_path: Path)
     try:
         batches, _ = await burst(0)  # each decided as it comes: nothing says more are coming
         assert batches > 1
-        # The next burst is one batch, unless a slow machine started it more than two peak
-        # windows (0.2 s) after the last, which are then forgotten: try a few.
         for attempt in range(1, 6):
             batches, writes = await burst(8 * attempt)
-            assert writes <= batches, "a batch's records went to more than one write"
-            if batches == 1:
+            if batches < 8:
                 break
+            # A slow machine started this burst more than two peak windows (0.2 s) after the
+            # last, which are then forgotten: each Check was decided as it came. Try again.
         assert (batches, writes) == (1, 1), "one batch of eight, one write"
     finally:
         await sidecar.close()

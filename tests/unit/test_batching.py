@@ -146,14 +146,14 @@ async def test_a_check_alone_in_moderate_traffic_does_not_wait_for_company(
     await checks.burst(8)
     checks.answered.set()
     waits = []
-    for _ in range(6):
+    for _ in range(8):
         await asyncio.sleep(0.25)  # further apart than the gap
         started = time.monotonic()
         await asyncio.wait_for(checks.check(), 10)
         waits.append(time.monotonic() - started)
     assert waits[0] >= 0.19, "right after a burst, a Check alone waits the gap for company"
     assert max(waits[-3:]) < 0.1, f"after sparse arrivals, none waits: {waits}"
-    assert checks.batches[8:] == [1] * 6
+    assert checks.batches[8:] == [1] * 8
 
 
 async def test_checks_decided_one_by_one_are_not_taken_for_sparse_traffic(
@@ -174,6 +174,17 @@ async def test_checks_decided_one_by_one_are_not_taken_for_sparse_traffic(
     started = time.monotonic()
     await asyncio.wait_for(checks.check(), 10)
     assert time.monotonic() - started >= 0.045, "it waited the gap for company"
+
+
+async def test_two_checks_answered_together_stay_batched_together(store: SQLiteStore) -> None:
+    """Two Checks in flight, answered together and sent again at once: each time one comes
+    after a gap and one close behind it. Half the arrivals are close, which is no sparse
+    traffic: the first waits for the second, and they are decided together."""
+    checks = Checks(store, window_seconds=30.0, arrival_gap_seconds=0.05)
+    for _ in range(12):
+        await asyncio.sleep(0.1)  # longer than the gap
+        await checks.burst(2)
+    assert checks.batches[-4:] == [2, 2, 2, 2]
 
 
 async def test_a_call_alone_never_waits(store: SQLiteStore) -> None:
