@@ -1,8 +1,11 @@
-"""One load-generator process: a grpc.aio channel with a fixed number of calls in flight.
+"""One load-generator process: a grpc.aio channel, in a closed or an open loop.
 
-Closed loop: each of ``concurrency`` coroutines sends a call, waits for the answer and sends
-the next, so throughput is what the server sustains at that concurrency. Only calls that
-start inside the measured window count; the warm-up window before it is discarded.
+Closed loop (``rate`` 0): each of ``concurrency`` coroutines sends a call, waits for the answer
+and sends the next, so throughput is what the server sustains at that concurrency. Open loop
+(``rate`` above 0): calls are sent at random times, ``rate`` a second on average (Poisson
+arrivals, as independent agents make them), whether or not earlier ones were answered: the
+latency a given load sees. Only calls that start inside the measured window count; the warm-up
+window before it is discarded.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import random
 import signal
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
@@ -43,6 +48,7 @@ class Plan:
     seconds: float
     rpc_timeout_s: float
     server_pids: tuple[int, ...] = ()  # set for one client only: it samples the server's CPU
+    rate: float = 0.0  # calls a second in an open loop; 0: a closed loop of ``concurrency``
 
 
 @dataclass(slots=True)
@@ -128,30 +134,61 @@ async def drive(plan: Plan, scenario: str) -> WorkerResult:
         result.window_ns = measure_until - measure_from
         prefix = f"bench-{os.getpid()}-{scenario}"
 
-        async def loop(slot: int) -> None:
-            sent = 0
-            while (start := time.perf_counter_ns()) < measure_until:
-                sent += 1
-                request = request_bytes(base, f"{prefix}-{slot}-{sent}", sent)
-                try:
-                    response = await call(request, timeout=plan.rpc_timeout_s)
-                except grpc.aio.AioRpcError as exc:
-                    problem: str | None = f"{exc.code().name}: {exc.details()}"
-                else:
-                    problem = _verdict(scenario, response)
-                finished = time.perf_counter_ns()
-                if start < measure_from:
-                    continue
-                if problem is None:
-                    result.latencies_ns.append(finished - start)
-                else:
-                    result.errors[problem] += 1
+        async def send(key: str, count: int) -> None:
+            """One call, timed from when it is sent (counted if sent inside the window)."""
+            start = time.perf_counter_ns()
+            request = request_bytes(base, key, count)
+            try:
+                response = await call(request, timeout=plan.rpc_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                problem: str | None = f"{exc.code().name}: {exc.details()}"
+            else:
+                problem = _verdict(scenario, response)
+            finished = time.perf_counter_ns()
+            if start < measure_from:
+                return
+            if problem is None:
+                result.latencies_ns.append(finished - start)
+            else:
+                result.errors[problem] += 1
 
-        await asyncio.gather(
-            _sample_cpu(plan, result, measure_from, measure_until),
-            *(loop(slot) for slot in range(plan.concurrency)),
+        async def closed_loop(slot: int) -> None:
+            sent = 0
+            while time.perf_counter_ns() < measure_until:
+                sent += 1
+                await send(f"{prefix}-{slot}-{sent}", sent)
+
+        loops = (
+            [_poisson(send, prefix, plan, started, measure_until)]
+            if plan.rate
+            else [closed_loop(slot) for slot in range(plan.concurrency)]
         )
+        await asyncio.gather(_sample_cpu(plan, result, measure_from, measure_until), *loops)
     return result
+
+
+async def _poisson(
+    send: Callable[[str, int], Awaitable[None]],
+    prefix: str,
+    plan: Plan,
+    start_ns: int,
+    until_ns: int,
+) -> None:
+    """Send calls at random times, ``plan.rate`` a second on average, until ``until_ns``,
+    without waiting for answers; then wait for the answers."""
+    arrivals = random.Random(plan.worker)  # noqa: S311 - a load schedule, not a secret
+    in_flight: set[asyncio.Task[None]] = set()
+    due, sent = start_ns, 0
+    while True:
+        due += int(arrivals.expovariate(plan.rate) * NS_PER_S)
+        if due >= until_ns:
+            break
+        await asyncio.sleep(max(0, due - time.perf_counter_ns()) / NS_PER_S)
+        sent += 1
+        task = asyncio.create_task(send(f"{prefix}-{sent}", sent))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    await asyncio.gather(*in_flight)
 
 
 def worker_main(plan: Plan, barrier: Barrier, results: Queue[WorkerResult]) -> None:

@@ -3,7 +3,8 @@
 Starts ``python -m bench.server`` (a real sidecar plus a no-op method, with 1 and then 2 worker
 processes), drives each scenario with h2load (a C load generator) at several in-flight levels
 for a fixed time, checks on the server's metrics that every Check was answered ALLOW, adds a
-second view from Python gRPC clients, prints a table, and writes bench/results.json.
+second view from Python gRPC clients and a third, open loop (calls at a fixed rate: the latency
+a given load sees), prints a table, and writes bench/results.json.
 Settings come from flags, then BENCH_* environment variables, then defaults.
 """
 
@@ -67,6 +68,7 @@ class Config:
     in_flight: tuple[int, ...]
     workers: tuple[int, ...]
     python_in_flight: int
+    open_rates: tuple[int, ...]
     clients: int
     rpc_timeout_s: float
     engine_iterations: int
@@ -124,6 +126,21 @@ def _levels(text: str) -> tuple[int, ...]:
     return values
 
 
+def _rates(text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive calls-a-second figures, or 'none'."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = (0,)
+    if any(value <= 0 for value in values):
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers, comma-separated, or 'none', got {text!r}"
+        )
+    return values
+
+
 def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> Config:
     """Flags win over BENCH_* variables, which win over the defaults."""
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
@@ -147,6 +164,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> Config:
     option("--in-flight", _levels, "BENCH_IN_FLIGHT", "1,16,64", "calls in flight (h2load)")
     option("--workers", _levels, "BENCH_WORKERS", "1,2", "server worker processes to compare")
     option("--python-in-flight", pos_int, "BENCH_PYTHON_IN_FLIGHT", "16", "Python clients' load")
+    option("--open-rates", _rates, "BENCH_OPEN_RATES", "300,1000", "open-loop calls/s, or none")
     option("--clients", pos_int, "BENCH_CLIENTS", "2", "Python client processes")
     option("--rpc-timeout", pos_float, "BENCH_RPC_TIMEOUT", "5", "deadline of every call, s")
     option("--engine-iterations", pos_int, "BENCH_ENGINE_ITERATIONS", "20000", "evaluate calls")
@@ -163,6 +181,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> Config:
         in_flight=args.in_flight,
         workers=args.workers,
         python_in_flight=args.python_in_flight,
+        open_rates=args.open_rates,
         clients=args.clients,
         rpc_timeout_s=args.rpc_timeout,
         engine_iterations=args.engine_iterations,
@@ -321,10 +340,18 @@ class ScenarioResult:
     server_cpu_s: float | None
     client_cpu_s: float | None = None
     layout: str = ""
+    offered_per_s: int = 0  # an open loop's rate (then ``in_flight`` is 0)
 
     @property
     def calls_per_s(self) -> float:
         return self.calls / self.window_s
+
+    @property
+    def load(self) -> str:
+        """The load it ran under, as the report's first column shows it."""
+        if self.offered_per_s:
+            return f"{self.offered_per_s}/s Poisson"
+        return f"{self.in_flight} ({self.layout})"
 
     def server_us_per_call(self) -> float | None:
         if self.server_cpu_s is None or not self.calls:
@@ -334,6 +361,7 @@ class ScenarioResult:
     def to_json(self) -> dict[str, Any]:
         figures: dict[str, Any] = {
             "in_flight": self.in_flight,
+            **({"offered_per_s": self.offered_per_s} if self.offered_per_s else {}),
             "layout": self.layout,
             "calls": self.calls,
             "calls_per_s": round(self.calls_per_s, 1),
@@ -353,10 +381,16 @@ class ScenarioResult:
 
 @dataclass(slots=True)
 class Level:
-    """The no-op and Check results at one in-flight level."""
+    """The no-op and Check results at one in-flight level (or one open-loop rate)."""
 
     in_flight: int
     results: dict[str, ScenarioResult] = field(default_factory=dict)
+    offered_per_s: int = 0  # an open loop's rate (then ``in_flight`` is 0)
+
+    @property
+    def key(self) -> str:
+        """How results.json names it."""
+        return f"{self.offered_per_s}/s" if self.offered_per_s else str(self.in_flight)
 
     def ratios(self) -> dict[str, float | None]:
         """Check relative to the no-op: throughput kept; growth of latency and server CPU/call."""
@@ -461,37 +495,74 @@ def h2load_level(
 
 
 def python_level(config: Config, server: Server, in_flight: int) -> Level:
-    """Both scenarios from Python grpc.aio client processes; always stops them.
+    """Both scenarios from Python grpc.aio client processes, ``in_flight`` calls at a time.
+
+    Raises:
+        BenchError: a client process failed or did not report in time.
+    """
+    plans = [
+        _plan(config, server, index, concurrency=share)
+        for index, share in enumerate(config.split(in_flight))
+    ]
+    level = Level(in_flight)
+    for name, parts in _run_clients(config, server, plans).items():
+        level.results[name] = merge(name, in_flight, parts)
+    return level
+
+
+def open_level(config: Config, server: Server, rate: int) -> Level:
+    """Both scenarios at ``rate`` calls a second (Poisson arrivals, split over the client
+    processes): latency at a given load, not the most the server can take.
+
+    Raises:
+        BenchError: a client process failed or did not report in time.
+    """
+    clients = config.clients
+    plans = [
+        _plan(config, server, index, concurrency=0, rate=rate / clients) for index in range(clients)
+    ]
+    level = Level(0, offered_per_s=rate)
+    for name, parts in _run_clients(config, server, plans).items():
+        level.results[name] = merge(name, 0, parts, offered_per_s=rate)
+    return level
+
+
+def _plan(
+    config: Config, server: Server, index: int, *, concurrency: int, rate: float = 0.0
+) -> Plan:
+    return Plan(
+        worker=index,
+        target=f"127.0.0.1:{server.port}",
+        token=server.token,
+        scenarios=SCENARIOS,
+        concurrency=concurrency,
+        warmup_s=config.warmup_s,
+        seconds=config.seconds,
+        rpc_timeout_s=config.rpc_timeout_s,
+        server_pids=server.pids if index == 0 else (),
+        rate=rate,
+    )
+
+
+def _run_clients(
+    config: Config, server: Server, plans: Sequence[Plan]
+) -> dict[str, list[WorkerResult]]:
+    """Run one client process per plan, every scenario in step; always stops them.
 
     Raises:
         BenchError: a client process failed or did not report in time.
     """
     context = multiprocessing.get_context("spawn")  # grpc does not survive fork
-    split = config.split(in_flight)
-    barrier = context.Barrier(len(split))
+    barrier = context.Barrier(len(plans))
     results: Queue[WorkerResult] = context.Queue()
     workers = [
         context.Process(
             target=worker_main,
-            args=(
-                Plan(
-                    worker=index,
-                    target=f"127.0.0.1:{server.port}",
-                    token=server.token,
-                    scenarios=SCENARIOS,
-                    concurrency=share,
-                    warmup_s=config.warmup_s,
-                    seconds=config.seconds,
-                    rpc_timeout_s=config.rpc_timeout_s,
-                    server_pids=server.pids if index == 0 else (),
-                ),
-                barrier,
-                results,
-            ),
-            name=f"bench-client-{index}",
+            args=(plan, barrier, results),
+            name=f"bench-client-{plan.worker}",
             daemon=True,
         )
-        for index, share in enumerate(split)
+        for plan in plans
     ]
     collected: dict[str, list[WorkerResult]] = {name: [] for name in SCENARIOS}
     expected = len(SCENARIOS) * len(workers)
@@ -515,13 +586,12 @@ def python_level(config: Config, server: Server, in_flight: int) -> Level:
                 worker.kill()
                 worker.join()
         results.close()
-    level = Level(in_flight)
-    for name, parts in collected.items():
-        level.results[name] = merge(name, in_flight, parts)
-    return level
+    return collected
 
 
-def merge(name: str, in_flight: int, parts: Sequence[WorkerResult]) -> ScenarioResult:
+def merge(
+    name: str, in_flight: int, parts: Sequence[WorkerResult], *, offered_per_s: int = 0
+) -> ScenarioResult:
     """Pool every process's samples: calls/s is the sum, percentiles are over all calls."""
     latencies = [value for part in parts for value in part.latencies_ns]
     errors: Counter[str] = Counter()
@@ -538,6 +608,7 @@ def merge(name: str, in_flight: int, parts: Sequence[WorkerResult]) -> ScenarioR
         server_cpu_s=server_cpu[0] if server_cpu else None,
         client_cpu_s=sum(part.client_cpu_s for part in parts),
         layout=f"{len(parts)} processes",
+        offered_per_s=offered_per_s,
     )
 
 
@@ -568,10 +639,14 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-HEADER = (
-    f"  {'in flight':<18}{'':<8}{'calls/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
-    f"{'p99.9 ms':>10}{'server us/call':>16}{'errors':>8}"
-)
+def _header(load: str = "in flight") -> str:
+    return (
+        f"  {load:<18}{'':<8}{'calls/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+        f"{'p99.9 ms':>10}{'server us/call':>16}{'errors':>8}"
+    )
+
+
+HEADER = _header()
 
 
 def _level_lines(level: Level) -> list[str]:
@@ -579,9 +654,8 @@ def _level_lines(level: Level) -> list[str]:
     for name in SCENARIOS:
         result = level.results[name]
         ms = result.latency.in_units(NS_PER_MS) if result.latency else {}
-        where = f"{result.in_flight} ({result.layout})"
         lines.append(
-            f"  {where:<18}{LABELS[name]:<8}{result.calls_per_s:>9.0f}"
+            f"  {result.load:<18}{LABELS[name]:<8}{result.calls_per_s:>9.0f}"
             f"{_fmt(ms.get('p50'), '.2f'):>9}{_fmt(ms.get('p90'), '.2f'):>9}"
             f"{_fmt(ms.get('p99'), '.2f'):>9}{_fmt(ms.get('p99.9'), '.2f'):>10}"
             f"{_fmt(result.server_us_per_call(), '.0f'):>16}{sum(result.errors.values()):>8}"
@@ -602,7 +676,11 @@ class Results:
     h2load_version: str | None
     h2load: dict[int, list[Level]] = field(default_factory=dict)  # by worker count
     python: dict[int, list[Level]] = field(default_factory=dict)
+    open_loop: dict[int, list[Level]] = field(default_factory=dict)
     in_process: engine.InProcess | None = None
+
+    def views(self) -> tuple[tuple[str, dict[int, list[Level]]], ...]:
+        return (("h2load", self.h2load), ("Python", self.python), ("open loop", self.open_loop))
 
 
 def report(config: Config, results: Results) -> str:
@@ -628,6 +706,15 @@ def report(config: Config, results: Results) -> str:
         ]
         for level in levels:
             lines += _level_lines(level)
+    for workers, levels in results.open_loop.items():
+        lines += [
+            "",
+            f"Python grpc.aio clients, open loop ({config.clients} processes, Poisson arrivals, "
+            f"each call timed from when it is sent; write path), workers={workers}",
+            _header("offered"),
+        ]
+        for level in levels:
+            lines += _level_lines(level)
     if results.in_process is not None:
         lines += [
             "",
@@ -648,7 +735,7 @@ def report(config: Config, results: Results) -> str:
 
 def _levels_json(levels: Sequence[Level]) -> dict[str, Any]:
     return {
-        str(level.in_flight): {
+        level.key: {
             **{name: result.to_json() for name, result in level.results.items()},
             "ratios_check_over_noop": {
                 key: _round(value, 3) for key, value in level.ratios().items()
@@ -667,6 +754,7 @@ def results_json(config: Config, results: Results) -> dict[str, Any]:
         "h2load_layouts": {str(n): "x".join(map(str, layout(n))) for n in config.in_flight},
         "workers": list(config.workers),
         "python_in_flight": config.python_in_flight,
+        "open_rates": list(config.open_rates),
         "python_clients": config.clients,
         "rpc_timeout_s": config.rpc_timeout_s,
         "policies": str(config.policies),
@@ -689,6 +777,10 @@ def results_json(config: Config, results: Results) -> dict[str, Any]:
         },
         "python_clients": {
             f"workers={workers}": _levels_json(levels) for workers, levels in results.python.items()
+        },
+        "open_loop": {
+            f"workers={workers}": _levels_json(levels)
+            for workers, levels in results.open_loop.items()
         },
         "in_process_us": None
         if in_process is None
@@ -742,7 +834,8 @@ def bench(config: Config) -> int:
         config.policies, config.engine_iterations, config.verify_iterations
     )
     per_level = len(SCENARIOS) * (2 * config.warmup_s + config.seconds)
-    planned_s = len(config.workers) * len(config.in_flight) * per_level
+    levels = len(config.workers) * len(config.in_flight) + len(config.open_rates)
+    planned_s = levels * per_level
     token_ttl = max(900, int(planned_s) + 600)  # outlive the run: expiry would read as errors
     logs: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="proviso-bench-") as scratch:
@@ -769,6 +862,11 @@ def bench(config: Config) -> int:
                     results.python[workers] = [
                         python_level(config, server, in_flight) for in_flight in config.in_flight
                     ]
+                if workers == config.workers[0] and config.open_rates:
+                    print("  open loop ...", file=sys.stderr)
+                    results.open_loop[workers] = [
+                        open_level(config, server, rate) for rate in config.open_rates
+                    ]
         server_logs = {path.name: _tail(path) for path in logs}
     print()
     print(report(config, results))
@@ -785,14 +883,14 @@ def bench(config: Config) -> int:
 def _check_errors(results: Results, server_logs: Mapping[str, str]) -> int:
     """Warn about every scenario that had wrong answers; fail if one had no right answer."""
     status = 0
-    for view, by_workers in (("h2load", results.h2load), ("Python", results.python)):
+    for view, by_workers in results.views():
         for workers, levels in by_workers.items():
             for level in levels:
                 for result in level.results.values():
                     if result.errors:
                         print(
-                            f"\nWARNING: {view}, workers={workers}, {result.in_flight} in "
-                            f"flight, {LABELS[result.name]}: "
+                            f"\nWARNING: {view}, workers={workers}, {result.load}, "
+                            f"{LABELS[result.name]}: "
                             f"{sum(result.errors.values())} wrong answers:",
                             file=sys.stderr,
                         )
