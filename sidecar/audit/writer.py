@@ -239,13 +239,7 @@ class AuditLog:
             if not self._batch:
                 self._first_waiting = time.monotonic()
             self._batch.append(_Pending(record, waiter, loop))
-            if not gathered:
-                self._hand_over(loop)
-            elif self._gathering is None and not self._batch_in_flight:
-                self._gathering = loop.call_later(
-                    self._group_commit_seconds - (time.monotonic() - self._first_waiting),
-                    self._gathered,
-                )
+            self._hand_over(loop, gathered=gathered)
         return waiter
 
     def submit(self, body: Mapping[str, Any]) -> concurrent.futures.Future[Receipt]:
@@ -272,12 +266,13 @@ class AuditLog:
             waiter.set_exception(AuditWriteError(f"not a valid audit record: {exc}"))
             return None
 
-    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, *, gathered: bool = False) -> None:
         """Give the writer the loop's records, now or once the others expected have come.
 
         Under load the event loop is the bottleneck and an fsync is short next to a Check, so
         without waiting almost every record would be a batch of its own. One call in flight
-        makes batches of one: then nothing waits.
+        makes batches of one: then nothing waits. ``gathered`` records (see ``enqueue``) do
+        not count towards the recent peak: ``send_gathered`` says when they are all here.
         """
         if self._batch_in_flight or not self._batch:
             return  # the batch being written hands these over when it is done
@@ -286,7 +281,7 @@ class AuditLog:
         if (
             self._send_at_once
             or waited >= self._group_commit_seconds
-            or len(self._batch) >= self._batch_peak.current(now)
+            or (not gathered and len(self._batch) >= self._batch_peak.current(now))
         ):
             self._flush_batch()
         elif self._gathering is None:
