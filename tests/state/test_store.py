@@ -78,16 +78,31 @@ def commit(
     decision_id: str = "dec_1",
 ) -> None:
     with store.decision() as transaction:
-        transaction.view(scope, now)
-        transaction.commit(
-            scope,
-            changes,
-            decision=ALLOW,
-            decision_id=decision_id,
-            cost=cost,
-            now=now,
-            idempotency_window_seconds=WINDOW,
-        )
+        decide_in(transaction, changes, now=now, cost=cost, scope=scope, decision_id=decision_id)
+
+
+def decide_in(
+    transaction: StateTransaction,
+    changes: StateChanges,
+    *,
+    now: float = 1000.0,
+    cost: Decimal = Decimal(1),
+    scope: DecisionScope = SCOPE,
+    decision_id: str = "dec_1",
+) -> StateView:
+    """One decision in ``transaction``, as a Check makes it: the view it read, then its
+    changes committed."""
+    view = transaction.view(scope, now)
+    transaction.commit(
+        scope,
+        changes,
+        decision=ALLOW,
+        decision_id=decision_id,
+        cost=cost,
+        now=now,
+        idempotency_window_seconds=WINDOW,
+    )
+    return view
 
 
 def test_a_new_store_is_empty(open_store: Callable[[], Store]) -> None:
@@ -109,17 +124,7 @@ def test_reopening_applies_migrations_once(open_store: Callable[[], Store]) -> N
 
 def count_call(transaction: StateTransaction) -> int:
     """One Check's part of a batch: the run's calls before it, then one more."""
-    calls = transaction.view(SCOPE, 1000.0).usage.calls
-    transaction.commit(
-        SCOPE,
-        StateChanges(count_call=True),
-        decision=ALLOW,
-        decision_id="dec_1",
-        cost=Decimal(1),
-        now=1000.0,
-        idempotency_window_seconds=WINDOW,
-    )
-    return calls
+    return decide_in(transaction, StateChanges(count_call=True)).usage.calls
 
 
 def test_a_batch_decides_in_order_and_undoes_only_a_failed_decision(
@@ -345,16 +350,7 @@ class AbandonedError(Exception):
 
 def _commit_then_fail(store: Store) -> None:
     with store.decision() as transaction:
-        transaction.view(SCOPE, 0.0)
-        transaction.commit(
-            SCOPE,
-            StateChanges(count_call=True),
-            decision=ALLOW,
-            decision_id="d",
-            cost=Decimal(1),
-            now=0.0,
-            idempotency_window_seconds=WINDOW,
-        )
+        decide_in(transaction, StateChanges(count_call=True), now=0.0, decision_id="d")
         raise AbandonedError
 
 
