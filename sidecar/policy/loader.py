@@ -599,6 +599,10 @@ def _compile_tiers(bundle: _Bundle, tool: _Definition, known: frozenset[str] | N
             bundle.issues.append(
                 tool.file.issue(tier_path, Code.UNREACHABLE_TIER, message, hint=hint)
             )
+        if "approver_condition" in tier:  # a tier without `when` has one too (the catch-all)
+            what = f"approver condition of tier {label} of tool '{tool.name}'"
+            where = ("tiers", index, "approver_condition")
+            _compile_condition(bundle, tool, where, what, approver=True)
         source = tier.get("when")
         if source is None or (isinstance(source, str) and source.strip() == "true"):
             if always is None:
@@ -606,10 +610,6 @@ def _compile_tiers(bundle: _Bundle, tool: _Definition, known: frozenset[str] | N
             continue
         what = f"condition of tier {label} of tool '{tool.name}'"
         _compile_condition(bundle, tool, ("tiers", index, "when"), what, known)
-        if "approver_condition" in tier:
-            what = f"approver condition of tier {label} of tool '{tool.name}'"
-            where = ("tiers", index, "approver_condition")
-            _compile_condition(bundle, tool, where, what, approver=True)
 
 
 def _compile_rules(bundle: _Bundle, tool: _Definition, known: frozenset[str] | None) -> None:
@@ -785,9 +785,11 @@ def _build_tool(bundle: _Bundle, tool: _Definition) -> Tool:
                 else DEFAULT_APPROVAL_TTL_SECONDS,
                 message=tier.get("message", ""),
                 vetoes=int(tier.get("vetoes", 1)),
-                approver_condition=bundle.conditions.get(
-                    (tool.file.name, tool.name, "approver", index)
-                ),
+                # Indexed, not .get(): a condition in the file that was not compiled must
+                # fail the load, never leave the tier open to every eligible approver.
+                approver_condition=bundle.conditions[tool.file.name, tool.name, "approver", index]
+                if "approver_condition" in tier
+                else None,
             )
         )
     rules = tuple(

@@ -181,3 +181,49 @@ def test_the_fingerprint_is_the_version_a_load_would_give(tmp_path: Path) -> Non
         stream.write("# a comment is a change\n")
     assert bundle_fingerprint(bundle) != before
     assert bundle_fingerprint(bundle) == load_policy(bundle).version
+
+
+def _catch_all_finance_tier(bundle: Path, approver_condition: str) -> None:
+    """Make the refund's last tier (no `when`) an approval tier with ``approver_condition``."""
+    path = bundle / "billing.yaml"
+    text = path.read_text()
+    old = (
+        "      - name: over-limit\n        action: deny\n"
+        "        message: Refunds above 5000 are never made by an agent.\n"
+    )
+    assert old in text
+    new = (
+        "      - name: over-limit\n        action: require_approval\n        approvals: 1\n"
+        "        approver_roles: [finance-approver]\n"
+        f"        approver_condition: {approver_condition}\n"
+    )
+    path.write_text(text.replace(old, new))
+
+
+def test_a_catch_all_tier_keeps_its_approver_condition(tmp_path: Path) -> None:
+    """A tier without `when` is compiled with its approver condition: it used to be skipped,
+    and the tier then let every eligible approver through (separation of duties lost)."""
+    bundle = copy_examples(tmp_path / "bundle")
+    _catch_all_finance_tier(bundle, "'\"no_agents\" in approver.claims'")
+    tier = load_policy(bundle).tier("requestRefund", "over-limit")
+    assert tier is not None
+    assert tier.when is None
+    assert tier.approver_condition is not None
+    assert tier.approver_condition.source == '"no_agents" in approver.claims'
+
+
+def test_a_catch_all_tiers_broken_approver_condition_is_an_error(tmp_path: Path) -> None:
+    """...and a CEL error in it is reported at its line, as for any other tier."""
+    bundle = copy_examples(tmp_path / "bundle")
+    _catch_all_finance_tier(bundle, "'this is (not CEL'")
+    line = next(
+        number
+        for number, text in enumerate((bundle / "billing.yaml").read_text().splitlines(), 1)
+        if "this is (not CEL" in text
+    )
+    with pytest.raises(PolicyLoadError) as raised:
+        load_policy(bundle)
+    [issue] = raised.value.issues
+    assert isinstance(issue, PolicyIssue)
+    assert (issue.file, issue.line, issue.code) == ("billing.yaml", line, Code.CEL_SYNTAX)
+    assert "approver condition of tier 'over-limit'" in issue.message
