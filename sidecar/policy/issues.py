@@ -58,6 +58,7 @@ class Code(StrEnum):
     CEL_SYNTAX = "CEL_SYNTAX"
     CEL_TYPE = "CEL_TYPE"
     INVALID_SCHEMA = "INVALID_SCHEMA"
+    UNKNOWN_SCHEMA_KEYWORD = "UNKNOWN_SCHEMA_KEYWORD"
     PIN_NOT_IN_SCHEMA = "PIN_NOT_IN_SCHEMA"
     REDACT_NOT_IN_SCHEMA = "REDACT_NOT_IN_SCHEMA"
     UNREACHABLE_TIER = "UNREACHABLE_TIER"
@@ -126,6 +127,7 @@ FIX_HINTS: Mapping[str, str] = {
     Code.CEL_SYNTAX: "fix the expression at this position (CEL syntax: see policies/README.md)",
     Code.CEL_TYPE: "use args, agent, token or context, and make the condition boolean",
     Code.INVALID_SCHEMA: "fix the schema: JSON Schema 2020-12, with $ref only to '#/...'",
+    Code.UNKNOWN_SCHEMA_KEYWORD: "correct the keyword, or start an annotation of yours with 'x-'",
     Code.PIN_NOT_IN_SCHEMA: "add it to the arguments as a string property, or remove the pin",
     Code.UNREACHABLE_TIER: "move the unconditional tier last, or give it a 'when'",
     Code.WRITE_TOOL_WITHOUT_PINS: "add 'pins' naming the argument that identifies the resource",

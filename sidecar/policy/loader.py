@@ -55,7 +55,12 @@ from sidecar.policy.policy_format import (
     describe,
     did_you_mean,
 )
-from sidecar.policy.schemas import ArgumentSchema, ArgumentSchemaError
+from sidecar.policy.schemas import (
+    SCHEMA_KEYWORDS,
+    ArgumentSchema,
+    ArgumentSchemaError,
+    unknown_keywords,
+)
 from sidecar.policy.yamlnodes import Path as NodePath
 from sidecar.policy.yamlnodes import YamlDocument, parse_yaml
 
@@ -452,6 +457,19 @@ def _compile_arguments(bundle: _Bundle, tool: _Definition) -> ArgumentSchema | N
                 (*arguments_path, *where),
                 Code.INVALID_SCHEMA,
                 f"invalid arguments schema of tool '{tool.name}' at {pointer}: {message}",
+            )
+        )
+    for where in unknown_keywords(document):
+        keyword = str(where[-1])
+        pointer = "".join(f"/{part}" for part in where[:-1]) or "/"
+        bundle.issues.append(
+            tool.file.issue(
+                (*arguments_path, *where),
+                Code.UNKNOWN_SCHEMA_KEYWORD,
+                f"unknown keyword '{keyword}' in the arguments schema of tool '{tool.name}' "
+                f"at {pointer}: JSON Schema ignores it, so it constrains nothing",
+                hint=did_you_mean(keyword, sorted(SCHEMA_KEYWORDS)),
+                key=True,
             )
         )
     if schema is not None and not problems:

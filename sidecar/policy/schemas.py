@@ -402,6 +402,56 @@ _KEYWORDS: dict[str, Callable[[Any, Any], Check]] = {
 }
 
 
+_SUBSCHEMA = frozenset(
+    {"not", "if", "then", "else", "items", "contains", "additionalProperties", "propertyNames",
+     "unevaluatedItems", "unevaluatedProperties", "contentSchema"}
+)  # fmt: skip
+"""Keywords whose value is one schema."""
+_SUBSCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
+_SUBSCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "dependentSchemas"})
+SCHEMA_KEYWORDS = frozenset(
+    {
+        *_SUBSCHEMA, *_SUBSCHEMA_LISTS, *_SUBSCHEMA_MAPS,
+        # core
+        "$schema", "$id", "$ref", "$anchor", "$dynamicRef", "$dynamicAnchor", "$vocabulary",
+        "$comment",
+        # validation
+        "type", "const", "enum", "multipleOf", "maximum", "exclusiveMaximum", "minimum",
+        "exclusiveMinimum", "maxLength", "minLength", "pattern", "maxItems", "minItems",
+        "uniqueItems", "maxContains", "minContains", "maxProperties", "minProperties", "required",
+        "dependentRequired",
+        # annotations
+        "title", "description", "default", "deprecated", "readOnly", "writeOnly", "examples",
+        "format", "contentEncoding", "contentMediaType",
+    }
+)  # fmt: skip
+"""The keywords of JSON Schema 2020-12. Any other is ignored by a validator, silently: a
+misspelt ``maxLenght`` or ``requried`` would drop the constraint it was meant to be."""
+EXTENSION_PREFIX = "x-"
+"""Keywords of the schema's author (annotations no validator reads) start with this."""
+
+
+def unknown_keywords(
+    schema: Any, where: tuple[str | int, ...] = ()
+) -> Iterator[tuple[str | int, ...]]:
+    """The path of every keyword of ``schema`` (and its subschemas) that JSON Schema 2020-12
+    does not define and that is not an ``x-`` extension."""
+    if not isinstance(schema, Mapping):
+        return  # true, false, or a wrong type that check_schema reports
+    for key, value in schema.items():
+        path = (*where, key)
+        if key not in SCHEMA_KEYWORDS and not str(key).startswith(EXTENSION_PREFIX):
+            yield path
+        elif key in _SUBSCHEMA:
+            yield from unknown_keywords(value, path)
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            for index, item in enumerate(value):
+                yield from unknown_keywords(item, (*path, index))
+        elif key in _SUBSCHEMA_MAPS and isinstance(value, Mapping):
+            for name, item in value.items():
+                yield from unknown_keywords(item, (*path, name))
+
+
 def compile_fast_check(document: Mapping[str, Any]) -> Check | None:
     """The fast validity check of a schema, or None when jsonschema alone must decide."""
     try:

@@ -16,6 +16,7 @@ from sidecar.policy.loader import (
     load_policy,
     policy_files,
 )
+from sidecar.policy.schemas import unknown_keywords
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "policies"
 TESTDATA = Path(__file__).parent / "testdata"
@@ -227,3 +228,55 @@ def test_a_catch_all_tiers_broken_approver_condition_is_an_error(tmp_path: Path)
     assert isinstance(issue, PolicyIssue)
     assert (issue.file, issue.line, issue.code) == ("billing.yaml", line, Code.CEL_SYNTAX)
     assert "approver condition of tier 'over-limit'" in issue.message
+
+
+def test_a_misspelt_schema_keyword_is_an_error_at_its_line(tmp_path: Path) -> None:
+    """JSON Schema ignores keywords it does not define, so a typo would silently drop the
+    constraint (a negative refund auto-approved): lint names each, in subschemas too, with
+    a "did you mean"; annotations, `x-` extensions and property names are left alone."""
+    bundle = copy_examples(tmp_path / "bundle")
+    path = bundle / "billing.yaml"
+    text = path.read_text()
+    for right, wrong in (
+        ("exclusiveMinimum: 0", "exclusiveMinimun: 0"),
+        ("maxLength: 500", "maxLenght: 500"),
+    ):
+        assert text.count(right) == 1
+        text = text.replace(right, wrong)
+    text = text.replace(
+        "          minLength: 1\n",
+        "          minLength: 1\n          x-pii: true\n          description: why\n",
+        1,
+    )
+    path.write_text(text)
+    lines = text.splitlines()
+    issues = [i for i in lint_policy(bundle) if i.code == Code.UNKNOWN_SCHEMA_KEYWORD]
+    assert [(i.file, lines[i.line - 1].strip(), i.hint) for i in issues] == [
+        ("billing.yaml", "exclusiveMinimun: 0", "did you mean 'exclusiveMinimum'?"),
+        ("billing.yaml", "maxLenght: 500", "did you mean 'maxLength'?"),
+    ]
+    assert all(i.severity is Severity.ERROR for i in issues)
+    assert "at /properties/amount" in issues[0].message
+    with pytest.raises(PolicyLoadError):
+        load_policy(bundle)
+
+
+def test_unknown_keywords_are_found_in_every_kind_of_subschema() -> None:
+    """Subschemas under applicators, lists and maps are walked; data values are not."""
+    schema = {
+        "type": "object",
+        "properties": {"requried": {"type": "string", "minLenght": 1}},
+        "$defs": {"d": {"typo": 1}},
+        "allOf": [{"not": {"maximun": 3}}],
+        "items": {"prefixItems": [True, {"bad": 1}]},
+        "enum": [{"notAKeyword": 1}],
+        "default": {"alsoData": 1},
+        "dependentRequired": {"a": ["b"]},
+        "x-owner": "billing",
+    }
+    assert list(unknown_keywords(schema)) == [
+        ("properties", "requried", "minLenght"),
+        ("$defs", "d", "typo"),
+        ("allOf", 0, "not", "maximun"),
+        ("items", "prefixItems", 1, "bad"),
+    ]
