@@ -43,6 +43,9 @@ from tokens import CapabilityClaims, TokenError
 from tokens.scope import ScopeViolation, ViolationKind, find_grant
 
 _REPLAYABLE = frozenset({Outcome.ALLOW, Outcome.DENY})
+MAX_RETRY_AFTER_SECONDS = 366 * 24 * 3600.0
+"""The longest ``retry_after`` told to an agent: a year (the slowest refill the policy format
+allows takes ~11.6 days a call; a Check's answer must never fail on an absurd figure)."""
 
 
 def evaluate(
@@ -293,7 +296,7 @@ def _retry_after(policy: Policy, token: CapabilityClaims, bucket: RateBucket | N
     limit = policy.controls.rate_limit(token.subject)
     if bucket is None or limit is None or bucket.tokens >= 1.0:
         return 0.0
-    return (1.0 - bucket.tokens) / limit.per_second
+    return min((1.0 - bucket.tokens) / limit.per_second, MAX_RETRY_AFTER_SECONDS)
 
 
 def _check_approval_binding(

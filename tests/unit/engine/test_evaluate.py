@@ -662,3 +662,24 @@ def test_a_call_with_an_empty_dict_passes_an_object_schema() -> None:
     """The empty object as a dict satisfies a schema with no required arguments."""
     decision = evaluate(policy(tool("ping")), ToolCall("ping", {}), claims(grant("ping")))
     assert decision.outcome is Outcome.ALLOW
+
+
+def test_the_slowest_rate_limit_gives_a_finite_retry_after() -> None:
+    """A refill so slow that the wait overflows (1e-300 calls/s: the format now refuses it)
+    still denies RATE_LIMITED with a wait of at most a year: the Check's answer, which writes
+    ``retry_after`` as a protobuf Duration, must never fail on it (it was INTERNAL)."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from sidecar.engine import RateBucket, StateView, decide  # noqa: PLC0415
+    from sidecar.engine.evaluate import MAX_RETRY_AFTER_SECONDS  # noqa: PLC0415
+    from sidecar.policy.model import Controls, RateLimit  # noqa: PLC0415
+
+    limited = replace(
+        REFUND_POLICY, controls=Controls(default_rate_limit=RateLimit(per_second=1e-300, burst=1))
+    )
+    empty = StateView(rate=RateBucket(tokens=0.0, updated_at=1_000.0))
+    evaluation = decide(limited, call(REFUND, GOOD_ARGS), claims(grant(REFUND)), empty, 1_000.0)
+    decision = evaluation.decision
+    assert decision.outcome is Outcome.DENY
+    assert [r.code for r in decision.reasons] == [ReasonCode.RATE_LIMITED]
+    assert decision.retry_after_seconds == MAX_RETRY_AFTER_SECONDS
