@@ -12,11 +12,14 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Context, Decimal, localcontext
+from itertools import islice
 from typing import Any
 
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError
 from referencing import Registry
+
+from sidecar import strictjson
 
 
 def _is_integer(checker: object, instance: object) -> bool:
@@ -68,11 +71,30 @@ def ecma_pattern_keyword(
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
+def unique_items_keyword(
+    validator: Any, unique: bool, instance: Any, schema: Any
+) -> Iterator[ValidationError]:
+    """``uniqueItems`` in linear time: items are equal when their canonical JSON is (1 and 1.0
+    are, true and 1 are not, as JSON Schema says). jsonschema compares every pair of items it
+    cannot sort, so ~10,000 mixed items in one call stalled the event loop for seconds."""
+    if not unique or not validator.is_type(instance, "array"):
+        return
+    seen: set[str] = set()
+    for item in instance:
+        key = strictjson.canonical(item)
+        if key in seen:
+            yield ValidationError("has non-unique elements")
+            return
+        seen.add(key)
+
+
 # Arithmetic for multipleOf and bounds on numbers with up to 64-digit exponents, exactly.
 _PRECISE = Context(prec=256)
 _TYPE_CHECKER = Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer)
 _Validator: Any = validators.extend(  # type: ignore[no-untyped-call]
-    Draft202012Validator, {"pattern": ecma_pattern_keyword}, type_checker=_TYPE_CHECKER
+    Draft202012Validator,
+    {"pattern": ecma_pattern_keyword, "uniqueItems": unique_items_keyword},
+    type_checker=_TYPE_CHECKER,
 )
 # An empty registry whose default retrieval fails: a remote $ref is never fetched.
 _REGISTRY: Registry[Any] = Registry()
@@ -460,6 +482,16 @@ def compile_fast_check(document: Mapping[str, Any]) -> Check | None:
         return None
 
 
+MAX_VIOLATIONS = 16
+"""Violations reported for one call. One per item of a long array would make an answer larger
+than gRPC sends (and an audit record of megabytes) from a request of 64 KiB; the search
+stops there too."""
+
+
+def _by_pointer(violation: SchemaViolation) -> tuple[str, str]:
+    return violation.pointer, violation.message
+
+
 class ArgumentSchema:
     """A compiled argument schema for one tool."""
 
@@ -480,15 +512,20 @@ class ArgumentSchema:
         self._fast = compile_fast_check(self.document)
 
     def validate(self, arguments: Mapping[str, Any]) -> tuple[SchemaViolation, ...]:
-        """Every violation, sorted by pointer; empty when the arguments are valid."""
+        """The violations (at most ``MAX_VIOLATIONS``, then one saying there are more), sorted
+        by pointer; empty when the arguments are valid."""
         if self._fast is not None and self._fast_valid(arguments):
             return ()
         try:
             with localcontext(_PRECISE):
-                errors = list(self._validator.iter_errors(arguments))
+                errors = list(islice(self._validator.iter_errors(arguments), MAX_VIOLATIONS + 1))
         except Exception as exc:
             return (SchemaViolation("", f"schema could not be applied: {type(exc).__name__}"),)
-        return tuple(sorted({_violation(e) for e in errors}, key=lambda v: (v.pointer, v.message)))
+        found = sorted({_violation(e) for e in errors[:MAX_VIOLATIONS]}, key=_by_pointer)
+        if len(errors) > MAX_VIOLATIONS:
+            more = f"more violations than the {MAX_VIOLATIONS} listed; fix these first"
+            found.append(SchemaViolation("", more))
+        return tuple(found)
 
     def _fast_valid(self, arguments: Mapping[str, Any]) -> bool:
         """The fast path's verdict; anything unexpected defers to jsonschema."""
