@@ -430,7 +430,11 @@ _SUBSCHEMA = frozenset(
 )  # fmt: skip
 """Keywords whose value is one schema."""
 _SUBSCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
-_SUBSCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "dependentSchemas"})
+_SUBSCHEMA_MAPS = frozenset(
+    {"properties", "patternProperties", "$defs", "dependentSchemas", "definitions"}
+)
+"""Keywords whose value maps names to schemas. ``definitions`` is draft 7's ``$defs``: a place
+for ``$ref`` to point into, which 2020-12 still resolves (so it is not flagged)."""
 SCHEMA_KEYWORDS = frozenset(
     {
         *_SUBSCHEMA, *_SUBSCHEMA_LISTS, *_SUBSCHEMA_MAPS,

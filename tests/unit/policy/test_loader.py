@@ -267,6 +267,7 @@ def test_unknown_keywords_are_found_in_every_kind_of_subschema() -> None:
         "type": "object",
         "properties": {"requried": {"type": "string", "minLenght": 1}},
         "$defs": {"d": {"typo": 1}},
+        "definitions": {"old": {"type": "string", "minimun": 1}},
         "allOf": [{"not": {"maximun": 3}}],
         "items": {"prefixItems": [True, {"bad": 1}]},
         "enum": [{"notAKeyword": 1}],
@@ -277,6 +278,7 @@ def test_unknown_keywords_are_found_in_every_kind_of_subschema() -> None:
     assert list(unknown_keywords(schema)) == [
         ("properties", "requried", "minLenght"),
         ("$defs", "d", "typo"),
+        ("definitions", "old", "minimun"),
         ("allOf", 0, "not", "maximun"),
         ("items", "prefixItems", 1, "bad"),
     ]
