@@ -451,23 +451,21 @@ def _compile_arguments(bundle: _Bundle, tool: _Definition) -> ArgumentSchema | N
         problems.append((_schema_path(document, exc.path), exc.message))
         schema = None
     for where, message in problems:
-        pointer = "".join(f"/{part}" for part in where) or "/"
         bundle.issues.append(
             tool.file.issue(
                 (*arguments_path, *where),
                 Code.INVALID_SCHEMA,
-                f"invalid arguments schema of tool '{tool.name}' at {pointer}: {message}",
+                f"invalid arguments schema of tool '{tool.name}' at {_at(where)}: {message}",
             )
         )
     for where in unknown_keywords(document):
         keyword = str(where[-1])
-        pointer = "".join(f"/{part}" for part in where[:-1]) or "/"
         bundle.issues.append(
             tool.file.issue(
                 (*arguments_path, *where),
                 Code.UNKNOWN_SCHEMA_KEYWORD,
                 f"unknown keyword '{keyword}' in the arguments schema of tool '{tool.name}' "
-                f"at {pointer}: JSON Schema ignores it, so it constrains nothing",
+                f"at {_at(where[:-1])}: JSON Schema ignores it, so it constrains nothing",
                 hint=did_you_mean(keyword, sorted(SCHEMA_KEYWORDS)),
                 key=True,
             )
@@ -475,6 +473,11 @@ def _compile_arguments(bundle: _Bundle, tool: _Definition) -> ArgumentSchema | N
     if schema is not None and not problems:
         bundle.schemas[tool.file.name, tool.name] = schema
     return None if problems else schema
+
+
+def _at(where: NodePath) -> str:
+    """A place in an arguments schema as its issues name it: ``/properties/amount``, ``/``."""
+    return "".join(f"/{part}" for part in where) or "/"
 
 
 def _schema_path(document: Any, pointer: str) -> NodePath:
