@@ -44,6 +44,7 @@ from sidecar.minting import mint
 from sidecar.observability import logging as json_logging
 from sidecar.policy.issues import Severity, format_issues
 from sidecar.policy.loader import lint_policy, load_policy
+from sidecar.terminal import shown
 from tokens import (
     Constraint,
     Grant,
@@ -687,8 +688,10 @@ def _add_token_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--ttl", type=lifetime, default=None, help="lifetime (default: until the parent expires)"
     )
     attenuate.add_argument("--run-id", default=None, metavar="ID")
-    attenuate.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT")
-    attenuate.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    attenuate.add_argument(
+        "--target", type=cli_identity.target, default=DEFAULT_TARGET, metavar="HOST:PORT"
+    )
+    attenuate.add_argument("--timeout", type=cli_identity.timeout, default=5.0, metavar="SECONDS")
     attenuate.add_argument("--format", choices=("text", "json"), default="text")
     attenuate.set_defaults(handler=cmd_token_attenuate)
 
@@ -710,11 +713,16 @@ def _add_token_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     inspect.add_argument("--args", metavar="JSON", help="the call's arguments, with --tool")
     inspect.add_argument("--run-id", metavar="ID")
     inspect.add_argument("--jwks", metavar="FILE", help="verify with this JWKS")
-    inspect.add_argument("--target", metavar="HOST:PORT", help="verify with a server's JWKS")
+    inspect.add_argument(
+        "--target",
+        type=cli_identity.target,
+        metavar="HOST:PORT",
+        help="verify with a server's JWKS",
+    )
     inspect.add_argument("--state-dir", default=config.DEFAULT_STATE_DIR, metavar="DIR")
     inspect.add_argument("--issuer", default=config.DEFAULT_TOKEN_ISSUER)
     inspect.add_argument("--audience", default=config.DEFAULT_AUDIENCE)
-    inspect.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    inspect.add_argument("--timeout", type=cli_identity.timeout, default=5.0, metavar="SECONDS")
     inspect.add_argument("--format", choices=("text", "json"), default="text")
     inspect.set_defaults(handler=cmd_token_inspect)
 
@@ -798,7 +806,7 @@ def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Ask a running sidecar for one decision and print it as JSON."""
+    """Ask a running sidecar for one decision and print it: JSON, or ``--format text``."""
     from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb  # noqa: PLC0415
     from sidecar._proto.proviso.v1 import authorization_service_pb2_grpc as authz_grpc  # noqa: PLC0415
 
@@ -823,10 +831,38 @@ def cmd_check(args: argparse.Namespace) -> int:
     response = _call(args, authz_grpc.AuthorizationServiceStub, "Check", request)
     if response is None:
         return EXIT_REFUSED
-    print(
-        json.dumps(json_format.MessageToDict(response, preserving_proto_field_name=True), indent=2)
-    )
+    if args.format == "json":
+        answer = json_format.MessageToDict(response, preserving_proto_field_name=True)
+        print(json.dumps(answer, indent=2))
+    else:
+        print(_decision_text(response))
     return EXIT_OK if response.decision == authz_pb.DECISION_ALLOW else EXIT_REFUSED
+
+
+def _decision_text(response: Any) -> str:
+    """A CheckResponse for people: the decision, then what to do about it, then why."""
+    from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb  # noqa: PLC0415
+
+    decision = authz_pb.Decision.Name(response.decision).removeprefix("DECISION_")
+    rows = [("decision", decision), ("tier", response.matched_tier or "-")]
+    if response.HasField("approval_requirement"):
+        needed = response.approval_requirement
+        roles = ", ".join(needed.approver_roles)
+        rows.append(("needs", f"{needed.approvals_required} approval(s) from {roles}"))
+    if response.approval_id:
+        rows.append(("approval", response.approval_id))
+    if response.HasField("retry_after"):
+        rows.append(("retry in", f"{response.retry_after.ToTimedelta().total_seconds():g}s"))
+    if response.replayed:
+        rows.append(("replayed", "the recorded decision of an earlier call with this key"))
+    rows += [("policy", response.policy_version), ("id", response.decision_id)]
+    lines = [f"{name:<9} {value}" for name, value in rows]
+    for reason in response.reasons:
+        code = authz_pb.ReasonCode.Name(reason.code).removeprefix("REASON_CODE_")
+        where = f" at {reason.field}" if reason.field else ""
+        # The message may quote the agent's argument keys: shown() keeps escapes inert.
+        lines.append(f"  {code}: {shown(reason.message)}{shown(where)}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- callers and kill switches
@@ -1081,14 +1117,27 @@ def _admin_call(args: argparse.Namespace, method: str) -> int:
                 )
         except grpc.RpcError as exc:
             status = rpc_status.from_call(exc)
+            violations = []
             for detail in status.details if status is not None else ():
                 failure = error_details_pb2.PreconditionFailure()
                 if detail.Unpack(failure):
-                    for violation in failure.violations:
-                        print(
-                            f"{violation.subject}: error {violation.type}: {violation.description}",
-                            file=sys.stderr,
-                        )
+                    violations.extend(failure.violations)
+            for violation in violations:
+                print(
+                    f"{violation.subject}: error {violation.type}: {violation.description}",
+                    file=sys.stderr,
+                )
+            if args.format == "json":
+                # A script reading stdout learns of the refusal, and why, without parsing stderr.
+                refusal = {
+                    "code": exc.code().name,
+                    "message": str(exc.details() or ""),
+                    "violations": [
+                        json_format.MessageToDict(v, preserving_proto_field_name=True)
+                        for v in violations
+                    ],
+                }
+                print(json.dumps({"error": refusal}, indent=2))
             return _rpc_failed(exc, args.target)
     if args.format == "json":
         print(
@@ -1423,8 +1472,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--approval-id", default="")
     check.add_argument("--dry-run", action="store_true")
     check.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
-    check.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT")
-    check.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    check.add_argument(
+        "--target", type=cli_identity.target, default=DEFAULT_TARGET, metavar="HOST:PORT"
+    )
+    check.add_argument("--timeout", type=cli_identity.timeout, default=5.0, metavar="SECONDS")
+    check.add_argument(
+        "--format", choices=("json", "text"), default="json", help="json (default) or text"
+    )
     check.set_defaults(handler=cmd_check)
 
     _add_kill_commands(commands)

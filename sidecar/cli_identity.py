@@ -9,6 +9,7 @@ for a subject of the policy's ``dev_directory`` and with that subject's groups.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -26,9 +27,46 @@ class IdentityOptionError(Exception):
     """The identity options do not name a usable identity; the message says what to fix."""
 
 
+_GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:")
+"""Target prefixes gRPC resolves itself (its naming doc); passed on as given."""
+
+
+def target(text: str) -> str:
+    """A ``--target`` value, for argparse: HOST:PORT with a port of 1-65535 (or a target in
+    one of gRPC's own naming schemes), refused here rather than by a connection that fails.
+
+    Raises:
+        argparse.ArgumentTypeError: not HOST:PORT, or the port is out of range.
+    """
+    if text.startswith(_GRPC_SCHEMES):
+        return text
+    try:
+        address = config.Address.parse(text, "--target")
+    except config.SettingsError:
+        address = None
+    if address is None or not 1 <= address.port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port of 1-65535, got {text!r}")
+    return text
+
+
+def timeout(text: str) -> float:
+    """A ``--timeout`` value in seconds, for argparse: a positive, finite number.
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, or not above zero.
+    """
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return seconds
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--target`` and the identity options, shared by every command that calls a server."""
-    parser.add_argument("--target", default=DEFAULT_TARGET, metavar="HOST:PORT")
+    parser.add_argument("--target", type=target, default=DEFAULT_TARGET, metavar="HOST:PORT")
     parser.add_argument(
         "--identity-token", metavar="JWT", help="an identity token from the IdP (production)"
     )
@@ -50,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="with --as: the bundle whose dev_directory gives the subject's groups",
     )
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument("--timeout", type=timeout, default=10.0, metavar="SECONDS")
 
 
 def metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from sidecar.audit.files import log_stem, logs, records
 from sidecar.audit.record import KIND_DECISION
+from sidecar.terminal import shown
 
 KIND_APPROVAL = "approval"
 """The kind of the records ``Approvals.record_event`` writes, each naming the request's run."""
@@ -406,13 +407,15 @@ def to_table(trace: RunTrace) -> str:
     are keyed by chain and seq (``w1 seq 13``): a seq alone is ambiguous across chains.
     """
     meta = ", ".join(f"{k}={v}" for k, v in sorted(trace.run_metadata.items())) or "-"
+    # Agents write run metadata and argument keys (quoted in reasons): shown(), so no escape
+    # sequence or line break of theirs reaches the reader's terminal as such.
     outcomes = ", ".join(f"{k} {v}" for k, v in trace.outcomes.items())
     timeline = trace.timeline or trace.steps
     events = len(trace.approval_events)
     lines = [
-        f"run       {trace.run_id}",
-        f"agents    {', '.join(trace.agents) or '-'}",
-        f"metadata  {meta}",
+        f"run       {shown(trace.run_id)}",
+        f"agents    {shown(', '.join(trace.agents)) or '-'}",
+        f"metadata  {shown(meta)}",
         f"policy    {', '.join(trace.policy_versions)}",
         f"time      {timeline[0].time} .. {timeline[-1].time}",
         f"outcome   {len(trace.steps)} checks: {outcomes}; {trace.latency_ms} ms deciding"
@@ -426,9 +429,10 @@ def to_table(trace: RunTrace) -> str:
     notes: list[str] = []
     for entry in timeline:
         cells, details = _step_row(entry) if isinstance(entry, TraceStep) else _event_row(entry)
+        cells = [shown(cell) for cell in cells]
         rows.append([entry.chain or "-", *cells] if several else cells)
         where = f"{entry.chain} seq {entry.seq}" if several else f"seq {entry.seq}"
-        notes.extend(f"  {where}: {detail}" for detail in details)
+        notes.extend(f"  {where}: {shown(detail)}" for detail in details)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines.extend("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                  for row in rows)  # fmt: skip

@@ -136,6 +136,18 @@ async def test_token_issue_then_check(sidecar: Sidecar) -> None:
     )  # fmt: skip
     assert denied.returncode == 1
     assert json.loads(denied.stdout)["decision"] == "DECISION_DENY"
+    # For people: the decision and each reason on a line; an agent's escape sequence in an
+    # argument key reaches the terminal escaped.
+    odd_key = arguments.replace('"reason"', '"reason\\u001b[2J"')
+    as_text = await asyncio.to_thread(
+        run, "check", "--target", sidecar.target, "--token", token, "--format", "text",
+        "--tool", "requestRefund", "--args", odd_key, *common, "k-3",
+    )  # fmt: skip
+    assert as_text.returncode == 1, as_text.stderr
+    assert as_text.stdout.startswith("decision  DENY\n"), as_text.stdout
+    assert "  INVALID_ARGUMENTS: " in as_text.stdout
+    assert "\\x1b[2J" in as_text.stdout
+    assert "\x1b" not in as_text.stdout, as_text.stdout
     malformed = await asyncio.to_thread(
         run, "check", "--target", sidecar.target, "--token", token,
         "--tool", "requestRefund", "--args", "[]",

@@ -136,3 +136,43 @@ def test_a_state_store_that_cannot_be_opened_stops_serve_with_a_message(tmp_path
         result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--target", "127.0.0.1:99999"),
+        ("--target", "127.0.0.1:0"),
+        ("--target", "no-port"),
+        ("--timeout", "-1"),
+        ("--timeout", "0"),
+        ("--timeout", "nan"),
+    ],
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("check", "--token", "t", "--tool", "getInvoice", "--args", "{}"),
+        ("policy", "show", *IDENTITY),
+    ],
+    ids=lambda command: "-".join(command[:2]),
+)
+def test_an_unusable_target_or_timeout_is_a_usage_error(
+    command: tuple[str, ...], option: str, value: str
+) -> None:
+    """A port out of range or a timeout that is no positive duration is refused before any
+    connection, exit 2, naming the option: not a connection failure or an instant timeout."""
+    result = run(*command, option, value)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"argument {option}: expected " in result.stderr
+    assert "is proviso running" not in result.stderr
+
+
+def test_a_target_in_a_grpc_naming_scheme_is_passed_on() -> None:
+    """dns:/// and unix: targets are gRPC's to resolve, not refused as HOST:PORT."""
+    result = run(
+        "check", "--token", "t", "--tool", "getInvoice", "--args", "{}",
+        "--target", f"dns:///{_closed_port()}", "--timeout", "5",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "UNAVAILABLE: " in result.stderr

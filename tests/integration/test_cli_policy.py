@@ -98,6 +98,13 @@ def test_policy_reload_reports_errors_with_file_and_line(served: Served) -> None
     assert refused.returncode == 1
     assert "billing.yaml:4:5: error UNKNOWN_FIELD" in refused.stderr
     assert "FAILED_PRECONDITION" in refused.stderr
+    as_json = served.policy("reload", "--format", "json")
+    assert as_json.returncode == 1
+    error = json.loads(as_json.stdout)["error"]
+    assert error["code"] == "FAILED_PRECONDITION"
+    assert ("billing.yaml:4:5", "UNKNOWN_FIELD") in {
+        (v["subject"], v["type"]) for v in error["violations"]
+    }, error
     assert served.version() == before
     write(billing, billing.read_text().replace("    rolez: []", "    roles: [billing-resolution]"))
     fixed = served.policy("reload")

@@ -245,3 +245,37 @@ async def test_an_idempotent_retry_shows_as_a_replay_of_the_decision_it_answered
     assert "2 checks: DENY 2;" in table
     assert "; 1 replayed a recorded decision" in table
     assert f"seq 2: replay of {first['record_id']} (an idempotent retry; counted once)" in table
+
+
+async def test_the_table_escapes_what_agents_wrote(tmp_path: Path, example_policy: Policy) -> None:
+    """Run metadata comes from the agent: a terminal escape or a line break in it is printed
+    escaped, so the table cannot be rewritten or given forged lines."""
+    arguments = ARGUMENTS
+    call = ToolCall(
+        tool="requestRefund",
+        arguments=arguments,
+        run_id="run-e",
+        step_id="s0",
+        args_digest=strictjson.digest(arguments),
+    )
+    body = AuditRecord(
+        record_id="dec_e",
+        time=at(1),
+        decision=evaluate(example_policy, call, None),
+        call=call,
+        args_digest=call.args_digest,
+        arguments=arguments,
+        latency_ms=0.25,
+        run_metadata={"ticket": "T-1\x1b]0;owned\x07\r\nagents    root"},
+    ).to_body()
+    path = tmp_path / "decisions.jsonl"
+    await write(path, [body])
+
+    found = trace.load_trace(path, "run-e")
+
+    assert found is not None
+    table = trace.to_table(found)
+    assert not {"\x1b", "\x07", "\r"} & set(table)
+    assert "ticket=T-1\\x1b]0;owned\\x07\\r\\nagents    root" in table
+    assert not any(line.startswith("agents    root") for line in table.splitlines())
+    assert found.run_metadata["ticket"].startswith("T-1\x1b"), "the record keeps what was sent"
