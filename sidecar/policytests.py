@@ -215,7 +215,7 @@ def load_cases(
     text = read_text(directory, name, issues)
     document = None
     if text is not None:
-        document, yaml_issues = parse_yaml(text, name)
+        document, yaml_issues = parse_yaml(text, name, finite_floats=False)
         issues.extend(yaml_issues)
     if document is None:
         if text is not None and not issues:

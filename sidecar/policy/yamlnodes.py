@@ -199,11 +199,18 @@ def _position(mark: yaml.Mark) -> Position:
     return Position(mark.line + 1, mark.column + 1)
 
 
-def parse_yaml(text: str, file: str) -> tuple[YamlDocument | None, list[PolicyIssue]]:
+def parse_yaml(
+    text: str, file: str, *, finite_floats: bool = True
+) -> tuple[YamlDocument | None, list[PolicyIssue]]:
     """Parse one file. The document is None when the file is empty or cannot be read at all.
 
     Problems that leave the rest readable (a duplicate key, an alias, an odd tag) are reported
     and the document is still returned, so later checks can run on what remains.
+
+    With ``finite_floats`` (policy files), a float that is not finite (``.inf``, ``.nan``, or
+    ``1e400``, which overflows a double) is an ``INVALID_VALUE``: policy values are JSON values,
+    and there 1e400 silently meant "no limit" and NaN defeats every comparison. Policy test
+    files read numbers exactly from the text instead, and check them themselves.
     """
     issues: list[PolicyIssue] = []
 
@@ -239,7 +246,7 @@ def parse_yaml(text: str, file: str) -> tuple[YamlDocument | None, list[PolicyIs
         issue(code, mark, message)
     if root is None:  # empty, or not readable as YAML
         return None, issues
-    converter = _Converter(issue)
+    converter = _Converter(issue, finite_floats=finite_floats)
     value = converter.convert(root, (), None)
     document = YamlDocument(text, value, converter.entries, frozenset(converter.damaged))
     return document, issues
@@ -268,8 +275,9 @@ def _compose_single(loader: _Loader, issue: _IssueSink) -> Node | None:
 class _Converter:
     """Turns a node tree into plain values, recording positions and what could not be read."""
 
-    def __init__(self, issue: _IssueSink) -> None:
+    def __init__(self, issue: _IssueSink, *, finite_floats: bool) -> None:
         self.issue = issue
+        self.finite_floats = finite_floats
         self.entries: dict[Path, _Entry] = {}
         self.damaged: set[Path] = set()
 
@@ -345,7 +353,14 @@ class _Converter:
             self.issue(Code.YAML_TAG, node.start_mark, message)
             self.damaged.add(path)
             return text
-        return read(text)
+        value = read(text)
+        if self.finite_floats and isinstance(value, float) and not math.isfinite(value):
+            message = f"'{text}' is not a finite number"
+            hint = "JSON has no infinity or NaN: write the number you mean"
+            self.issue(Code.INVALID_VALUE, node.start_mark, message, hint)
+            self.damaged.add(path)
+            return text
+        return value
 
 
 def _show_tag(tag: str) -> str:

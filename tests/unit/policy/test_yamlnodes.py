@@ -49,12 +49,19 @@ def test_scalars_follow_yaml_1_2_core(text: str, value: object) -> None:
     assert parse(f"v: {text}\n").value == {"v": value}
 
 
-def test_special_floats() -> None:
-    """.inf and .nan read as floats."""
-    value = parse("a: .inf\nb: -.Inf\nc: .nan\n").value
-    assert value["a"] == math.inf
-    assert value["b"] == -math.inf
-    assert math.isnan(value["c"])
+def test_special_floats_are_refused() -> None:
+    """.inf, .nan and a number beyond a double are no JSON numbers: each an INVALID_VALUE at
+    its place, and the value is damaged (later stages skip it); finite floats read as before."""
+    document, issues = parse_yaml("a: .inf\nb: -.Inf\nc: .nan\nd: 1e400\ne: 1.5e3\n", "f.yaml")
+    assert [(i.line, i.col, i.code) for i in issues] == [
+        (1, 4, Code.INVALID_VALUE), (2, 4, Code.INVALID_VALUE),
+        (3, 4, Code.INVALID_VALUE), (4, 4, Code.INVALID_VALUE),
+    ]  # fmt: skip
+    assert "'1e400' is not a finite number" in issues[3].message
+    assert document is not None
+    assert document.damaged == {("a",), ("b",), ("c",), ("d",)}
+    assert document.value["e"] == 1500.0
+    assert all(math.isfinite(v) for v in document.value.values() if isinstance(v, float))
 
 
 def test_positions_of_keys_and_values() -> None:
