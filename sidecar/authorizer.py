@@ -372,7 +372,7 @@ class Authorizer:
             scope = DecisionScope(
                 agent=token.subject,
                 tool=call.tool,
-                run_key=call.run_id or f"token:{token.token_id}",
+                run_key=call.run_id or run_less_key(token.token_id),
                 idempotency_key=call.idempotency_key,
                 args_digest=call.args_digest,
                 run_id=call.run_id,
@@ -541,6 +541,13 @@ class Authorizer:
                 extra={"tool": call.tool, "shadow_version": policy.version},
             )
             return ShadowResult(policy_version=policy.version, error=type(exc).__name__)
+
+
+def run_less_key(token_id: str) -> str:
+    """The budget key of a token's Checks without a run id: ``token <jti>``. Run ids are
+    identifiers without spaces (``convert``), so none spells it (``token:<jti>`` was
+    spellable: a run named so spent, or was refused by, that token's budget)."""
+    return f"token {token_id}"
 
 
 def decision_token_id(token: CapabilityClaims | TokenError | None) -> str:

@@ -34,6 +34,7 @@ MAX_IDENTIFIER_BYTES = 256
 MAX_RUN_METADATA_ENTRIES = 32
 MAX_RUN_METADATA_VALUE_BYTES = 1024
 _IDENTIFIER_RE = re.compile(r"[\x21-\x7e]+")
+"""No spaces: a token's run-less budget key (``authorizer.run_less_key``) relies on it."""
 
 _DECISIONS = {
     Outcome.ALLOW: authz_pb.DECISION_ALLOW,

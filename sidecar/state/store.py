@@ -31,8 +31,10 @@ from sidecar.policy.model import KillScope, KillSwitch
 class DecisionScope:
     """Which rows one Check reads and writes.
 
-    ``run_key`` is the Check's run id, or ``token:<jti>`` when it has none. ``token_ids`` is
-    the token's lineage (its ancestors' ids and its own), looked up in the revocations.
+    ``run_key`` is the Check's run id, or ``token <jti>`` when it has none: with a space,
+    which no run id may hold, so no run can name (and spend or exhaust) a token's budget.
+    ``token_ids`` is the token's lineage (its ancestors' ids and its own), looked up in the
+    revocations.
     """
 
     agent: str

@@ -4,6 +4,7 @@ dry runs. Each reason code comes from a realistic call sequence."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 import sqlite3
@@ -27,6 +28,16 @@ from tests.conftest import EXAMPLE_POLICIES, INCIDENT_AGENT, Sidecar, make_setti
 from tests.integration.test_check import INVOICE_CONTEXT, check, codes, refund
 from tests.integration.test_server import identity, scrape
 from tokens import Grant
+
+
+def verify_unchecked(token: str) -> dict[str, object]:
+    """A token's claims, read without verifying (the test minted it)."""
+    payload = token.split(".")[1]
+    claims: dict[str, object] = json.loads(
+        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    )
+    return claims
+
 
 ADMIN = "olivia@example.com"
 TOOL_SCOPE = admin_pb.KILL_SWITCH_SCOPE_TOOL
@@ -267,7 +278,7 @@ async def test_a_batch_of_checks_goes_to_one_audit_fsync_at_once(tmp_path: Path)
 
 
 async def test_checks_without_a_run_fall_under_a_per_token_budget(sidecar: Sidecar) -> None:
-    """Without run ids, each token has its own budget."""
+    """Without run ids, each token has its own budget, which no run id can name."""
     first, second = sidecar.token(), sidecar.token()
     for _ in range(20):
         await check(sidecar, first, "requestRefund", refund("1"), run_id="")
@@ -275,6 +286,12 @@ async def test_checks_without_a_run_fall_under_a_per_token_budget(sidecar: Sidec
     fresh = await check(sidecar, second, "requestRefund", refund("1"), run_id="")
     assert codes(spent) == ["BUDGET_EXCEEDED"]
     assert fresh.decision == pb.DECISION_ALLOW
+    # A run id spelling the first token's budget key is a run of its own: it neither spends
+    # nor is refused by that budget.
+    jti = verify_unchecked(first)["jti"]
+    for spelling in (f"token:{jti}", f"token_{jti}"):
+        own_run = await check(sidecar, second, "requestRefund", refund("1"), run_id=spelling)
+        assert own_run.decision == pb.DECISION_ALLOW, (spelling, codes(own_run))
 
 
 async def test_cost_ceiling(bundle: Callable[..., Path], custom: Callable[..., object]) -> None:
