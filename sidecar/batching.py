@@ -25,6 +25,13 @@ alone waits at most the arrival gap, and not at all when few recent Checks came 
 of the one before (moderate traffic: at 300 Checks/s the peak in flight is 2 or 3, yet a Check is
 usually alone, and waiting for company that does not come was most of its latency). A Check
 cancelled while it waits (its deadline passed) is not prepared or decided at all.
+
+Waiting for the store never holds the event loop long. Another worker's batch holds the
+writers' lock for a fraction of a millisecond, so a batch waits for it on the loop, briefly
+(``LOCK_SPIN_SECONDS``). When another process holds it longer (a CLI write, a checkpoint, an
+operator's ``sqlite3``), the batch goes back to the queue and is tried again on a timer, with
+every Check that arrives meanwhile, while the loop answers health checks and other RPCs. Past
+the store's busy timeout they all fail closed, ``StoreBusyError`` (UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sidecar.errors import StoreUnavailableError
+from sidecar.errors import StoreBusyError, StoreUnavailableError
 from sidecar.peaks import RecentPeak
 from sidecar.state import StateTransaction, Store
 
@@ -65,6 +72,14 @@ third, not a half: two Checks in flight answered together come back one after a 
 close behind it, and their share settles between 0.44 and 0.56."""
 
 
+LOCK_SPIN_SECONDS = 0.002
+"""How long a batch waits for the writers' lock on the event loop before it yields the loop."""
+
+LOCK_RETRY_FIRST_SECONDS = 0.001
+LOCK_RETRY_LONGEST_SECONDS = 0.05
+"""A batch the store kept waiting is tried again after 1 ms, doubling to at most 50 ms."""
+
+
 class DecisionBatcher(Generic[R]):
     """Gathers the Checks of one event loop and decides them in batches (see the module)."""
 
@@ -89,6 +104,8 @@ class DecisionBatcher(Generic[R]):
         self._in_flight_peak = RecentPeak(peak_window_seconds)
         self._last_busy = 0.0  # the last arrival, or the end of the last batch if later
         self._close_arrivals = 1.0  # of recent arrivals; company is likely until shown not
+        self._busy_since = -1.0  # when the store first kept the waiting Checks waiting
+        self._retry_wait = LOCK_RETRY_FIRST_SECONDS
 
     @contextlib.contextmanager
     def in_flight(self) -> Iterator[None]:
@@ -130,6 +147,8 @@ class DecisionBatcher(Generic[R]):
         if not self._waiting:
             self._first_waiting = now
         self._waiting.append(_Waiting(prepare, work, committed, waiter))
+        if self._busy_since >= 0:
+            return await waiter  # the store is busy: the retry timer decides it with the rest
         waited = now - self._first_waiting
         if (
             waited >= self._window
@@ -156,6 +175,7 @@ class DecisionBatcher(Generic[R]):
                     StoreUnavailableError("the Check's event loop was replaced")
                 )
         self._waiting = []
+        self._busy_since = -1.0
         self._loop = loop
 
     def run(self) -> None:
@@ -165,18 +185,20 @@ class DecisionBatcher(Generic[R]):
             self._timer = None
         batch = [waiting for waiting in self._waiting if not waiting.waiter.done()]
         self._waiting = []
+        deferred = False
         try:
-            self._run(batch)
+            deferred = self._run(batch)
             self._last_busy = time.monotonic()
         finally:  # a BaseException (KeyboardInterrupt) out of a step: nobody is left waiting
-            for waiting in batch:
+            for waiting in () if deferred else batch:
                 if not waiting.waiter.done():
                     waiting.waiter.set_exception(
                         StoreUnavailableError("the decision batch was interrupted")
                     )
 
-    def _run(self, batch: list[_Waiting[Any, Any, R]]) -> None:
-        """Prepare each Check, decide those prepared in one transaction, settle them."""
+    def _run(self, batch: list[_Waiting[Any, Any, R]]) -> bool:
+        """Prepare each Check, decide those prepared in one transaction, settle them; True if
+        the store was busy and the batch is queued again for the retry timer."""
         prepared: list[tuple[_Waiting[Any, Any, R], Any]] = []
         for waiting in batch:
             try:
@@ -184,21 +206,55 @@ class DecisionBatcher(Generic[R]):
             except Exception as exc:
                 waiting.waiter.set_exception(exc)
         if not prepared:
-            return
+            return False
         decided: list[tuple[_Waiting[Any, Any, R], Any, Any, Exception | None]] = []
+        retrying = self._busy_since >= 0
         try:
-            with self._store.decisions() as transactions:
+            with self._store.decisions(0.0 if retrying else LOCK_SPIN_SECONDS) as transactions:
                 for waiting, value in prepared:
                     try:
                         with transactions.decision() as transaction:
                             decided.append((waiting, value, waiting.work(value, transaction), None))
                     except Exception as exc:
                         decided.append((waiting, value, None, exc))
+        except StoreBusyError:
+            if self._wait_for_store([waiting for waiting, _ in prepared]):
+                return True
+            waited = time.monotonic() - self._busy_since
+            self._busy_since = -1.0
+            message = f"state store unavailable: another writer held it for {waited:.1f} s"
+            self._fail(prepared, StoreBusyError(message))
+            return False
         except Exception as exc:
-            for waiting, _ in prepared:
-                waiting.waiter.set_exception(exc)
-            return
+            self._fail(prepared, exc)
+            return False
+        if retrying:
+            waited = time.monotonic() - self._busy_since
+            log.info("the state store is free again after %.3f s", waited)
+            self._busy_since = -1.0
         self._settle(decided, len(prepared))
+        return False
+
+    def _wait_for_store(self, batch: list[_Waiting[Any, Any, R]]) -> bool:
+        """Queue ``batch`` again, to be tried on a timer while the loop serves other calls;
+        False (and no longer waiting) once the store has been busy for its busy timeout."""
+        now = time.monotonic()
+        if self._busy_since < 0:
+            self._busy_since = now
+            self._retry_wait = LOCK_RETRY_FIRST_SECONDS
+            log.warning("the state store is busy (another writer holds it): Checks wait")
+        elif now - self._busy_since >= self._store.busy_timeout_seconds:
+            return False
+        assert self._loop is not None  # set by decide() before any batch
+        self._waiting = batch + self._waiting
+        self._timer = self._loop.call_later(self._retry_wait, self.run)
+        self._retry_wait = min(self._retry_wait * 2, LOCK_RETRY_LONGEST_SECONDS)
+        return True
+
+    @staticmethod
+    def _fail(prepared: list[tuple[_Waiting[Any, Any, R], Any]], exc: Exception) -> None:
+        for waiting, _ in prepared:
+            waiting.waiter.set_exception(exc)
 
     def _settle(
         self, decided: list[tuple[_Waiting[Any, Any, R], Any, Any, Exception | None]], size: int

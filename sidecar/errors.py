@@ -44,6 +44,10 @@ class StoreUnavailableError(SidecarError):
     """State or audit storage cannot be read or written; decisions must fail closed."""
 
 
+class StoreBusyError(StoreUnavailableError):
+    """Another writer held the state store all the time we waited for it (nothing was done)."""
+
+
 class AuditWriteError(StoreUnavailableError):
     """An audit record could not be made durable; the answer must not be ALLOW."""
 

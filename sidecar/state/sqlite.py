@@ -52,7 +52,7 @@ from sidecar.engine import (
     StoredDecision,
     Verdict,
 )
-from sidecar.errors import StoreUnavailableError
+from sidecar.errors import StoreBusyError, StoreUnavailableError
 from sidecar.policy.model import KillScope, KillSwitch
 from sidecar.state.codec import decode_decision, encode_decision
 from sidecar.state.store import (
@@ -409,19 +409,15 @@ def _kill_switches(db: sqlite3.Connection) -> tuple[KillSwitch, ...]:
     )
 
 
-class _WritersBusyError(StoreUnavailableError):
-    """Another writer held the writers' lock all the time we waited (not a failure of flock)."""
-
-
 def _lock_writers(lock_fd: int, busy_timeout: float) -> None:
     """Take the writers' file lock, waiting at most ``busy_timeout`` seconds.
 
     Raises:
-        _WritersBusyError: another writer held it all that time.
+        StoreBusyError: another writer held it all that time.
         StoreUnavailableError: flock itself failed.
     """
     wait = _LOCK_FIRST_WAIT_SECONDS
-    deadline = 0.0
+    deadline = -1.0
     while True:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -431,13 +427,13 @@ def _lock_writers(lock_fd: int, busy_timeout: float) -> None:
         else:
             return
         now = time.monotonic()
-        if not deadline:
+        if deadline < 0:
             deadline = now + busy_timeout
-        elif now >= deadline:
-            raise _WritersBusyError(
+        if now >= deadline:
+            raise StoreBusyError(
                 f"state store unavailable: another writer held it for {busy_timeout:g} s"
             )
-        time.sleep(wait)
+        time.sleep(min(wait, deadline - now))
         wait = min(wait * 2, _LOCK_LONGEST_WAIT_SECONDS)
 
 
@@ -497,7 +493,7 @@ class _Checkpointer:
             return frames
         try:
             _lock_writers(self._lock_fd, _CHECKPOINT_LOCK_SECONDS)
-        except _WritersBusyError:
+        except StoreBusyError:
             return frames  # next turn
         try:
             busy = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
@@ -585,8 +581,9 @@ class SQLiteStore:
                 raise StoreUnavailableError(f"cannot open the state store {path}: {exc}") from exc
             raise
 
-    def _lock_writers(self) -> None:
-        _lock_writers(self._lock_fd, self._busy_timeout)
+    @property
+    def busy_timeout_seconds(self) -> float:
+        return self._busy_timeout
 
     def _migrate(self) -> None:
         db = self._db
@@ -616,16 +613,16 @@ class SQLiteStore:
             raise
 
     @contextmanager
-    def decision(self) -> Iterator[_Transaction]:
-        self._lock_writers()
+    def decision(self, max_wait: float | None = None) -> Iterator[_Transaction]:
+        _lock_writers(self._lock_fd, self._busy_timeout if max_wait is None else max_wait)
         try:
             yield from self._transaction()
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextmanager
-    def decisions(self) -> Iterator[_Batch]:
-        with self.decision():
+    def decisions(self, max_wait: float | None = None) -> Iterator[_Batch]:
+        with self.decision(max_wait):
             batch = _Batch(self._db)
             yield batch
             if batch.broken:

@@ -147,21 +147,33 @@ class DecisionBatch(Protocol):
 class Store(Protocol):
     """Durable state shared by every sidecar process on the host (or fleet)."""
 
-    def decision(self) -> AbstractContextManager[StateTransaction]:
+    @property
+    def busy_timeout_seconds(self) -> float:
+        """How long a writer waits for another to let go of the store before it is unavailable."""
+        ...
+
+    def decision(self, max_wait: float | None = None) -> AbstractContextManager[StateTransaction]:
         """An exclusive transaction for one Check; rolled back if the block raises.
 
+        ``max_wait``: how long to wait for another writer (default: the busy timeout).
+
         Raises:
-            StoreUnavailableError: the store cannot be reached or locked in time.
+            StoreBusyError: another writer held the store all ``max_wait``.
+            StoreUnavailableError: the store cannot be reached or locked.
         """
         ...
 
-    def decisions(self) -> AbstractContextManager[DecisionBatch]:
+    def decisions(self, max_wait: float | None = None) -> AbstractContextManager[DecisionBatch]:
         """An exclusive transaction for a batch of Checks: one lock and one commit for all of
         them, with the same exactness as one transaction each. Rolled back whole if the block
         raises, a Check's undo failed, or the commit fails.
 
+        ``max_wait``: how long to wait for another writer, blocking (default: the busy
+        timeout). The batcher waits briefly, then yields its event loop and tries again.
+
         Raises:
-            StoreUnavailableError: the store cannot be reached, locked in time, or committed.
+            StoreBusyError: another writer held the store all ``max_wait``; nothing was done.
+            StoreUnavailableError: the store cannot be reached, locked, or committed.
         """
         ...
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -299,6 +300,40 @@ async def test_a_batch_that_cannot_lock_fails_every_check_in_it(
     assert waited < 0.6, "one batch waited for the lock (0.2 s), not four Checks one by one"
     assert calls(store) == 4
     assert checks.committed == list(range(4)), "no committed step ran for a failed batch"
+
+
+async def test_checks_wait_for_a_busy_store_without_holding_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """Another process holding the writers' lock (a CLI write, an operator's sqlite3) keeps
+    the Checks waiting, not the event loop: it keeps serving (health checks, other RPCs), Checks
+    arriving meanwhile join the wait, and all are decided once the store is free."""
+    busy_store = SQLiteStore(tmp_path / "state.db", busy_timeout_seconds=5.0)
+    checks = Checks(busy_store, window_seconds=5.0)
+    checks.answered.set()
+    writer = os.open(tmp_path / "state.db.lock", os.O_RDWR)
+    try:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        first = [asyncio.create_task(checks.check()) for _ in range(3)]
+        ticks = [time.monotonic()]
+        for _ in range(30):
+            await asyncio.sleep(0.005)
+            ticks.append(time.monotonic())
+        later = [asyncio.create_task(checks.check()) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert not any(task.done() for task in first + later), "nothing decided while busy"
+        released = time.monotonic()
+    finally:
+        os.close(writer)
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*first, *later), 5)
+        assert time.monotonic() - released < 0.5, "tried again soon after the store was free"
+        assert sorted(results) == list(range(5))
+        assert calls(busy_store) == 5
+        longest_tick = max(b - a for a, b in itertools.pairwise(ticks))
+        assert longest_tick < 0.1, f"the event loop was held {longest_tick:.3f} s"
+    finally:
+        busy_store.close()
 
 
 async def test_a_check_cancelled_while_it_waits_is_not_decided(store: SQLiteStore) -> None:
