@@ -409,14 +409,15 @@ def _resolve_control_references(bundle: _Bundle) -> None:
 
 
 def _tiers(tool: _Definition) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The tool's tiers that are mappings, with their indexes."""
-    if not isinstance(tool.body, dict) or not tool.usable("tiers"):
+    """The tool's usable tiers, with their indexes: one broken tier does not hide the errors
+    of the others (their conditions are still compiled and their references checked)."""
+    if not isinstance(tool.body, dict) or not tool.file.check.usable_above((*tool.path, "tiers")):
         return
     tiers = tool.body.get("tiers")
     if not isinstance(tiers, list):
         return
     for index, tier in enumerate(tiers):
-        if isinstance(tier, dict):
+        if isinstance(tier, dict) and tool.usable("tiers", index):
             yield index, tier
 
 

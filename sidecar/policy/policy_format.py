@@ -74,6 +74,11 @@ class FormatCheck:
         """True if no blocking issue lies at, above or below ``path``."""
         return not any(path[: len(bad)] == bad or bad[: len(path)] == path for bad in self.blocked)
 
+    def usable_above(self, path: Path) -> bool:
+        """True if no blocking issue lies at or above ``path`` (some may lie below it): a list
+        whose items are worth checking one by one."""
+        return not any(path[: len(bad)] == bad for bad in self.blocked)
+
 
 def format_validator(schema: dict[str, Any]) -> Any:
     """A validator for another YAML format of ours (policy tests), reporting like this one."""
