@@ -206,6 +206,9 @@ class DecisionBatcher(Generic[R]):
             except Exception as exc:
                 waiting.waiter.set_exception(exc)
         if not prepared:
+            # Nobody left to decide (cancelled while the store was busy, or malformed): no retry
+            # is due, so the next arrival must run its batch itself, not wait for one.
+            self._busy_since = -1.0
             return False
         decided: list[tuple[_Waiting[Any, Any, R], Any, Any, Exception | None]] = []
         retrying = self._busy_since >= 0

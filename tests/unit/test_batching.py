@@ -336,6 +336,32 @@ async def test_checks_wait_for_a_busy_store_without_holding_the_event_loop(
         busy_store.close()
 
 
+async def test_checks_all_cancelled_while_the_store_is_busy_leave_the_next_one_decided(
+    tmp_path: Path,
+) -> None:
+    """If every Check waiting for a busy store is cancelled (their deadlines passed), no retry
+    is due: a Check arriving later still gets its batch run, and is decided."""
+    busy_store = SQLiteStore(tmp_path / "state.db", busy_timeout_seconds=5.0)
+    checks = Checks(busy_store, window_seconds=0.3)  # the next waits for two, at most 0.3 s
+    checks.answered.set()
+    writer = os.open(tmp_path / "state.db.lock", os.O_RDWR)
+    try:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        waiting = [asyncio.create_task(checks.check()) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        await asyncio.sleep(0.2)  # the retry timer finds nobody left
+    finally:
+        os.close(writer)
+    try:
+        assert await asyncio.wait_for(checks.check(), 2) == 0, "decided, and the first"
+        assert calls(busy_store) == 1
+    finally:
+        busy_store.close()
+
+
 async def test_a_check_cancelled_while_it_waits_is_not_decided(store: SQLiteStore) -> None:
     """A Check whose deadline passes while it waits for company is dropped from the batch."""
     checks = Checks(store, window_seconds=0.05)
