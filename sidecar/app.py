@@ -10,6 +10,7 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 from grpc_health.v1 import health
@@ -35,6 +36,7 @@ from sidecar.server.services import (
     AuthorizationService,
     TokenService,
 )
+from sidecar.state.patience import write_when_free
 from sidecar.state.sqlite import SQLiteStore
 from sidecar.web.http import HttpApp, HttpServer
 from tokens import MAX_LEEWAY_SECONDS
@@ -110,7 +112,7 @@ async def _prune_forever(
         await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
         with contextlib.suppress(Exception):  # a failed sweep is retried next time
             expired = await approvals.sweep()
-            removed = store.prune(clock.now())
+            removed = await write_when_free(store, partial(store.prune, clock.now()))
             if removed or expired:
                 log.info("pruned state", extra={"rows": removed, "expired_approvals": expired})
         with contextlib.suppress(Exception):

@@ -11,6 +11,7 @@ import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sidecar.audit.record import event_body, new_record_id
@@ -23,6 +24,7 @@ from sidecar.observability.metrics import Metrics
 from sidecar.policy.conditions import ConditionEvaluationError, bind_approver
 from sidecar.policy.model import Policy
 from sidecar.state import ApprovalEvent, Store, StoredApproval
+from sidecar.state.patience import write_when_free
 
 MAX_COMMENT_CHARS = 2000
 
@@ -153,27 +155,32 @@ class Approvals:
             NotFoundError, ConflictError, PermissionDeniedError: see ``judge``.
         """
         now = self._clock.now()
-        with self.store.approvals() as transaction:
-            stored = transaction.get(approval_id)
-            if stored is None:
-                raise NotFoundError(f"no approval request '{approval_id}'")
-            verdict, status = judge(
-                stored.record,
-                approver,
-                policy,
-                approve=approve,
-                comment=comment,
-                now=now,
-                arguments=arguments_of(stored),
-            )
-            if verdict is not None:
-                transaction.add_verdict(approval_id, verdict)
-                transaction.add_event(
-                    approval_id, "approve" if approve else "reject", approver.subject, now
+
+        def record_verdict() -> tuple[StoredApproval, Verdict | None, ApprovalStatus]:
+            with self.store.approvals() as transaction:
+                stored = transaction.get(approval_id)
+                if stored is None:
+                    raise NotFoundError(f"no approval request '{approval_id}'")
+                verdict, status = judge(
+                    stored.record,
+                    approver,
+                    policy,
+                    approve=approve,
+                    comment=comment,
+                    now=now,
+                    arguments=arguments_of(stored),
                 )
-            if status is not stored.record.status:
-                transaction.set_status(approval_id, status, now)
-                transaction.add_event(approval_id, status.value, approver.subject, now)
+                if verdict is not None:
+                    transaction.add_verdict(approval_id, verdict)
+                    transaction.add_event(
+                        approval_id, "approve" if approve else "reject", approver.subject, now
+                    )
+                if status is not stored.record.status:
+                    transaction.set_status(approval_id, status, now)
+                    transaction.add_event(approval_id, status.value, approver.subject, now)
+                return stored, verdict, status
+
+        stored, verdict, status = await write_when_free(self.store, record_verdict)
         changed = self.get(approval_id)
         if verdict is not None:
             await self.record_event(
@@ -186,7 +193,9 @@ class Approvals:
 
     async def sweep(self) -> int:
         """Expire requests past their time; returns how many."""
-        expired = self.store.expire_approvals(self._clock.now())
+        expired = await write_when_free(
+            self.store, partial(self.store.expire_approvals, self._clock.now())
+        )
         for approval in expired:
             await self.record_event(approval, "expired", "proviso")
         return len(expired)

@@ -28,10 +28,11 @@ cancelled while it waits (its deadline passed) is not prepared or decided at all
 
 Waiting for the store never holds the event loop long. Another worker's batch holds the
 writers' lock for a fraction of a millisecond, so a batch waits for it on the loop, briefly
-(``LOCK_SPIN_SECONDS``). When another process holds it longer (a CLI write, a checkpoint, an
-operator's ``sqlite3``), the batch goes back to the queue and is tried again on a timer, with
-every Check that arrives meanwhile, while the loop answers health checks and other RPCs. Past
-the store's busy timeout they all fail closed, ``StoreBusyError`` (UNAVAILABLE).
+(``LOCK_SPIN_SECONDS``, as ``state.patience`` lets other writes wait). When another process
+holds it longer (a CLI write, a checkpoint, an operator's ``sqlite3``), the batch goes back to
+the queue and is tried again on a timer, with every Check that arrives meanwhile, while the
+loop answers health checks and other RPCs. Past the store's busy timeout they all fail closed,
+``StoreBusyError`` (UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ from typing import Any, Generic, TypeVar
 from sidecar.errors import StoreBusyError, StoreUnavailableError
 from sidecar.peaks import RecentPeak
 from sidecar.state import StateTransaction, Store
+from sidecar.state.patience import (
+    LOCK_RETRY_FIRST_SECONDS,
+    LOCK_RETRY_LONGEST_SECONDS,
+    LOCK_SPIN_SECONDS,
+)
 
 P = TypeVar("P")
 T = TypeVar("T")
@@ -70,14 +76,6 @@ SPARSE_SHARE = 1 / 3
 """Below this share of close arrivals, a Check alone in flight does not wait for company. A
 third, not a half: two Checks in flight answered together come back one after a gap and one
 close behind it, and their share settles between 0.44 and 0.56."""
-
-
-LOCK_SPIN_SECONDS = 0.002
-"""How long a batch waits for the writers' lock on the event loop before it yields the loop."""
-
-LOCK_RETRY_FIRST_SECONDS = 0.001
-LOCK_RETRY_LONGEST_SECONDS = 0.05
-"""A batch the store kept waiting is tried again after 1 ms, doubling to at most 50 ms."""
 
 
 class DecisionBatcher(Generic[R]):

@@ -51,6 +51,7 @@ from sidecar.revocation import revoke
 from sidecar.server import convert, status
 from sidecar.server.auth import caller, require_admin, require_approval_reader
 from sidecar.state import IssuedToken, Store
+from sidecar.state.patience import write_when_free
 from tokens import TokenError
 
 log = logging.getLogger("proviso.server")
@@ -194,11 +195,12 @@ class TokenService:
         self._tokens = tokens
         self._audit = audit
 
-    def _record(self, minted: MintedToken, agent: str, issued_by: str, parent: str = "") -> None:
+    async def _record(
+        self, minted: MintedToken, agent: str, issued_by: str, parent: str = ""
+    ) -> None:
         """Remember the token, so an issuer can revoke it by id (fails closed: UNAVAILABLE)."""
-        self._store.record_issued(
-            IssuedToken(minted.token_id, agent, issued_by, minted.expires_at, parent)
-        )
+        issued = IssuedToken(minted.token_id, agent, issued_by, minted.expires_at, parent)
+        await write_when_free(self._store, partial(self._store.record_issued, issued))
 
     async def issue_token(
         self, request: token_pb.IssueTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -220,7 +222,7 @@ class TokenService:
             audience=self._audience,
             run_id=run_id,
         )
-        self._record(minted, agent, issuer.subject)
+        await self._record(minted, agent, issuer.subject)
         self._metrics.tokens_issued.labels(bounded(agent, policy.agents)).inc()
         return convert.issue_token_response(minted)
 
@@ -258,7 +260,7 @@ class TokenService:
             parent, self._keys.signing_key(), grants=grants, ttl_seconds=ttl, now=now,
             run_id=run_id,
         )  # fmt: skip
-        self._record(minted, parent.subject, "attenuation", parent.token_id)
+        await self._record(minted, parent.subject, "attenuation", parent.token_id)
         policy = self._policy.current
         self._metrics.tokens_issued.labels(bounded(parent.subject, policy.agents)).inc()
         return convert.attenuate_token_response(minted, parent.lineage)
@@ -269,13 +271,17 @@ class TokenService:
         now = self._clock.now()
         identity = caller(context, self._identities, now)
         token_id = convert.token_id(request.token_id)
-        revocation, created = revoke(
+        revocation, created = await write_when_free(
             self._store,
-            self._policy.current,
-            identity,
-            token_id=token_id,
-            reason=request.reason,
-            now=now,
+            partial(
+                revoke,
+                self._store,
+                self._policy.current,
+                identity,
+                token_id=token_id,
+                reason=request.reason,
+                now=now,
+            ),
         )
         self._tokens.forget({token_id})
         if created:
@@ -355,11 +361,17 @@ class AdminService:
         if request.engaged:
             if not request.reason.strip():
                 raise InvalidRequestError("reason", "say why the switch is engaged")
-            switch, was_engaged = self._store.set_kill_switch(  # again: updates the reason
-                KillSwitch(scope, target, request.reason, "api", admin.subject, now)
+            switch, was_engaged = await write_when_free(  # again: updates the reason
+                self._store,
+                partial(
+                    self._store.set_kill_switch,
+                    KillSwitch(scope, target, request.reason, "api", admin.subject, now),
+                ),
             )
         else:
-            switch = self._store.release_kill_switch(scope, target)
+            switch = await write_when_free(
+                self._store, partial(self._store.release_kill_switch, scope, target)
+            )
             if switch is None:
                 raise _not_engaged(self._policy.current, scope, target)
         action = "engage" if request.engaged else "release"

@@ -547,6 +547,7 @@ class SQLiteStore:
         """
         path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_timeout = busy_timeout_seconds
+        self._patience = busy_timeout_seconds  # how long a write waits for the lock now
         lock_path = path.with_name(path.name + ".lock")
         try:
             self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -613,8 +614,16 @@ class SQLiteStore:
             raise
 
     @contextmanager
+    def patience(self, max_wait: float) -> Iterator[None]:
+        before, self._patience = self._patience, max_wait
+        try:
+            yield
+        finally:
+            self._patience = before
+
+    @contextmanager
     def decision(self, max_wait: float | None = None) -> Iterator[_Transaction]:
-        _lock_writers(self._lock_fd, self._busy_timeout if max_wait is None else max_wait)
+        _lock_writers(self._lock_fd, self._patience if max_wait is None else max_wait)
         try:
             yield from self._transaction()
         finally:

@@ -152,6 +152,11 @@ class Store(Protocol):
         """How long a writer waits for another to let go of the store before it is unavailable."""
         ...
 
+    def patience(self, max_wait: float) -> AbstractContextManager[None]:
+        """Within the block, writes wait at most ``max_wait`` for another writer (then
+        ``StoreBusyError``) instead of the busy timeout: see ``patience.write_when_free``."""
+        ...
+
     def decision(self, max_wait: float | None = None) -> AbstractContextManager[StateTransaction]:
         """An exclusive transaction for one Check; rolled back if the block raises.
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import json
+import os
 import shutil
 import sqlite3
 import time
@@ -16,6 +18,7 @@ from types import MappingProxyType
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb
 from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
@@ -563,3 +566,29 @@ async def test_a_decision_that_could_not_be_audited_is_never_replayed(
         assert again.decision_id in {r["record_id"] for r in audit_lines(fixed)}
     finally:
         await fixed.close()
+
+
+async def test_a_busy_store_holds_the_writes_not_the_server(sidecar: Sidecar) -> None:
+    """While another process holds the state store's lock (a CLI write, an operator's sqlite3),
+    a Check and an admin's kill switch wait for it, but the server goes on answering (health);
+    once free, both complete: the Check decided, the switch engaged."""
+    health = health_pb2_grpc.HealthStub(sidecar.channel)
+    token = sidecar.token()
+    lock = os.open(sidecar.app.settings.state_dir / "state.db.lock", os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        decided = asyncio.ensure_future(check(sidecar, token, "requestRefund", refund("1")))
+        engaged = asyncio.ensure_future(set_switch(sidecar, True, target="getInvoice"))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        for _ in range(5):
+            answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        answered_in = time.monotonic() - started
+        assert not decided.done(), "nothing is decided while the store is held"
+        assert not engaged.done()
+    finally:
+        os.close(lock)
+    assert answered_in < 1.0, f"health checks took {answered_in:.2f} s while the store was busy"
+    assert (await asyncio.wait_for(decided, 5)).decision == pb.DECISION_ALLOW
+    assert (await asyncio.wait_for(engaged, 5)).engaged
