@@ -188,6 +188,10 @@ class DecisionBatcher(Generic[R]):
             deferred = self._run(batch)
             self._last_busy = time.monotonic()
         finally:  # a BaseException (KeyboardInterrupt) out of a step: nobody is left waiting
+            if not deferred:
+                # However the batch ended (decided, failed, interrupted), no retry is due: the
+                # next arrival must run its own batch, not wait for a timer that never comes.
+                self._busy_since = -1.0
             for waiting in () if deferred else batch:
                 if not waiting.waiter.done():
                     waiting.waiter.set_exception(
@@ -204,9 +208,6 @@ class DecisionBatcher(Generic[R]):
             except Exception as exc:
                 waiting.waiter.set_exception(exc)
         if not prepared:
-            # Nobody left to decide (cancelled while the store was busy, or malformed): no retry
-            # is due, so the next arrival must run its batch itself, not wait for one.
-            self._busy_since = -1.0
             return False
         decided: list[tuple[_Waiting[Any, Any, R], Any, Any, Exception | None]] = []
         retrying = self._busy_since >= 0
@@ -222,7 +223,6 @@ class DecisionBatcher(Generic[R]):
             if self._wait_for_store([waiting for waiting, _ in prepared]):
                 return True
             waited = time.monotonic() - self._busy_since
-            self._busy_since = -1.0
             message = f"state store unavailable: another writer held it for {waited:.1f} s"
             self._fail(prepared, StoreBusyError(message))
             return False
@@ -232,13 +232,12 @@ class DecisionBatcher(Generic[R]):
         if retrying:
             waited = time.monotonic() - self._busy_since
             log.info("the state store is free again after %.3f s", waited)
-            self._busy_since = -1.0
         self._settle(decided, len(prepared))
         return False
 
     def _wait_for_store(self, batch: list[_Waiting[Any, Any, R]]) -> bool:
         """Queue ``batch`` again, to be tried on a timer while the loop serves other calls;
-        False (and no longer waiting) once the store has been busy for its busy timeout."""
+        False once the store has been busy for its busy timeout."""
         now = time.monotonic()
         if self._busy_since < 0:
             self._busy_since = now

@@ -49,18 +49,25 @@ def target(text: str) -> str:
     return text
 
 
+MAX_TIMEOUT_SECONDS = 86400.0
+"""A day: gRPC's deadline overflows near 9.2e9 s and then fails the call at once."""
+
+
 def timeout(text: str) -> float:
-    """A ``--timeout`` value in seconds, for argparse: a positive, finite number.
+    """A ``--timeout`` value in seconds, for argparse: above zero, at most a day.
 
     Raises:
-        argparse.ArgumentTypeError: not a number, or not above zero.
+        argparse.ArgumentTypeError: not a number, or out of that range.
     """
     try:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    if not 0 < seconds <= MAX_TIMEOUT_SECONDS:  # False for NaN too
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS:g}, "
+            f"got {text!r}"
+        )
     return seconds
 
 

@@ -38,7 +38,7 @@ class Address:
     @classmethod
     def parse(cls, text: str, setting: str) -> Address:
         host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
+        if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
             raise SettingsError(f"{setting}: expected HOST:PORT, got {text!r}")
         return cls(host.strip("[]"), int(port))
 

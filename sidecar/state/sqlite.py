@@ -73,6 +73,9 @@ _LOCK_FIRST_WAIT_SECONDS = 25e-6
 _LOCK_LONGEST_WAIT_SECONDS = 1e-3
 """Polling of the writers' file lock: from 25 µs, doubling, to at most 1 ms between tries."""
 
+_SQLITE_WAIT_FLOOR_SECONDS = 0.01
+"""Waits shorter than this do not wait in SQLite's busy handler (it sleeps 1, 2, 5… ms)."""
+
 CHECKPOINT_INTERVAL_SECONDS = 0.05
 """How often the background checkpointer copies committed pages into the database."""
 WAL_RESTART_FRAMES = 1000
@@ -548,6 +551,7 @@ class SQLiteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_timeout = busy_timeout_seconds
         self._patience = busy_timeout_seconds  # how long a write waits for the lock now
+        self._sqlite_busy_ms = int(busy_timeout_seconds * 1000)  # the connection's timeout
         lock_path = path.with_name(path.name + ".lock")
         try:
             self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -623,11 +627,23 @@ class SQLiteStore:
 
     @contextmanager
     def decision(self, max_wait: float | None = None) -> Iterator[_Transaction]:
-        _lock_writers(self._lock_fd, self._patience if max_wait is None else max_wait)
+        wait = self._patience if max_wait is None else max_wait
+        _lock_writers(self._lock_fd, wait)
         try:
+            self._wait_in_sqlite(wait)
             yield from self._transaction()
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _wait_in_sqlite(self, wait: float) -> None:
+        """How long ``BEGIN IMMEDIATE`` waits for SQLite's own write lock, which only a writer
+        that skips the file lock holds (an operator's ``sqlite3``, a CLI's start-up migration):
+        not at all for a short wait (the event loop's: busy is then ``StoreBusyError``, and the
+        caller tries again off the loop), else the whole wait. Changed only when it differs."""
+        busy_ms = 0 if wait < _SQLITE_WAIT_FLOOR_SECONDS else int(wait * 1000)
+        if busy_ms != self._sqlite_busy_ms:
+            self._db.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            self._sqlite_busy_ms = busy_ms
 
     @contextmanager
     def decisions(self, max_wait: float | None = None) -> Iterator[_Batch]:
@@ -641,6 +657,8 @@ class SQLiteStore:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
+                raise StoreBusyError(f"state store unavailable: {exc}") from exc
             raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
         try:
             yield _Transaction(self._db)

@@ -147,6 +147,8 @@ def test_a_state_store_that_cannot_be_opened_stops_serve_with_a_message(tmp_path
         ("--timeout", "-1"),
         ("--timeout", "0"),
         ("--timeout", "nan"),
+        ("--timeout", "1e10"),
+        ("--target", "[::1]:\uff15\uff10\uff10\uff15\uff11"),  # full-width digits
     ],
 )
 @pytest.mark.parametrize(
@@ -166,6 +168,18 @@ def test_an_unusable_target_or_timeout_is_a_usage_error(
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"argument {option}: expected " in result.stderr
     assert "is proviso running" not in result.stderr
+
+
+@pytest.mark.parametrize("target", ["localhost:{port}", "[::1]:{port}", "127.0.0.1:{port}"])
+def test_usual_targets_are_accepted(target: str) -> None:
+    """Host names and IPv6 literals pass validation and reach gRPC (nothing listens there)."""
+    port = _closed_port().rpartition(":")[2]
+    result = run(
+        "check", "--token", "t", "--tool", "getInvoice", "--args", "{}",
+        "--target", target.format(port=port), "--timeout", "5",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "UNAVAILABLE: " in result.stderr
 
 
 def test_a_target_in_a_grpc_naming_scheme_is_passed_on() -> None:

@@ -7,16 +7,18 @@ import asyncio
 import fcntl
 import itertools
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
 from sidecar.batching import DecisionBatcher
-from sidecar.errors import StoreUnavailableError
-from sidecar.state import StateTransaction
+from sidecar.errors import StoreBusyError, StoreUnavailableError
+from sidecar.state import DecisionBatch, StateTransaction
 from sidecar.state.sqlite import SQLiteStore
 from tests.state.test_store import SCOPE, count_call
 
@@ -360,6 +362,69 @@ async def test_checks_all_cancelled_while_the_store_is_busy_leave_the_next_one_d
         assert calls(busy_store) == 1
     finally:
         busy_store.close()
+
+
+async def test_a_writer_that_skips_the_file_lock_keeps_checks_waiting_not_the_loop(
+    tmp_path: Path,
+) -> None:
+    """An operator's sqlite3 holds SQLite's own write lock (it takes no file lock): the batch's
+    BEGIN finds it busy at once, and waits off the loop like for the file lock."""
+    busy_store = SQLiteStore(tmp_path / "state.db", busy_timeout_seconds=5.0)
+    checks = Checks(busy_store, window_seconds=5.0)
+    checks.answered.set()
+    operator = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    try:
+        operator.execute("BEGIN IMMEDIATE")
+        waiting = asyncio.create_task(checks.check())
+        ticks = [time.monotonic()]
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            ticks.append(time.monotonic())
+        assert not waiting.done(), "nothing decided while busy"
+        operator.execute("ROLLBACK")
+        assert await asyncio.wait_for(waiting, 2) == 0
+        longest_tick = max(b - a for a, b in itertools.pairwise(ticks))
+        assert longest_tick < 0.1, f"the event loop was held {longest_tick:.3f} s"
+    finally:
+        operator.close()
+        busy_store.close()
+
+
+class _FailsOnceAfterBusy:
+    """The real store, except that it is busy once and then fails once (a commit error)."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.busy_timeout_seconds = store.busy_timeout_seconds
+        self.opened = 0
+
+    def decisions(self, max_wait: float | None = None) -> AbstractContextManager[DecisionBatch]:
+        self.opened += 1
+        if self.opened == 1:
+            raise StoreBusyError("another writer holds it")
+        if self.opened == 2:
+            raise StoreUnavailableError("state store commit failed: disk I/O error")
+        return self.store.decisions(max_wait)
+
+
+async def test_a_retry_that_fails_leaves_the_next_check_decided(store: SQLiteStore) -> None:
+    """The store was busy, then the retry failed another way: that Check fails closed, and
+    the next one is decided (no retry is due; nothing may wait for one)."""
+    busy_then_broken = _FailsOnceAfterBusy(store)
+    batcher: DecisionBatcher[int] = DecisionBatcher(
+        busy_then_broken,  # type: ignore[arg-type]
+        window_seconds=0.01,
+        peak_window_seconds=60.0,
+    )
+
+    async def check() -> int:
+        with batcher.in_flight():
+            return await batcher.decide(lambda: None, lambda _, t: count_call(t), lambda _, n: n)
+
+    with pytest.raises(StoreUnavailableError, match="disk I/O"):
+        await asyncio.wait_for(check(), 2)
+    assert await asyncio.wait_for(check(), 2) == 0
+    assert busy_then_broken.opened == 3
 
 
 async def test_a_check_cancelled_while_it_waits_is_not_decided(store: SQLiteStore) -> None:

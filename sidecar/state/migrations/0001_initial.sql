@@ -22,7 +22,8 @@ CREATE TABLE idempotency_keys (
 );
 CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
 
--- Budget usage per run (or per token, as 'token:<jti>', for Checks without a run id).
+-- Budget usage per run (or per token, as 'token <jti>', for Checks without a run id; proviso
+-- before 2026-11-25 wrote 'token:<jti>', which a run id could spell).
 CREATE TABLE run_usage (
     run_key    TEXT PRIMARY KEY,
     calls       INTEGER NOT NULL,
