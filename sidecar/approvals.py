@@ -49,6 +49,14 @@ def judge(
     status = record.status_at(now)
     if status is not ApprovalStatus.PENDING:
         raise ConflictError(f"approval request {record.id} is {status.value}")
+    if record.rules != policy.approval_rules(record.tool, record.tier):
+        # Who may approve, how many must, or the approver condition changed (or the tier is
+        # gone): judging under the old rules could count someone the policy now excludes.
+        raise ConflictError(
+            f"approval request {record.id} was made under approval rules the policy no longer "
+            f"has (tier '{record.tier}' of tool '{record.tool}' changed or is gone); the "
+            "agent's next Check asks for approval again"
+        )
     if approver.subject == record.agent:
         raise PermissionDeniedError("the requesting agent cannot judge its own call")
     if any(

@@ -578,6 +578,7 @@ def _new_approval(
         status=ApprovalStatus.PENDING,
         created_at=now,
         expires_at=now + requirement.ttl_seconds,
+        rules=policy.approval_rules(call.tool, requirement.tier) or "",
     )
     return NewApproval(
         record=record,

@@ -328,13 +328,16 @@ def _apply_approval(
     """Step 9, approvals: use a presented approval once, or open (or find) a request.
 
     The approval is judged against the tier the *current* policy requires, so a policy change
-    between request and use still bites.
+    between request and use still bites: a request made under other approval rules for the
+    tier (``Policy.approval_rules``: approvers, their groups, counts, approver condition) is
+    stale, neither used nor handed out again; the call gets a new request.
     """
     requirement = decision.approval
     if decision.outcome is not Outcome.NEEDS_APPROVAL or requirement is None:
         return decision, NO_CHANGES
+    rules = policy.approval_rules(call.tool, requirement.tier)
     record = state.approval if call.approval_id else None
-    if record is not None:
+    if record is not None and record.rules == rules:
         status = record.status_at(now)
         if status is ApprovalStatus.EXPIRED:
             expire = record.id if record.status is not ApprovalStatus.EXPIRED else ""
@@ -359,6 +362,7 @@ def _apply_approval(
     if (
         pending is not None
         and pending.tier == requirement.tier
+        and pending.rules == rules
         and pending.status_at(now) is ApprovalStatus.PENDING
     ):
         return replace(decision, approval_id=pending.id), NO_CHANGES

@@ -53,6 +53,8 @@ class ApprovalRecord:
     created_at: float
     expires_at: float
     verdicts: tuple[Verdict, ...] = ()
+    rules: str = ""
+    """``Policy.approval_rules`` of the tier when the request was made ("": unknown, stale)."""
 
     def status_at(self, now: float) -> ApprovalStatus:
         """Pending and approved requests expire; an approval can be used until then too."""

@@ -6,6 +6,8 @@ new ``Policy`` and swaps one reference. Mappings are read-only views.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -235,6 +237,25 @@ class Policy:
         """A tool's tier by name, if both exist in this policy."""
         found = self.tools.get(tool)
         return next((t for t in found.tiers if t.name == name), None) if found else None
+
+    def approval_rules(self, tool: str, name: str) -> str | None:
+        """A digest of who may approve a call in this tier and how many must: the tier's
+        approvals, vetoes, approver roles with the groups that grant them, and approver
+        condition. An approval request keeps it from its creation; once the policy says
+        otherwise the request is stale (it can neither be judged nor used), so a reload that
+        takes an approver's right away also takes away the approvals already given. None when
+        the tier (or tool) no longer exists or needs no approval."""
+        tier = self.tier(tool, name)
+        if tier is None or tier.action is not TierAction.REQUIRE_APPROVAL:
+            return None
+        roles = {
+            role: sorted(self.approver_roles[role].groups) if role in self.approver_roles else None
+            for role in tier.approver_roles
+        }
+        condition = tier.approver_condition.source if tier.approver_condition else None
+        rules = [tool, name, tier.approvals, tier.vetoes, roles, condition]
+        canonical = json.dumps(rules, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
 
     def tools_permitted(self, agent_id: str) -> frozenset[str]:
         """The tools the agent's roles permit now; empty for an unknown agent."""

@@ -577,10 +577,17 @@ class ApprovalService:
         request: approval_pb.WatchApprovalsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[approval_pb.WatchApprovalsResponse]:
-        """Every change from now on; polls the store so changes by other processes show too."""
+        """Every change from now on; polls the store so changes by other processes show too.
+
+        The caller's right to read is checked again before every batch of changes, not only
+        when the stream opens: once their identity token expires, or a reload takes their
+        approver role away, the stream ends (UNAUTHENTICATED, PERMISSION_DENIED) instead of
+        going on sending the calls' arguments.
+        """
         self._reader(context)
         seen = self._approvals.store.last_approval_event()
         while True:
+            self._reader(context)
             for event in self._approvals.events_after(seen):
                 seen = event.seq
                 stored = self._approvals.store.get_approval(event.approval_id)

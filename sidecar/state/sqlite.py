@@ -291,7 +291,7 @@ class _Batch:
 
 _APPROVAL_COLUMNS = (
     "id, agent, tool, args_digest, run_id, tier, approvals_required, approver_roles, vetoes, "
-    "status, created_at, expires_at, arguments, token_id, policy_version, closed_at"
+    "status, created_at, expires_at, arguments, token_id, policy_version, closed_at, rules"
 )
 
 
@@ -326,6 +326,7 @@ def _stored_approval(db: sqlite3.Connection, row: tuple[Any, ...]) -> StoredAppr
         created_at=row[10],
         expires_at=row[11],
         verdicts=verdicts,
+        rules=row[16],
     )
     return StoredApproval(record, row[12], row[13], row[14], row[15])
 
@@ -334,10 +335,10 @@ def _insert_approval(db: sqlite3.Connection, new: NewApproval) -> None:
     r = new.record
     db.execute(
         f"INSERT INTO approvals ({_APPROVAL_COLUMNS}) "  # noqa: S608 - fixed columns
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
         (r.id, r.agent, r.tool, r.args_digest, r.run_id, r.tier, r.approvals_required,
          json.dumps(list(r.approver_roles)), r.vetoes, r.status.value, r.created_at,
-         r.expires_at, new.arguments, new.token_id, new.policy_version),
+         r.expires_at, new.arguments, new.token_id, new.policy_version, r.rules),
     )  # fmt: skip
 
 

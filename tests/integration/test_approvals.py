@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -17,7 +19,7 @@ from sidecar._proto.proviso.v1 import approval_service_pb2_grpc as ap_grpc
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
 from sidecar.app import App
 from sidecar.clock import FixedClock
-from tests.conftest import BILLING_AGENT, Sidecar, make_settings
+from tests.conftest import BILLING_AGENT, EXAMPLE_POLICIES, Sidecar, make_settings
 from tests.integration.test_check import codes, refund
 from tests.integration.test_server import identity, scrape
 
@@ -388,3 +390,113 @@ async def test_the_agents_owner_is_not_an_eligible_approver(sidecar: Sidecar) ->
         metadata=(("authorization", f"Bearer {other}"),),
     )
     assert counted.counted
+
+
+@pytest.fixture
+async def editable(tmp_path: Path) -> AsyncIterator[Sidecar]:
+    """A sidecar on a copy of the example bundle, which the test edits and reloads."""
+    policies = tmp_path / "policies"
+    shutil.copytree(EXAMPLE_POLICIES, policies)
+    running = Sidecar.connect(await App.start(make_settings(tmp_path / "state", policies=policies)))
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+async def edit_and_reload(sidecar: Sidecar, file: str, old: str, new: str) -> None:
+    path = sidecar.app.reloader.directory / file
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {file}"
+    path.write_text(text.replace(old, new))
+    _, changed = await sidecar.app.reloader.reload("test")
+    assert changed
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new"),
+    [
+        # The group no longer grants the tier's role: alice is no approver any more.
+        ("common.yaml", "groups: [billing-supervisors]", "groups: [billing-leads]"),
+        # A new approver condition excludes her.
+        (
+            "billing.yaml",
+            "        approver_roles: [billing-supervisor]\n        ttl: 24h\n",
+            "        approver_roles: [billing-supervisor]\n        ttl: 24h\n"
+            '        approver_condition: approver.subject != "alice@example.com"\n',
+        ),
+    ],
+    ids=["group-removed", "condition-added"],
+)
+async def test_an_approval_given_under_rules_since_changed_is_not_used(
+    editable: Sidecar, file: str, old: str, new: str
+) -> None:
+    """A reload that takes an approver's right away takes away the approvals already given:
+    the presented approval is not used, and the call asks for approval anew."""
+    token = editable.token()
+    needed = await refund_check(editable, token, "120")
+    await approve(editable, needed.approval_id, ALICE)
+    await edit_and_reload(editable, file, old, new)
+
+    response = await refund_check(editable, token, "120", needed.approval_id)
+
+    assert response.decision == pb.DECISION_NEEDS_APPROVAL, codes(response)
+    assert response.approval_id not in ("", needed.approval_id), "a new request"
+
+
+async def test_a_request_whose_tier_changed_cannot_be_judged(editable: Sidecar) -> None:
+    """A pending request made under other approval rules (the tier renamed, or its approver
+    roles changed) is refused to every approver: FAILED_PRECONDITION, nothing counted; the
+    agent's next Check opens a request under the current rules, which the right people judge.
+    (The owner of the agent, whom the finance tier's approver condition excludes, could
+    approve the request once its tier was gone.)"""
+    token = editable.token()
+    needed = await refund_check(editable, token, "900")
+    await edit_and_reload(editable, "billing.yaml", "- name: finance\n", "- name: finance2\n")
+    idp = editable.app.dev_idp
+    assert idp is not None
+    owner = idp.mint(
+        FIONA, ("finance-approvers",), time.time(), extra={"owns_agents": [BILLING_AGENT]}
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub(editable).ApproveApproval(
+            ap_pb.ApproveApprovalRequest(approval_id=needed.approval_id),
+            metadata=(("authorization", f"Bearer {owner}"),),
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no longer" in (caught.value.details() or "")
+
+    await edit_and_reload(
+        editable,
+        "billing.yaml",
+        "approver_roles: [finance-approver]",
+        "approver_roles: [billing-supervisor]",
+    )
+    renewed = await refund_check(editable, token, "900")
+    assert renewed.decision == pb.DECISION_NEEDS_APPROVAL
+    assert renewed.approval_id != needed.approval_id, "not the stale request"
+    assert list(renewed.approval_requirement.approver_roles) == ["billing-supervisor"]
+    counted = await approve(editable, renewed.approval_id, ALICE)
+    assert counted.counted
+
+
+async def test_a_watch_ends_once_the_watcher_may_no_longer_read(editable: Sidecar) -> None:
+    """The reader's rights are checked before every batch of changes: after a reload takes
+    alice's approver role away, her open stream ends PERMISSION_DENIED instead of sending her
+    the next request's arguments."""
+    seen: list[ap_pb.WatchApprovalsResponse] = []
+    watcher = asyncio.create_task(watch(editable, seen, 2))
+    await asyncio.sleep(0.3)
+    await refund_check(editable, editable.token(), "120")
+    deadline = time.monotonic() + 5
+    while not seen:
+        assert time.monotonic() < deadline, "the first change never came"
+        await asyncio.sleep(0.05)
+    await edit_and_reload(
+        editable, "common.yaml", "groups: [billing-supervisors]", "groups: [billing-leads]"
+    )
+    await refund_check(editable, editable.token(), "130")
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await asyncio.wait_for(watcher, timeout=5)
+    assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert [c.event for c in seen] == ["created"], "nothing after the role was taken away"

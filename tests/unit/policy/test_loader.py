@@ -282,3 +282,44 @@ def test_unknown_keywords_are_found_in_every_kind_of_subschema() -> None:
         ("allOf", 0, "not", "maximun"),
         ("items", "prefixItems", 1, "bad"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "changes"),
+    [
+        ("common.yaml", "groups: [billing-supervisors]", "groups: [billing-leads]", True),
+        ("billing.yaml", "approvals: 1\n", "approvals: 2\n", True),
+        ("billing.yaml", "ttl: 24h\n      - name: finance", "ttl: 24h\n        vetoes: 2\n"
+         "      - name: finance", True),
+        ("billing.yaml", "[billing-supervisor]\n        ttl", "[billing-supervisor, "
+         "finance-approver]\n        ttl", True),
+        ("billing.yaml", "ttl: 24h\n      - name: finance", "ttl: 24h\n        approver_condition:"
+         " 'true'\n      - name: finance", True),
+        # Not who may approve: the request's lifetime, another tier, another role's groups.
+        ("billing.yaml", "ttl: 24h\n      - name: finance", "ttl: 12h\n      - name: finance",
+         False),
+        ("billing.yaml", "approvals: 2\n", "approvals: 3\n", False),
+        ("common.yaml", "groups: [finance-approvers]", "groups: [finance]", False),
+    ],
+)  # fmt: skip
+def test_approval_rules_change_with_who_may_approve(
+    tmp_path: Path, file: str, old: str, new: str, changes: bool
+) -> None:
+    """The supervisor tier's approval rules digest follows its approvers, their groups, its
+    counts and its approver condition, and nothing else."""
+    before = load_policy(EXAMPLES).approval_rules("requestRefund", "supervisor")
+    bundle = copy_examples(tmp_path / "bundle")
+    text = (bundle / file).read_text()
+    assert text.count(old) == 1, old
+    (bundle / file).write_text(text.replace(old, new))
+    after = load_policy(bundle).approval_rules("requestRefund", "supervisor")
+    assert before is not None
+    assert after is not None
+    assert (after != before) is changes
+
+
+def test_approval_rules_are_none_for_a_tier_without_approvals() -> None:
+    policy = load_policy(EXAMPLES)
+    assert policy.approval_rules("requestRefund", "auto") is None
+    assert policy.approval_rules("requestRefund", "no-such-tier") is None
+    assert policy.approval_rules("noSuchTool", "supervisor") is None
