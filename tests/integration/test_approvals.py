@@ -369,21 +369,28 @@ async def test_every_event_is_audited(sidecar: Sidecar) -> None:
     assert all(r["run_id"] == "run-1" for r in lines if r["kind"] == "approval")
 
 
-async def test_the_agents_owner_is_not_an_eligible_approver(sidecar: Sidecar) -> None:
-    """The finance tier's approver condition excludes a finance approver who owns the agent."""
-    needed = await refund_check(sidecar, sidecar.token(), "900")
+async def approve_as_the_agents_owner(sidecar: Sidecar, approval_id: str) -> None:
+    """Fiona, a finance approver whose IdP claims say she owns the billing agent, approves."""
     idp = sidecar.app.dev_idp
     assert idp is not None
     owner = idp.mint(
         FIONA, ("finance-approvers",), time.time(), extra={"owns_agents": [BILLING_AGENT]}
     )
+    await stub(sidecar).ApproveApproval(
+        ap_pb.ApproveApprovalRequest(approval_id=approval_id),
+        metadata=(("authorization", f"Bearer {owner}"),),
+    )
+
+
+async def test_the_agents_owner_is_not_an_eligible_approver(sidecar: Sidecar) -> None:
+    """The finance tier's approver condition excludes a finance approver who owns the agent."""
+    needed = await refund_check(sidecar, sidecar.token(), "900")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub(sidecar).ApproveApproval(
-            ap_pb.ApproveApprovalRequest(approval_id=needed.approval_id),
-            metadata=(("authorization", f"Bearer {owner}"),),
-        )
+        await approve_as_the_agents_owner(sidecar, needed.approval_id)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "approver condition" in (caught.value.details() or "")
+    idp = sidecar.app.dev_idp
+    assert idp is not None
     other = idp.mint(FRANK, ("finance-approvers",), time.time(), extra={"owns_agents": ["x"]})
     counted = await stub(sidecar).ApproveApproval(
         ap_pb.ApproveApprovalRequest(approval_id=needed.approval_id),
@@ -453,16 +460,8 @@ async def test_a_request_whose_tier_changed_cannot_be_judged(editable: Sidecar) 
     token = editable.token()
     needed = await refund_check(editable, token, "900")
     await edit_and_reload(editable, "billing.yaml", "- name: finance\n", "- name: finance2\n")
-    idp = editable.app.dev_idp
-    assert idp is not None
-    owner = idp.mint(
-        FIONA, ("finance-approvers",), time.time(), extra={"owns_agents": [BILLING_AGENT]}
-    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub(editable).ApproveApproval(
-            ap_pb.ApproveApprovalRequest(approval_id=needed.approval_id),
-            metadata=(("authorization", f"Bearer {owner}"),),
-        )
+        await approve_as_the_agents_owner(editable, needed.approval_id)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "no longer" in (caught.value.details() or "")
 

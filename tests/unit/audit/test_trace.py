@@ -33,7 +33,13 @@ def at(second: int) -> str:
     return f"2026-11-25T10:00:{second:02d}.000Z"
 
 
-def check(policy: Policy, run_id: str, step_id: str, second: int) -> dict[str, Any]:
+def check(
+    policy: Policy,
+    run_id: str,
+    step_id: str,
+    second: int,
+    run_metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """A decision record's body, as the authorizer builds it (a Check without a token)."""
     call = ToolCall(
         tool="requestRefund",
@@ -50,6 +56,7 @@ def check(policy: Policy, run_id: str, step_id: str, second: int) -> dict[str, A
         args_digest=call.args_digest,
         arguments=ARGUMENTS,
         latency_ms=0.25,
+        run_metadata=run_metadata or {},
     ).to_body()
 
 
@@ -250,24 +257,8 @@ async def test_an_idempotent_retry_shows_as_a_replay_of_the_decision_it_answered
 async def test_the_table_escapes_what_agents_wrote(tmp_path: Path, example_policy: Policy) -> None:
     """Run metadata comes from the agent: a terminal escape or a line break in it is printed
     escaped, so the table cannot be rewritten or given forged lines."""
-    arguments = ARGUMENTS
-    call = ToolCall(
-        tool="requestRefund",
-        arguments=arguments,
-        run_id="run-e",
-        step_id="s0",
-        args_digest=strictjson.digest(arguments),
-    )
-    body = AuditRecord(
-        record_id="dec_e",
-        time=at(1),
-        decision=evaluate(example_policy, call, None),
-        call=call,
-        args_digest=call.args_digest,
-        arguments=arguments,
-        latency_ms=0.25,
-        run_metadata={"ticket": "T-1\x1b]0;owned\x07\r\nagents    root"},
-    ).to_body()
+    escapes = "T-1\x1b]0;owned\x07\r\nagents    root"
+    body = check(example_policy, "run-e", "s0", 1, run_metadata={"ticket": escapes})
     path = tmp_path / "decisions.jsonl"
     await write(path, [body])
 
