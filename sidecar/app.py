@@ -104,14 +104,15 @@ def _published_jwks(keys: KeyStore) -> dict[str, object]:
 
 
 async def _prune_forever(
-    store: SQLiteStore, approvals: Approvals, keys: KeyStore, clock: Clock
+    store: SQLiteStore, approvals: Approvals, keys: KeyStore, policy: PolicyHolder, clock: Clock
 ) -> None:
-    """Expire approval requests; drop expired idempotency keys, stale run counters and
-    revocations of expired tokens; let retired signing keys lapse. All off the hot path."""
+    """Expire approval requests (past their time, or made under approval rules the policy in
+    force no longer has); drop expired idempotency keys, stale run counters and revocations of
+    expired tokens; let retired signing keys lapse. All off the hot path."""
     while True:
         await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
         with contextlib.suppress(Exception):  # a failed sweep is retried next time
-            expired = await approvals.sweep()
+            expired = await approvals.sweep(policy.current)
             removed = await write_when_free(store, partial(store.prune, clock.now()))
             if removed or expired:
                 log.info("pruned state", extra={"rows": removed, "expired_approvals": expired})
@@ -155,6 +156,7 @@ class App:
     store: SQLiteStore
     pruner: asyncio.Task[None]
     reloader: PolicyReloader
+    approvals: Approvals
     shadow: PolicyHolder | None = None
     shadow_reloader: PolicyReloader | None = None
     watchers: list[asyncio.Task[None]] = field(default_factory=list)
@@ -306,7 +308,9 @@ class App:
             undo.push_async_callback(server.stop, None)
             http.start()
             undo.pop_all()
-        pruner = asyncio.create_task(_prune_forever(store, approvals, keys, clock), name="pruner")
+        pruner = asyncio.create_task(
+            _prune_forever(store, approvals, keys, holder, clock), name="pruner"
+        )
         app = cls(
             settings=settings,
             policy=holder,
@@ -323,6 +327,7 @@ class App:
             store=store,
             pruner=pruner,
             reloader=reloader,
+            approvals=approvals,
             shadow=shadow,
             shadow_reloader=shadow_reloader,
             traces=traces,

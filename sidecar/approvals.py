@@ -199,10 +199,16 @@ class Approvals:
             self._metrics.approval_decision_seconds.observe(now - stored.record.created_at)
         return ApprovalChange(changed, counted=verdict is not None)
 
-    async def sweep(self) -> int:
-        """Expire requests past their time; returns how many."""
+    async def sweep(self, policy: Policy | None = None) -> int:
+        """Expire requests past their time, and (given the policy in force) those made under
+        approval rules it no longer has, which nobody can judge or use any more; returns how
+        many."""
+
+        def stale(tool: str, tier: str, rules: str) -> bool:
+            return policy is not None and rules != policy.approval_rules(tool, tier)
+
         expired = await write_when_free(
-            self.store, partial(self.store.expire_approvals, self._clock.now())
+            self.store, partial(self.store.expire_approvals, self._clock.now(), stale)
         )
         for approval in expired:
             await self.record_event(approval, "expired", "proviso")

@@ -33,7 +33,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from importlib import resources
@@ -863,15 +863,17 @@ class SQLiteStore:
             ).fetchall()
         return {tier: count for tier, count in rows}
 
-    def expire_approvals(self, now: float) -> list[StoredApproval]:
+    def expire_approvals(
+        self, now: float, stale: Callable[[str, str, str], bool] | None = None
+    ) -> list[StoredApproval]:
         with self._write():
             due = [
-                row[0]
-                for row in self._db.execute(
-                    "SELECT id FROM approvals WHERE status IN ('pending', 'approved') "
-                    "AND expires_at <= ?",
-                    (now,),
-                )
+                approval_id
+                for approval_id, tool, tier, rules, expires_at in self._db.execute(
+                    "SELECT id, tool, tier, rules, expires_at FROM approvals "
+                    "WHERE status IN ('pending', 'approved')"
+                ).fetchall()
+                if expires_at <= now or (stale is not None and stale(tool, tier, rules))
             ]
             for approval_id in due:
                 _expire(self._db, approval_id, now)

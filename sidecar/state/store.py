@@ -10,6 +10,7 @@ its own within it (a savepoint), all committed at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from decimal import Decimal
@@ -250,8 +251,12 @@ class Store(Protocol):
 
     def pending_by_tier(self) -> dict[str, int]: ...
 
-    def expire_approvals(self, now: float) -> list[StoredApproval]:
-        """Mark requests past their expiry as expired (with an event); return them."""
+    def expire_approvals(
+        self, now: float, stale: Callable[[str, str, str], bool] | None = None
+    ) -> list[StoredApproval]:
+        """Mark open requests past their expiry as expired (with an event), and those for which
+        ``stale(tool, tier, rules)`` holds (made under approval rules the policy no longer
+        has: they can neither be judged nor used); return them."""
         ...
 
     def close(self) -> None: ...

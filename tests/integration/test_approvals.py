@@ -499,3 +499,33 @@ async def test_a_watch_ends_once_the_watcher_may_no_longer_read(editable: Sideca
         await asyncio.wait_for(watcher, timeout=5)
     assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert [c.event for c in seen] == ["created"], "nothing after the role was taken away"
+
+
+async def test_the_sweep_expires_requests_made_under_rules_since_changed(
+    editable: Sidecar,
+) -> None:
+    """Requests nobody can judge or use any more do not stay pending for their whole ttl (in
+    lists and in proviso_approvals_pending): the sweep expires them, audited; others stay."""
+    token = editable.token()
+    supervised = await refund_check(editable, token, "120")
+    finance = await refund_check(editable, token, "900")
+    await edit_and_reload(editable, "billing.yaml", "approvals: 2\n", "approvals: 3\n")
+
+    assert await editable.app.approvals.sweep(editable.app.policy.current) == 1
+
+    listed = await stub(editable).ListApprovals(
+        ap_pb.ListApprovalsRequest(state=ap_pb.APPROVAL_STATE_PENDING),
+        metadata=identity(editable, ALICE),
+    )
+    assert [a.approval_id for a in listed.approvals] == [supervised.approval_id]
+    got = await stub(editable).GetApproval(
+        ap_pb.GetApprovalRequest(approval_id=finance.approval_id),
+        metadata=identity(editable, ALICE),
+    )
+    assert got.approval.state == ap_pb.APPROVAL_STATE_EXPIRED
+    expired = [
+        line for line in editable.app.settings.audit_path.read_text().splitlines()
+        if '"event":"expired"' in line.replace(" ", "")
+    ]  # fmt: skip
+    assert len(expired) == 1
+    assert finance.approval_id in expired[0]
