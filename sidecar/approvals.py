@@ -54,15 +54,14 @@ def judge(
         # gone): judging under the old rules could count someone the policy now excludes.
         raise ConflictError(
             f"approval request {record.id} was made under approval rules the policy no longer "
-            f"has (tier '{record.tier}' of tool '{record.tool}' changed or is gone); the "
-            "agent's next Check asks for approval again"
+            f"has (tier '{record.tier}' of tool '{record.tool}' changed or is gone, or the "
+            "request predates this proviso's recording of them); the agent's next Check asks "
+            "for approval again"
         )
     if approver.subject == record.agent:
         raise PermissionDeniedError("the requesting agent cannot judge its own call")
-    if any(
-        issuer.subject == approver.subject and record.agent in issuer.agents
-        for issuer in policy.issuers.values()
-    ):
+    issuers = policy.issuers_of(record.agent)
+    if approver.subject in issuers:
         raise PermissionDeniedError("an issuer of the agent's tokens cannot judge its calls")
     eligible = tuple(
         r for r in policy.approver_roles_of(approver.groups) if r in record.approver_roles
@@ -77,7 +76,8 @@ def judge(
     verdicts = (*record.verdicts, verdict)
     if sum(not v.approve for v in verdicts) >= record.vetoes:
         return verdict, ApprovalStatus.REJECTED
-    if sum(v.approve for v in verdicts) >= record.approvals_required:
+    # Approvals by people who have since become issuers of the agent no longer count.
+    if sum(v.approve and v.approver not in issuers for v in verdicts) >= record.approvals_required:
         return verdict, ApprovalStatus.APPROVED
     return verdict, ApprovalStatus.PENDING
 

@@ -349,8 +349,11 @@ def _apply_approval(
         if status is ApprovalStatus.CONSUMED:
             reason = Reason(ReasonCode.APPROVAL_CONSUMED, "the approval was already used")
             return _deny_for(policy, decision, reason), NO_CHANGES
-        if record.satisfies(requirement):
-            approvers = ", ".join(record.approvers_for(requirement))
+        # Someone who became an issuer of the agent since approving no longer counts: the
+        # same person must never both mint the token and approve the call.
+        issuers = policy.issuers_of(record.agent)
+        if record.satisfies(requirement, issuers):
+            approvers = ", ".join(record.approvers_for(requirement, issuers))
             reason = Reason(ReasonCode.APPROVAL_GRANTED, f"approved by {approvers}")
             allowed = replace(
                 decision, outcome=Outcome.ALLOW, reasons=(reason,), approval_id=record.id

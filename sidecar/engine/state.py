@@ -63,19 +63,31 @@ class ApprovalRecord:
             return ApprovalStatus.EXPIRED
         return self.status
 
-    def approvers_for(self, requirement: ApprovalRequirement) -> tuple[str, ...]:
-        """Distinct people whose approval counts for ``requirement`` (roles they held)."""
+    def approvers_for(
+        self, requirement: ApprovalRequirement, excluded: frozenset[str] = frozenset()
+    ) -> tuple[str, ...]:
+        """Distinct people whose approval counts for ``requirement`` (roles they held), but
+        none of ``excluded`` (those who may now mint the agent's tokens)."""
         roles = set(requirement.approver_roles)
         return tuple(
-            sorted({v.approver for v in self.verdicts if v.approve and roles & set(v.roles)})
+            sorted(
+                {
+                    v.approver
+                    for v in self.verdicts
+                    if v.approve and roles & set(v.roles) and v.approver not in excluded
+                }
+            )
         )
 
-    def satisfies(self, requirement: ApprovalRequirement) -> bool:
-        """Approved, for this tier, by enough people holding the tier's roles now."""
+    def satisfies(
+        self, requirement: ApprovalRequirement, excluded: frozenset[str] = frozenset()
+    ) -> bool:
+        """Approved, for this tier, by enough people holding the tier's roles now and not in
+        ``excluded``."""
         return (
             self.status is ApprovalStatus.APPROVED
             and self.tier == requirement.tier
-            and len(self.approvers_for(requirement)) >= requirement.approvals_required
+            and len(self.approvers_for(requirement, excluded)) >= requirement.approvals_required
         )
 
 

@@ -238,6 +238,10 @@ class Policy:
         found = self.tools.get(tool)
         return next((t for t in found.tiers if t.name == name), None) if found else None
 
+    def issuers_of(self, agent: str) -> frozenset[str]:
+        """The subjects that may mint the agent's tokens now: they may never approve its calls."""
+        return frozenset(i.subject for i in self.issuers.values() if agent in i.agents)
+
     def approval_rules(self, tool: str, name: str) -> str | None:
         """A digest of who may approve a call in this tier and how many must: the tier's
         approvals, vetoes, approver roles with the groups that grant them, and approver

@@ -584,10 +584,15 @@ class ApprovalService:
         approver role away, the stream ends (UNAUTHENTICATED, PERMISSION_DENIED) instead of
         going on sending the calls' arguments.
         """
-        self._reader(context)
+        identity = self._reader(context)
+        expires_at = identity.claims.get("exp")
         seen = self._approvals.store.last_approval_event()
         while True:
-            self._reader(context)
+            # Not the whole verification again (it may fetch the IdP's keys): the token's
+            # expiry, and the reader's rights under the policy in force.
+            if isinstance(expires_at, int | float) and self._clock.now() >= expires_at:
+                raise UnauthenticatedError("the identity token expired: watch with a fresh one")
+            require_approval_reader(identity, self._policy.current)
             for event in self._approvals.events_after(seen):
                 seen = event.seq
                 stored = self._approvals.store.get_approval(event.approval_id)

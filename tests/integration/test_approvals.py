@@ -529,3 +529,65 @@ async def test_the_sweep_expires_requests_made_under_rules_since_changed(
     ]  # fmt: skip
     assert len(expired) == 1
     assert finance.approval_id in expired[0]
+
+
+async def test_an_approver_who_becomes_an_issuer_of_the_agent_no_longer_counts(
+    editable: Sidecar,
+) -> None:
+    """Frank approves; a reload makes him an issuer of the agent (he may now mint its tokens):
+    his approval no longer counts, so fiona's alone does not approve the two-person tier, and
+    the call still needs approval. The same person never both mints the token and approves."""
+    token = editable.token()
+    needed = await refund_check(editable, token, "900")
+    await approve(editable, needed.approval_id, FRANK)
+    await edit_and_reload(
+        editable,
+        "common.yaml",
+        "issuers:\n",
+        f"issuers:\n  {FRANK}:\n    agents: [{BILLING_AGENT}]\n",
+    )
+    second = await approve(editable, needed.approval_id, FIONA)
+    assert second.counted
+    assert second.approval.state == ap_pb.APPROVAL_STATE_PENDING, "frank's no longer counts"
+    response = await refund_check(editable, token, "900", needed.approval_id)
+    assert response.decision == pb.DECISION_NEEDS_APPROVAL, codes(response)
+    assert response.approval_id == needed.approval_id
+
+
+async def test_an_approval_is_not_used_once_an_approver_became_an_issuer(
+    editable: Sidecar,
+) -> None:
+    """Approved by frank and fiona; a reload makes frank an issuer of the agent: the approval
+    no longer has two approvers who count, so it is not used and the call asks again."""
+    token = editable.token()
+    needed = await refund_check(editable, token, "900")
+    await approve(editable, needed.approval_id, FRANK)
+    approved = await approve(editable, needed.approval_id, FIONA)
+    assert approved.approval.state == ap_pb.APPROVAL_STATE_APPROVED
+    await edit_and_reload(
+        editable,
+        "common.yaml",
+        "issuers:\n",
+        f"issuers:\n  {FRANK}:\n    agents: [{BILLING_AGENT}]\n",
+    )
+    response = await refund_check(editable, token, "900", needed.approval_id)
+    assert response.decision == pb.DECISION_NEEDS_APPROVAL, codes(response)
+    assert response.approval_id not in ("", needed.approval_id)
+
+
+async def test_a_watch_ends_when_the_watchers_identity_token_expires(sidecar: Sidecar) -> None:
+    """The stream is no longer than the identity that opened it: at the token's exp it ends
+    UNAUTHENTICATED (checked before every batch, without verifying the JWT again)."""
+    idp = sidecar.app.dev_idp
+    assert idp is not None
+    short = idp.mint(ALICE, ("billing-supervisors",), time.time(), ttl_seconds=1)
+    call = stub(sidecar).WatchApprovals(
+        ap_pb.WatchApprovalsRequest(), metadata=(("authorization", f"Bearer {short}"),)
+    )
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        async for _ in call:
+            pass
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "expired" in (ended.value.details() or "")
+    assert time.monotonic() - started < 3
