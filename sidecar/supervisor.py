@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 
 from sidecar.audit.redaction import Redactor
+from sidecar.audit.writer import refuse_if_in_use
 from sidecar.config import Settings
 from sidecar.errors import SidecarError
 from sidecar.identity import DevIdentityProvider
@@ -73,8 +74,17 @@ class Worker:
 
 def prepare_state(settings: Settings) -> None:
     """Create what the workers share (keys, dev IdP, redaction key, the store's tables) once,
-    before they start, so they never race to create them."""
+    before they start, so they never race to create them.
+
+    Raises:
+        AuditLogInUseError: a server already writes one of the workers' chains: refused before
+            the store is migrated, which that (maybe older) server could not restart on.
+    """
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for index in range(settings.workers):
+        chain = settings.for_worker(index, listen_port=0, metrics_port=0).audit_path
+        chain.parent.mkdir(parents=True, exist_ok=True)
+        refuse_if_in_use(chain)
     load_or_create(settings.state_dir)
     if settings.dev_mode:
         DevIdentityProvider.load_or_create(settings.state_dir, settings.idp_audience)

@@ -608,6 +608,18 @@ def _lock_log(path: Path) -> int | None:
     return lock_fd
 
 
+def refuse_if_in_use(path: Path) -> None:
+    """Fail now if another process writes the log at ``path`` (without keeping it locked):
+    for a start that must find out before it changes shared state, such as migrating the
+    store, which an older server still running on it could then no longer restart on.
+
+    Raises:
+        AuditLogInUseError: another process holds it.
+        OSError: the lock file cannot be opened or locked.
+    """
+    _unlock_log(_lock_log(path))
+
+
 def _unlock_log(lock_fd: int | None) -> None:
     if lock_fd is not None:
         os.close(lock_fd)  # releases the flock

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
@@ -268,3 +269,26 @@ def test_serve_prints_the_metrics_port_it_bound_and_says_when_it_stopped(
         assert all(_decisions(port) == 0 for port in ports)  # each one serves /metrics
     assert server.returncode == 0, server.output()
     assert server.stdout.splitlines()[-1] == "proviso: stopped", server.output()
+
+
+def test_workers_whose_chain_is_being_written_refuse_before_touching_the_store(
+    tmp_path: Path,
+) -> None:
+    """Another server writes worker 1's chain: serve --workers 2 refuses before it migrates
+    the state store (that server, maybe an older proviso, could not restart on a store of a
+    newer schema)."""
+    state = tmp_path / "state-2"
+    (state / "audit").mkdir(parents=True)
+    holder = os.open(state / "audit" / "decisions.w1.jsonl.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        result = _serve_on(port, 2, tmp_path)
+    finally:
+        os.close(holder)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not serving" in result.stderr
+    assert "decisions.w1.jsonl" in result.stderr
+    assert not (state / "state.db").exists(), "the store was not created (nor migrated)"
