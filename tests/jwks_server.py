@@ -58,6 +58,8 @@ class JwksServer:
     ca_file: Path
     document: dict[str, Any]
     requests: list[str] = field(default_factory=list)
+    delay_seconds: float = 0.0
+    """How long each answer takes (an IdP that is slow to answer)."""
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
@@ -100,6 +102,7 @@ def serve_jwks(directory: Path, document: dict[str, Any]) -> Iterator[JwksServer
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             state.requests.append(self.path)
+            time.sleep(state.delay_seconds)
             body = json.dumps(state.document).encode()
             self.send_response(200 if self.path == "/jwks.json" else 404)
             self.send_header("Content-Type", "application/json")

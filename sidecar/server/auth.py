@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -18,15 +19,18 @@ def metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
     }
 
 
-def caller(
+async def caller(
     context: grpc.aio.ServicerContext[Any, Any], identities: IdentityVerifier, now: float
 ) -> Identity:
-    """The verified identity of the caller.
+    """The verified identity of the caller, verified on a thread: verifying may fetch the
+    IdP's keys (stale, or a new kid), up to the fetch timeout, which must not hold up the
+    event loop and every Check on it.
 
     Raises:
         UnauthenticatedError: no bearer token, or one that does not verify.
     """
-    return identities.verify(bearer_token(metadata(context)), now)
+    token = bearer_token(metadata(context))
+    return await asyncio.to_thread(identities.verify, token, now)
 
 
 def require_admin(identity: Identity, policy: Policy) -> Identity:

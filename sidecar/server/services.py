@@ -206,7 +206,7 @@ class TokenService:
         self, request: token_pb.IssueTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> token_pb.IssueTokenResponse:
         now = self._clock.now()
-        issuer = caller(context, self._identities, now)
+        issuer = await caller(context, self._identities, now)
         policy = self._policy.current
         agent = convert.agent_id(request.agent)
         run_id = convert.optional_run_id(request.run_id)
@@ -269,7 +269,7 @@ class TokenService:
         self, request: token_pb.RevokeTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> token_pb.RevokeTokenResponse:
         now = self._clock.now()
-        identity = caller(context, self._identities, now)
+        identity = await caller(context, self._identities, now)
         token_id = convert.token_id(request.token_id)
         revocation, created = await write_when_free(
             self._store,
@@ -345,15 +345,14 @@ class AdminService:
         self._shadow = shadow
         self._audit_path = audit_path
 
-    def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
-        return require_admin(
-            caller(context, self._identities, self._clock.now()), self._policy.current
-        )
+    async def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+        identity = await caller(context, self._identities, self._clock.now())
+        return require_admin(identity, self._policy.current)
 
     async def set_kill_switch(
         self, request: admin_pb.SetKillSwitchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb.SetKillSwitchResponse:
-        admin = self._admin(context)
+        admin = await self._admin(context)
         scope, target = convert.kill_switch_target(request)
         now = self._clock.now()
         was_engaged = True  # a release of a switch that is not engaged is NOT_FOUND below
@@ -401,7 +400,7 @@ class AdminService:
         request: admin_pb.ListKillSwitchesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> admin_pb.ListKillSwitchesResponse:
-        self._admin(context)
+        await self._admin(context)
         switches = (*self._policy.current.kill_switches, *self._store.kill_switches())
         return admin_pb.ListKillSwitchesResponse(
             kill_switches=[convert.kill_switch(s) for s in switches]
@@ -410,7 +409,7 @@ class AdminService:
     async def get_policy(
         self, request: admin_pb.GetPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb.GetPolicyResponse:
-        self._admin(context)
+        await self._admin(context)
         loaded = self._policy.snapshot()
         response = admin_pb.GetPolicyResponse(
             policy=convert.policy_info(loaded.policy, loaded.loaded_at)
@@ -428,7 +427,7 @@ class AdminService:
         Under ``serve --workers N`` the other workers are told to reload too (they load the
         same directory a moment later, as on SIGHUP).
         """
-        self._admin(context)
+        await self._admin(context)
         loaded, changed = await self._reloader.reload("admin")
         if self._reload_peers is not None:
             self._reload_peers()
@@ -439,7 +438,7 @@ class AdminService:
     async def get_run_trace(
         self, request: admin_pb.GetRunTraceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> admin_pb.GetRunTraceResponse:
-        self._admin(context)
+        await self._admin(context)
         run_id = convert.run_id(request.run_id)
         trace = None
         if self._audit_path is not None:
@@ -501,16 +500,16 @@ class ApprovalService:
         self._approvals = approvals
         self._clock = clock
 
-    def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
-        return caller(context, self._identities, self._clock.now())
+    async def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+        return await caller(context, self._identities, self._clock.now())
 
-    def _reader(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
-        return require_approval_reader(self._caller(context), self._policy.current)
+    async def _reader(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+        return require_approval_reader(await self._caller(context), self._policy.current)
 
     async def get_approval(
         self, request: approval_pb.GetApprovalRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> approval_pb.GetApprovalResponse:
-        self._reader(context)
+        await self._reader(context)
         stored = self._approvals.get(convert.approval_id(request.approval_id))
         return approval_pb.GetApprovalResponse(approval=convert.approval(stored, self._clock.now()))
 
@@ -519,7 +518,7 @@ class ApprovalService:
         request: approval_pb.ListApprovalsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> approval_pb.ListApprovalsResponse:
-        self._reader(context)
+        await self._reader(context)
         if request.page_size < 0:
             raise InvalidRequestError("page_size", "must not be negative")
         size = min(request.page_size or LIST_DEFAULT_PAGE_SIZE, LIST_MAX_PAGE_SIZE)
@@ -542,7 +541,7 @@ class ApprovalService:
         self, approval_id: str, comment: str, context: grpc.aio.ServicerContext[Any, Any], *,
         approve: bool,
     ) -> tuple[approval_pb.Approval, bool]:  # fmt: skip
-        person = self._caller(context)
+        person = await self._caller(context)
         change = await self._approvals.judge(
             convert.approval_id(approval_id),
             person,
@@ -584,7 +583,7 @@ class ApprovalService:
         approver role away, the stream ends (UNAUTHENTICATED, PERMISSION_DENIED) instead of
         going on sending the calls' arguments.
         """
-        identity = self._reader(context)
+        identity = await self._reader(context)
         expires_at = identity.claims.get("exp")
         seen = self._approvals.store.last_approval_event()
         while True:
