@@ -112,7 +112,8 @@ async def _prune_forever(
     while True:
         await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
         with contextlib.suppress(Exception):  # a failed sweep is retried next time
-            expired = await approvals.sweep(policy.current)
+            loaded = policy.snapshot()
+            expired = await approvals.sweep(loaded.policy, loaded.loaded_at)
             removed = await write_when_free(store, partial(store.prune, clock.now()))
             if removed or expired:
                 log.info("pruned state", extra={"rows": removed, "expired_approvals": expired})

@@ -199,13 +199,23 @@ class Approvals:
             self._metrics.approval_decision_seconds.observe(now - stored.record.created_at)
         return ApprovalChange(changed, counted=verdict is not None)
 
-    async def sweep(self, policy: Policy | None = None) -> int:
-        """Expire requests past their time, and (given the policy in force) those made under
-        approval rules it no longer has, which nobody can judge or use any more; returns how
-        many."""
+    async def sweep(self, policy: Policy | None = None, loaded_at: float = 0.0) -> int:
+        """Expire requests past their time, and (given the policy in force, put in force at
+        ``loaded_at``) those made under approval rules it no longer has, which nobody can
+        judge or use any more; returns how many.
 
-        def stale(tool: str, tier: str, rules: str) -> bool:
-            return policy is not None and rules != policy.approval_rules(tool, tier)
+        Only requests made before ``loaded_at`` can be stale here: one made later under other
+        rules comes from a newer policy that another worker has loaded and this one not yet
+        (expiring it would lose the approvals people are giving it). That worker sweeps it if
+        it really is stale.
+        """
+
+        def stale(tool: str, tier: str, rules: str, created_at: float) -> bool:
+            return (
+                policy is not None
+                and created_at < loaded_at
+                and rules != policy.approval_rules(tool, tier)
+            )
 
         expired = await write_when_free(
             self.store, partial(self.store.expire_approvals, self._clock.now(), stale)

@@ -205,6 +205,11 @@ class IdentityVerifier:
         self._leeway = leeway_seconds
         self._jws = jwt.PyJWS(options={"verify_signature": True})
 
+    @property
+    def leeway_seconds(self) -> int:
+        """How long after its ``exp`` a token is still accepted (clock skew)."""
+        return self._leeway
+
     def verify(self, token: str, now: float) -> Identity:
         """The identity a JWT proves.
 

@@ -81,9 +81,18 @@ def prepare_state(settings: Settings) -> None:
             the store is migrated, which that (maybe older) server could not restart on.
     """
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for index in range(settings.workers):
-        chain = settings.for_worker(index, listen_port=0, metrics_port=0).audit_path
-        chain.parent.mkdir(parents=True, exist_ok=True)
+    settings.audit_dir.mkdir(parents=True, exist_ok=True)
+    # Every chain a server may be writing there: the workers' to be, a single server's
+    # (``serve --workers 1``), and any other whose lock file exists (a server with more
+    # workers). A probe, not a hold: a server starting in the instant between would still be
+    # refused by its own chain lock, only after the migration.
+    chains = {
+        settings.for_worker(index, listen_port=0, metrics_port=0).audit_path
+        for index in range(settings.workers)
+    }
+    chains.add(settings.audit_path)
+    chains.update(lock.with_suffix("") for lock in settings.audit_dir.glob("*.lock"))
+    for chain in sorted(chains):
         refuse_if_in_use(chain)
     load_or_create(settings.state_dir)
     if settings.dev_mode:

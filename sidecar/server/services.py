@@ -585,6 +585,8 @@ class ApprovalService:
         """
         identity = await self._reader(context)
         expires_at = identity.claims.get("exp")
+        if isinstance(expires_at, int | float):
+            expires_at += self._identities.leeway_seconds  # as verify() accepts it
         seen = self._approvals.store.last_approval_event()
         while True:
             # Not the whole verification again (it may fetch the IdP's keys): the token's

@@ -864,16 +864,16 @@ class SQLiteStore:
         return {tier: count for tier, count in rows}
 
     def expire_approvals(
-        self, now: float, stale: Callable[[str, str, str], bool] | None = None
+        self, now: float, stale: Callable[[str, str, str, float], bool] | None = None
     ) -> list[StoredApproval]:
         with self._write():
             due = [
                 approval_id
-                for approval_id, tool, tier, rules, expires_at in self._db.execute(
-                    "SELECT id, tool, tier, rules, expires_at FROM approvals "
+                for approval_id, tool, tier, rules, created_at, expires_at in self._db.execute(
+                    "SELECT id, tool, tier, rules, created_at, expires_at FROM approvals "
                     "WHERE status IN ('pending', 'approved')"
                 ).fetchall()
-                if expires_at <= now or (stale is not None and stale(tool, tier, rules))
+                if expires_at <= now or (stale is not None and stale(tool, tier, rules, created_at))
             ]
             for approval_id in due:
                 _expire(self._db, approval_id, now)

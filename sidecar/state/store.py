@@ -252,11 +252,11 @@ class Store(Protocol):
     def pending_by_tier(self) -> dict[str, int]: ...
 
     def expire_approvals(
-        self, now: float, stale: Callable[[str, str, str], bool] | None = None
+        self, now: float, stale: Callable[[str, str, str, float], bool] | None = None
     ) -> list[StoredApproval]:
         """Mark open requests past their expiry as expired (with an event), and those for which
-        ``stale(tool, tier, rules)`` holds (made under approval rules the policy no longer
-        has: they can neither be judged nor used); return them."""
+        ``stale(tool, tier, rules, created_at)`` holds (made under approval rules the policy
+        no longer has: they can neither be judged nor used); return them."""
         ...
 
     def close(self) -> None: ...

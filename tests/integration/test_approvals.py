@@ -509,15 +509,24 @@ async def test_the_sweep_expires_requests_made_under_rules_since_changed(
     token = editable.token()
     supervised = await refund_check(editable, token, "120")
     finance = await refund_check(editable, token, "900")
+    old = editable.app.policy.snapshot()
     await edit_and_reload(editable, "billing.yaml", "approvals: 2\n", "approvals: 3\n")
+    newer = await refund_check(editable, token, "901")  # under the policy now in force
 
-    assert await editable.app.approvals.sweep(editable.app.policy.current) == 1
+    # A worker still on the old policy (another process, not reloaded yet) leaves alone what
+    # was made under the newer one: to it that request only looks stale.
+    assert await editable.app.approvals.sweep(old.policy, old.loaded_at) == 0
+    loaded = editable.app.policy.snapshot()
+    assert await editable.app.approvals.sweep(loaded.policy, loaded.loaded_at) == 1
 
     listed = await stub(editable).ListApprovals(
         ap_pb.ListApprovalsRequest(state=ap_pb.APPROVAL_STATE_PENDING),
         metadata=identity(editable, ALICE),
     )
-    assert [a.approval_id for a in listed.approvals] == [supervised.approval_id]
+    assert {a.approval_id for a in listed.approvals} == {
+        supervised.approval_id,
+        newer.approval_id,
+    }
     got = await stub(editable).GetApproval(
         ap_pb.GetApprovalRequest(approval_id=finance.approval_id),
         metadata=identity(editable, ALICE),
@@ -576,11 +585,13 @@ async def test_an_approval_is_not_used_once_an_approver_became_an_issuer(
 
 
 async def test_a_watch_ends_when_the_watchers_identity_token_expires(sidecar: Sidecar) -> None:
-    """The stream is no longer than the identity that opened it: at the token's exp it ends
-    UNAUTHENTICATED (checked before every batch, without verifying the JWT again)."""
+    """The stream is no longer than the identity that opened it: once the token's exp (and
+    the leeway that verification allows, 5 s) has passed it ends UNAUTHENTICATED (checked
+    before every batch, without verifying the JWT again)."""
     idp = sidecar.app.dev_idp
     assert idp is not None
-    short = idp.mint(ALICE, ("billing-supervisors",), time.time(), ttl_seconds=1)
+    # Expired 4 s ago: still inside the leeway when the stream opens, out of it in 1 s.
+    short = idp.mint(ALICE, ("billing-supervisors",), time.time() - 6, ttl_seconds=2)
     call = stub(sidecar).WatchApprovals(
         ap_pb.WatchApprovalsRequest(), metadata=(("authorization", f"Bearer {short}"),)
     )

@@ -271,15 +271,17 @@ def test_serve_prints_the_metrics_port_it_bound_and_says_when_it_stopped(
     assert server.stdout.splitlines()[-1] == "proviso: stopped", server.output()
 
 
-def test_workers_whose_chain_is_being_written_refuse_before_touching_the_store(
-    tmp_path: Path,
+@pytest.mark.parametrize("chain", ["decisions.w1.jsonl", "decisions.jsonl", "decisions.w3.jsonl"])
+def test_workers_refuse_before_touching_the_store_while_another_server_writes_there(
+    tmp_path: Path, chain: str
 ) -> None:
-    """Another server writes worker 1's chain: serve --workers 2 refuses before it migrates
+    """Another server writes a chain in the audit directory (worker 1's; a single server's;
+    worker 3's of a server with more workers): serve --workers 2 refuses before it migrates
     the state store (that server, maybe an older proviso, could not restart on a store of a
     newer schema)."""
     state = tmp_path / "state-2"
     (state / "audit").mkdir(parents=True)
-    holder = os.open(state / "audit" / "decisions.w1.jsonl.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    holder = os.open(state / "audit" / f"{chain}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
         with socket.socket() as probe:
@@ -290,5 +292,5 @@ def test_workers_whose_chain_is_being_written_refuse_before_touching_the_store(
         os.close(holder)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "not serving" in result.stderr
-    assert "decisions.w1.jsonl" in result.stderr
+    assert chain in result.stderr
     assert not (state / "state.db").exists(), "the store was not created (nor migrated)"
