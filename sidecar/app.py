@@ -111,14 +111,24 @@ async def _prune_forever(
     expired tokens; let retired signing keys lapse. All off the hot path."""
     while True:
         await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
-        with contextlib.suppress(Exception):  # a failed sweep is retried next time
+        # Each step on its own, and a failure logged: it is retried next time, and one failing
+        # (a busy store, a bad key file) must neither stop the others nor go unnoticed.
+        expired = removed = 0
+        try:
             loaded = policy.snapshot()
             expired = await approvals.sweep(loaded.policy, loaded.loaded_at)
+        except Exception:
+            log.exception("expiring approval requests failed; retrying in a minute")
+        try:
             removed = await write_when_free(store, partial(store.prune, clock.now()))
-            if removed or expired:
-                log.info("pruned state", extra={"rows": removed, "expired_approvals": expired})
-        with contextlib.suppress(Exception):
+        except Exception:
+            log.exception("pruning the state store failed; retrying in a minute")
+        if removed or expired:
+            log.info("pruned state", extra={"rows": removed, "expired_approvals": expired})
+        try:
             keys.refresh()
+        except Exception:
+            log.exception("re-reading the signing keys failed; retrying in a minute")
 
 
 def freeze_startup_heap() -> None:

@@ -602,3 +602,35 @@ async def test_a_watch_ends_when_the_watchers_identity_token_expires(sidecar: Si
     assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "expired" in (ended.value.details() or "")
     assert time.monotonic() - started < 3
+
+
+async def test_the_pruner_logs_a_failed_sweep_and_still_prunes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One failing step of the minutely pruning (here the approvals sweep, made to fail) is
+    logged, and the next steps still run: expired idempotency keys are dropped."""
+    monkeypatch.setattr("sidecar.app.PRUNE_INTERVAL_SECONDS", 0.05)
+    sidecar = Sidecar.connect(await App.start(make_settings(tmp_path / "state")))
+    try:
+
+        async def broken_sweep(*_: object) -> int:
+            raise RuntimeError("sweep broke")
+
+        monkeypatch.setattr(sidecar.app.approvals, "sweep", broken_sweep)
+        pruned: list[int] = []
+        store = sidecar.app.store
+        real_prune = store.prune
+
+        def counting_prune(now: float) -> int:
+            pruned.append(real_prune(now))
+            return pruned[-1]
+
+        monkeypatch.setattr(store, "prune", counting_prune)
+        deadline = time.monotonic() + 5
+        while not pruned:
+            assert time.monotonic() < deadline, "prune never ran after the sweep failed"
+            await asyncio.sleep(0.02)
+    finally:
+        await sidecar.close()
+    assert "expiring approval requests failed" in caplog.text
+    assert "sweep broke" in caplog.text
