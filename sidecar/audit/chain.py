@@ -68,13 +68,21 @@ class CanonicalJSONError(ValueError):
 # ---------------------------------------------------------------- canonical JSON
 
 
+MAX_CANONICAL_EXPONENT = 1000
+"""Numbers beyond 10^±1000 have no canonical form here. Nothing written is near it (Check
+inputs stop at 10^±64, floats at 10^±308); a log line holding one (``1e5000``) is malformed,
+not a number to write out in 5,000 digits (or a billion, for ``1e-999999999``)."""
+
+
 def _number(value: int | float | Decimal) -> str:
     if isinstance(value, int):
-        return str(value)
+        return str(value)  # parsing refuses integers of more than 4,300 digits
     if isinstance(value, float):
         value = Decimal(repr(value))
     if not value.is_finite():
         raise CanonicalJSONError(f"{value} is not a JSON number")
+    if value and abs(value.adjusted()) > MAX_CANONICAL_EXPONENT:
+        raise CanonicalJSONError(f"{value:.3E} is out of range for canonical JSON")
     if value == value.to_integral_value():
         return str(int(value))
     # "f" writes every digit exactly (normalize() would round to the context's precision).

@@ -91,8 +91,12 @@ def test_members_sort_by_utf16_code_units() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", [{1: "x"}, {"x": float("nan")}, {"x": "\ud800"}, {"x": {1, 2}}, {"x": Decimal("Inf")}]
-)
+    "value",
+    [
+        {1: "x"}, {"x": float("nan")}, {"x": "\ud800"}, {"x": {1, 2}}, {"x": Decimal("Inf")},
+        {"x": Decimal("1e5000")}, {"x": Decimal("1e-999999999")},
+    ],
+)  # fmt: skip
 def test_values_without_a_canonical_form_are_refused(value: Any) -> None:
     """Non-string keys, NaN, lone surrogates and non-JSON types have no canonical form."""
     with pytest.raises(CanonicalJSONError):
@@ -148,6 +152,17 @@ def test_a_well_formed_chain_verifies_with_its_checkpoints() -> None:
     assert (state.records, state.checkpoints, state.seq) == (10, 2, 12)
     assert (state.sealed_seq, state.unsealed) == (9, 3)
     assert state.kids == {"audit-test"}
+
+
+@pytest.mark.parametrize("number", [b"1e5000", b"1e-999999999"])
+def test_a_number_out_of_range_is_a_malformed_line_not_a_crash(number: bytes) -> None:
+    """An edited line holding 1e5000 is reported MALFORMED at its line (it used to end
+    `audit verify` in a traceback; 1e-999999999 would have been written out in full)."""
+    lines = [s.line for s in chain(3)]
+    lines[1] = lines[1].replace(b'"n":1', b'"n":' + number)
+    broken = verify(lines).broken
+    assert broken is not None
+    assert (broken.line, broken.problem) == (2, Problem.MALFORMED)
 
 
 def test_a_checkpoint_with_an_unknown_key_breaks_the_chain() -> None:
