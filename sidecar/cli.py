@@ -1292,12 +1292,37 @@ def _verify_chain(
     return report
 
 
+def _warn_unless_verified(chains: list[list[Path]], state_dir: str) -> None:
+    """``trace`` and ``replay`` read the log as it is. Say on stderr when it does not verify
+    (with the keys of ``state_dir``), so that an edited log is not taken at its word; the
+    output and the exit status stay as they were."""
+    try:
+        keys = load_verification_keys(Path(state_dir))
+    except (OSError, ValueError, KeyFormatError):
+        print(
+            f"proviso: warning: no keys in {state_dir} to verify the audit log with "
+            "(--state-dir): it is read unverified",
+            file=sys.stderr,
+        )
+        return
+    for files in chains:
+        broken = verify_log(files, keys).broken
+        if broken is not None:
+            print(
+                f"proviso: warning: the audit log does not verify, BROKEN at {broken}: what "
+                "follows may not be what was recorded (proviso audit verify)",
+                file=sys.stderr,
+            )
+
+
 def cmd_audit_trace(args: argparse.Namespace) -> int:
     """Rebuild one run from the audit log: every Check in order, with why it was decided."""
     from sidecar.audit import trace  # noqa: PLC0415 - only this command needs it
 
+    path = _audit_path(args.audit, args.state_dir)
     try:
-        found = trace.load_trace(_audit_path(args.audit, args.state_dir), args.run_id)
+        found = trace.load_trace(path, args.run_id)
+        _warn_unless_verified(logs(path), args.state_dir)
     except AuditLogNotFoundError as exc:
         return _fail(str(exc), EXIT_USAGE)
     if found is None:
@@ -1325,6 +1350,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except PolicyLoadError as exc:
         print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
         return _fail(f"policy bundle {args.policies} has errors")
+    _warn_unless_verified(chains, args.state_dir)
     recorded = (record for files in chains for record in records(files))
     report = replay.replay(recorded, policy, examples=args.examples, run_id=args.run_id)
     if args.format == "json":

@@ -425,3 +425,31 @@ async def test_trace_shows_the_runs_approvals(tmp_path: Path) -> None:
     assert "; 9 approval event(s)" in table.stdout
     assert f'approval {granted.approval_id} approve by {ALICE}: "looks right"' in table.stdout
     assert f"approval {lapsed.approval_id} expired by " in table.stdout
+
+
+async def test_trace_and_replay_warn_when_the_log_does_not_verify(
+    sidecar: Sidecar, tmp_path: Path
+) -> None:
+    """trace and replay read the log as it is; on an edited copy they say on stderr that it
+    does not verify (output and exit status as before), and on the real one nothing."""
+    token = sidecar.token()
+    await ask(sidecar, token, "requestRefund", refund("120"), "run-w")
+    state = str(sidecar.app.settings.state_dir)
+    audit = sidecar.app.settings.audit_path
+    intact = proviso("audit", "trace", "run-w", "--audit", str(audit), "--state-dir", state)
+    assert intact.returncode == 0, intact.stderr
+    assert "warning" not in intact.stderr
+
+    edited = tmp_path / "edited" / audit.name
+    edited.parent.mkdir()
+    text = audit.read_text()
+    assert '"NEEDS_APPROVAL"' in text
+    edited.write_text(text.replace('"NEEDS_APPROVAL"', '"ALLOW"', 1))
+    for command in (
+        ("audit", "trace", "run-w", "--audit", str(edited)),
+        ("replay", "--audit", str(edited), "--policies", str(EXAMPLE_POLICIES)),
+    ):
+        result = proviso(*command, "--state-dir", state)
+        assert result.returncode == 0, result.stderr
+        assert "warning: the audit log does not verify, BROKEN at" in result.stderr
+        assert "HASH_MISMATCH" in result.stderr
