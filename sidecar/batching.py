@@ -211,8 +211,9 @@ class DecisionBatcher(Generic[R]):
             return False
         decided: list[tuple[_Waiting[Any, Any, R], Any, Any, Exception | None]] = []
         retrying = self._busy_since >= 0
+        patience = self._store.patience(0.0 if retrying else LOCK_SPIN_SECONDS)
         try:
-            with self._store.decisions(0.0 if retrying else LOCK_SPIN_SECONDS) as transactions:
+            with patience, self._store.decisions() as transactions:
                 for waiting, value in prepared:
                     try:
                         with transactions.decision() as transaction:

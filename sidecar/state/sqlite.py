@@ -627,11 +627,10 @@ class SQLiteStore:
             self._patience = before
 
     @contextmanager
-    def decision(self, max_wait: float | None = None) -> Iterator[_Transaction]:
-        wait = self._patience if max_wait is None else max_wait
-        _lock_writers(self._lock_fd, wait)
+    def decision(self) -> Iterator[_Transaction]:
+        _lock_writers(self._lock_fd, self._patience)
         try:
-            self._wait_in_sqlite(wait)
+            self._wait_in_sqlite(self._patience)
             yield from self._transaction()
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -647,8 +646,8 @@ class SQLiteStore:
             self._sqlite_busy_ms = busy_ms
 
     @contextmanager
-    def decisions(self, max_wait: float | None = None) -> Iterator[_Batch]:
-        with self.decision(max_wait):
+    def decisions(self) -> Iterator[_Batch]:
+        with self.decision():
             batch = _Batch(self._db)
             yield batch
             if batch.broken:

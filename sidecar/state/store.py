@@ -155,30 +155,27 @@ class Store(Protocol):
 
     def patience(self, max_wait: float) -> AbstractContextManager[None]:
         """Within the block, writes wait at most ``max_wait`` for another writer (then
-        ``StoreBusyError``) instead of the busy timeout: see ``patience.write_when_free``."""
+        ``StoreBusyError``) instead of the busy timeout: how the event loop's writers (the
+        batcher, ``patience.write_when_free``) wait briefly, then yield the loop and retry."""
         ...
 
-    def decision(self, max_wait: float | None = None) -> AbstractContextManager[StateTransaction]:
+    def decision(self) -> AbstractContextManager[StateTransaction]:
         """An exclusive transaction for one Check; rolled back if the block raises.
 
-        ``max_wait``: how long to wait for another writer (default: the busy timeout).
-
         Raises:
-            StoreBusyError: another writer held the store all ``max_wait``.
+            StoreBusyError: another writer held the store all the while (see ``patience``).
             StoreUnavailableError: the store cannot be reached or locked.
         """
         ...
 
-    def decisions(self, max_wait: float | None = None) -> AbstractContextManager[DecisionBatch]:
+    def decisions(self) -> AbstractContextManager[DecisionBatch]:
         """An exclusive transaction for a batch of Checks: one lock and one commit for all of
         them, with the same exactness as one transaction each. Rolled back whole if the block
         raises, a Check's undo failed, or the commit fails.
 
-        ``max_wait``: how long to wait for another writer, blocking (default: the busy
-        timeout). The batcher waits briefly, then yields its event loop and tries again.
-
         Raises:
-            StoreBusyError: another writer held the store all ``max_wait``; nothing was done.
+            StoreBusyError: another writer held the store all the while (see ``patience``);
+                nothing was done.
             StoreUnavailableError: the store cannot be reached, locked, or committed.
         """
         ...

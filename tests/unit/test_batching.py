@@ -396,15 +396,16 @@ class _FailsOnceAfterBusy:
     def __init__(self, store: SQLiteStore) -> None:
         self.store = store
         self.busy_timeout_seconds = store.busy_timeout_seconds
+        self.patience = store.patience
         self.opened = 0
 
-    def decisions(self, max_wait: float | None = None) -> AbstractContextManager[DecisionBatch]:
+    def decisions(self) -> AbstractContextManager[DecisionBatch]:
         self.opened += 1
         if self.opened == 1:
             raise StoreBusyError("another writer holds it")
         if self.opened == 2:
             raise StoreUnavailableError("state store commit failed: disk I/O error")
-        return self.store.decisions(max_wait)
+        return self.store.decisions()
 
 
 async def test_a_retry_that_fails_leaves_the_next_check_decided(store: SQLiteStore) -> None:
