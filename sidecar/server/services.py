@@ -46,6 +46,7 @@ from sidecar.keystore import KeyStore
 from sidecar.minting import MintedToken, attenuate_token, authorize_issuer, mint
 from sidecar.observability.metrics import Metrics, bounded
 from sidecar.policy.model import KillScope, KillSwitch, Policy
+from sidecar.policy.policy_format import did_you_mean
 from sidecar.reloader import PolicyReloader
 from sidecar.revocation import revoke
 from sidecar.server import convert, status
@@ -360,6 +361,7 @@ class AdminService:
         if request.engaged:
             if not request.reason.strip():
                 raise InvalidRequestError("reason", "say why the switch is engaged")
+            _check_known_target(self._policy.current, scope, target)
             switch, was_engaged = await write_when_free(  # again: updates the reason
                 self._store,
                 partial(
@@ -630,6 +632,28 @@ class ApprovalService:
                 ),
             },
         )
+
+
+def _check_known_target(policy: Policy, scope: KillScope, target: str) -> None:
+    """A switch on a tool or agent the policy in force does not define would stop nothing (a
+    typo, a wrong case): refused, so an operator is never told "engaged" for a switch that
+    does not hold. Switches for tools or agents still to come ship with that policy.
+
+    Raises:
+        InvalidRequestError: the target is unknown (``target``), with a near miss if any.
+    """
+    if scope is KillScope.GLOBAL:
+        return
+    known = policy.tools if scope is KillScope.TOOL else policy.agents
+    if target in known:
+        return
+    hint = did_you_mean(target, known)
+    raise InvalidRequestError(
+        "target",
+        f"the policy in force ({policy.version}) defines no {scope} '{target}', so the switch "
+        f"would stop nothing{f'; {hint}' if hint else ''} (a switch for one still to come "
+        "ships in that policy's kill_switches)",
+    )
 
 
 def _not_engaged(policy: Policy, scope: KillScope, target: str) -> SidecarError:

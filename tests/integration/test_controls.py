@@ -27,7 +27,13 @@ from sidecar.app import App
 from sidecar.audit.writer import AuditLog
 from sidecar.authorizer import CheckInput
 from sidecar.server import convert
-from tests.conftest import EXAMPLE_POLICIES, INCIDENT_AGENT, Sidecar, make_settings
+from tests.conftest import (
+    BILLING_AGENT,
+    EXAMPLE_POLICIES,
+    INCIDENT_AGENT,
+    Sidecar,
+    make_settings,
+)
 from tests.integration.test_check import INVOICE_CONTEXT, check, codes, refund
 from tests.integration.test_server import identity, scrape
 from tokens import Grant
@@ -465,6 +471,27 @@ async def test_policy_kill_switch(
         await set_switch(sidecar, engaged=False, target="addInternalNote")
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "changing the policy" in (caught.value.details() or "")
+
+
+async def test_a_switch_on_a_tool_or_agent_the_policy_lacks_is_refused(sidecar: Sidecar) -> None:
+    """A typo (here the wrong case) would engage a switch that stops nothing while the admin is
+    told "engaged": refused, naming the target and the near miss; nothing is stored or
+    audited, and refunds are not thought stopped when they are not."""
+    for scope, target, near in (
+        (TOOL_SCOPE, "requestrefund", "requestRefund"),
+        (admin_pb.KILL_SWITCH_SCOPE_AGENT, "billing-resolution-agent", BILLING_AGENT),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await set_switch(sidecar, engaged=True, scope=scope, target=target)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = caught.value.details() or ""
+        assert details.startswith("target: "), details
+        assert f"did you mean '{near}'?" in details, details
+    listed = await admin_grpc.AdminServiceStub(sidecar.channel).ListKillSwitches(
+        admin_pb.ListKillSwitchesRequest(), metadata=identity(sidecar, ADMIN)
+    )
+    assert not listed.kill_switches
+    assert not [r for r in audit_lines(sidecar) if r["kind"] == "kill_switch"]
 
 
 async def test_releasing_a_switch_that_is_not_engaged_is_not_found(sidecar: Sidecar) -> None:
