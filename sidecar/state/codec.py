@@ -25,6 +25,8 @@ def encode_decision(decision: Decision) -> str:
             list(approval.approver_roles),
             approval.ttl_seconds,
         ]
+    if decision.approval_id:  # the approval an approved ALLOW used: a replay names it too
+        body["approval_id"] = decision.approval_id
     return json.dumps(body, separators=(",", ":"), sort_keys=True)
 
 
@@ -41,4 +43,5 @@ def decode_decision(text: str) -> Decision:
         else ApprovalRequirement(approval[0], approval[1], tuple(approval[2]), approval[3]),
         agent=body["agent"],
         token_id=body["token_id"],
+        approval_id=body.get("approval_id", ""),  # absent in records of earlier versions
     )

@@ -116,6 +116,23 @@ async def test_a_used_approval_does_not_replay_in_another_run(sidecar: Sidecar) 
         assert not elsewhere.replayed
 
 
+async def test_a_replayed_approved_allow_names_its_approval(sidecar: Sidecar) -> None:
+    """An idempotent retry of the approved call returns the recorded decision exactly: with the
+    approval it used (CheckResponse.approval_id), also when the retry does not present it."""
+    token = sidecar.token()
+    needed = await refund_check(sidecar, token, "120", idempotency_key="K-named")
+    await approve(sidecar, needed.approval_id, ALICE)
+    allowed = await refund_check(
+        sidecar, token, "120", needed.approval_id, idempotency_key="K-named"
+    )
+    assert allowed.approval_id == needed.approval_id
+    for presented in (needed.approval_id, ""):
+        retried = await refund_check(sidecar, token, "120", presented, idempotency_key="K-named")
+        assert (retried.replayed, retried.decision_id) == (True, allowed.decision_id)
+        assert codes(retried) == ["APPROVAL_GRANTED"]
+        assert retried.approval_id == needed.approval_id
+
+
 async def test_finance_tier_needs_two_distinct_approvers(sidecar: Sidecar) -> None:
     """900 needs two finance approvers; one person approving twice is still one approval."""
     token = sidecar.token()
