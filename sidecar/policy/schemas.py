@@ -135,21 +135,37 @@ def _pointer(path: object) -> str:
     return "".join(f"/{_escape(part)}" for part in path)  # type: ignore[attr-defined]
 
 
-def _violation(error: ValidationError) -> SchemaViolation:
-    """Point at the field the error is about, and describe it without Python reprs."""
+def _violations(error: ValidationError) -> tuple[SchemaViolation, ...]:
+    """Point at the fields the error is about, and describe it without Python reprs.
+
+    A ``required`` or ``additionalProperties`` error names every missing or extra property
+    (jsonschema reports the first as one error per missing name, which all read alike, and the
+    second as one error for all extras): told one field at a time, an agent would spend its
+    retry budget fixing them one by one.
+    """
     pointer = _pointer(error.absolute_path)
     keyword = error.validator
     expected: Any = error.validator_value
     instance: Any = error.instance
     if keyword == "required":
-        missing = next((name for name in expected if name not in instance), "")
-        return SchemaViolation(f"{pointer}/{_escape(missing)}", f"'{missing}' is required")
+        missing = [name for name in expected if name not in instance] or [""]
+        return tuple(
+            SchemaViolation(f"{pointer}/{_escape(name)}", f"'{name}' is required")
+            for name in missing
+        )
     if keyword in ("additionalProperties", "unevaluatedProperties"):
         schema: Any = error.schema
         extras = sorted(set(instance) - set(schema.get("properties", {})))
-        extra = extras[0] if extras else ""
-        return SchemaViolation(f"{pointer}/{_escape(extra)}", f"'{extra}' is not allowed")
-    return SchemaViolation(pointer, _describe(str(keyword), expected))
+        patterns = "|".join(schema.get("patternProperties", {}))
+        if keyword == "additionalProperties" and patterns:  # as jsonschema finds them
+            extras = [name for name in extras if not re.search(patterns, name)]
+        if keyword == "unevaluatedProperties":
+            extras = extras[:1]  # others may have been evaluated elsewhere (allOf, $ref)
+        return tuple(
+            SchemaViolation(f"{pointer}/{_escape(extra)}", f"'{extra}' is not allowed")
+            for extra in extras or [""]
+        )
+    return (SchemaViolation(pointer, _describe(str(keyword), expected)),)
 
 
 _MESSAGES = {
@@ -525,10 +541,12 @@ class ArgumentSchema:
                 errors = list(islice(self._validator.iter_errors(arguments), MAX_VIOLATIONS + 1))
         except Exception as exc:
             return (SchemaViolation("", f"schema could not be applied: {type(exc).__name__}"),)
-        found = sorted({_violation(e) for e in errors[:MAX_VIOLATIONS]}, key=_by_pointer)
-        if len(errors) > MAX_VIOLATIONS:
+        found = sorted(
+            {v for e in errors[:MAX_VIOLATIONS] for v in _violations(e)}, key=_by_pointer
+        )
+        if len(errors) > MAX_VIOLATIONS or len(found) > MAX_VIOLATIONS:
             more = f"more violations than the {MAX_VIOLATIONS} listed; fix these first"
-            found.append(SchemaViolation("", more))
+            found = [*found[:MAX_VIOLATIONS], SchemaViolation("", more)]
         return tuple(found)
 
     def _fast_valid(self, arguments: Mapping[str, Any]) -> bool:

@@ -328,6 +328,20 @@ async def test_three_invalid_calls_close_the_tool_for_the_run(sidecar: Sidecar) 
     assert other_run.decision == pb.DECISION_ALLOW
 
 
+async def test_invalid_arguments_name_every_missing_and_extra_field(sidecar: Sidecar) -> None:
+    """Every missing and every unknown argument is its own reason, so the agent fixes them in
+    one retry: named one at a time, it took a denial each and the third closed the tool."""
+    token = sidecar.token()
+    arguments = '{"invoice_id": "in_93K2", "memo": "x", "approved_by": "ceo"}'
+    response = await check(sidecar, token, "requestRefund", arguments, run_id="fix-all")
+    assert codes(response) == ["INVALID_ARGUMENTS"] * 5
+    assert [r.field for r in response.reasons] == [
+        "/amount", "/approved_by", "/currency", "/memo", "/reason",
+    ]  # fmt: skip
+    fixed = await check(sidecar, token, "requestRefund", refund("10"), run_id="fix-all")
+    assert fixed.decision == pb.DECISION_ALLOW
+
+
 async def test_a_valid_call_resets_the_retry_streak(sidecar: Sidecar) -> None:
     """Only consecutive failures count: a valid call in between resets the streak."""
     token = sidecar.token()

@@ -203,3 +203,28 @@ def test_a_long_mixed_array_is_judged_at_once_with_a_bounded_answer() -> None:
     assert [v.message for v in schema.validate({"tags": ["a", "a"]})] == [
         "fails the 'uniqueItems' constraint"
     ]
+
+
+def test_every_missing_and_extra_property_is_named_within_the_bound() -> None:
+    """Each missing required property and each extra one (not a property, nor matching a
+    pattern property) is a violation of its own; many still make at most MAX_VIOLATIONS + 1."""
+    schema = ArgumentSchema(
+        {
+            "type": "object",
+            "required": ["a", "b"],
+            "properties": {"a": {}, "b": {}},
+            "patternProperties": {"^x_": {}},
+            "additionalProperties": False,
+        }
+    )
+    violations = schema.validate({"x_1": 1, "y": 2, "z~": 3})
+    assert [(v.pointer, v.message) for v in violations] == [
+        ("/a", "'a' is required"),
+        ("/b", "'b' is required"),
+        ("/y", "'y' is not allowed"),
+        ("/z~0", "'z~' is not allowed"),
+    ]
+    many = ArgumentSchema({"type": "object", "required": [f"p{i:02}" for i in range(40)]})
+    violations = many.validate({})
+    assert len(violations) == MAX_VIOLATIONS + 1
+    assert violations[-1].pointer == ""
