@@ -21,7 +21,7 @@ from sidecar.audit.writer import AuditLog
 from sidecar.authorizer import Authorizer, PolicyHolder, TokenVerifier
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Settings
-from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError
+from sidecar.errors import PolicyLoadError, ShadowPolicyLoadError, StoreUnavailableError
 from sidecar.identity import DevIdentityProvider, IdentityVerifier, RemoteJwks
 from sidecar.keystore import KeyStore
 from sidecar.observability import tracing
@@ -71,15 +71,19 @@ def _reloaders(
     shadow: PolicyHolder | None,
     metrics: Metrics,
     clock: Clock,
+    *,
+    store: SQLiteStore,
 ) -> tuple[PolicyReloader, PolicyReloader | None]:
     """The active bundle's reloader, and the shadow's when the shadow has a directory."""
-    reloader = PolicyReloader(
-        settings.policies,
-        holder,
-        metrics,
-        clock,
-        on_swap=lambda p: metrics.set_policy(p.version, p.label),
-    )
+
+    def swapped(policy: Policy) -> None:
+        metrics.set_policy(policy.version, policy.label)
+        try:  # the policy is in force already: a busy store must not fail the reload
+            count_kill_switches(metrics, store, policy)
+        except StoreUnavailableError:
+            log.exception("counting the kill switches failed; the minutely count follows")
+
+    reloader = PolicyReloader(settings.policies, holder, metrics, clock, on_swap=swapped)
     if shadow is not None:
         metrics.set_shadow_policy(shadow.current.version, shadow.current.label)
     if shadow is None or settings.shadow_policies is None:
@@ -98,17 +102,31 @@ def _reloaders(
 PRUNE_INTERVAL_SECONDS = 60.0
 
 
+def count_kill_switches(metrics: Metrics, store: SQLiteStore, policy: Policy) -> None:
+    """Set ``proviso_kill_switches_active`` from the store and the policy in force: at start
+    (a switch engaged before a restart showed 0 until the first Check), on every policy swap,
+    and every minute (switches another worker engaged)."""
+    metrics.kill_switches_active.set(len(store.kill_switches()) + len(policy.kill_switches))
+
+
 def _published_jwks(keys: KeyStore) -> dict[str, object]:
     keys.refresh()
     return keys.verification_keys().to_jwks()
 
 
 async def _prune_forever(
-    store: SQLiteStore, approvals: Approvals, keys: KeyStore, policy: PolicyHolder, clock: Clock
+    store: SQLiteStore,
+    approvals: Approvals,
+    keys: KeyStore,
+    policy: PolicyHolder,
+    clock: Clock,
+    *,
+    metrics: Metrics,
 ) -> None:
     """Expire approval requests (past their time, or made under approval rules the policy in
     force no longer has); drop expired idempotency keys, stale run counters and revocations of
-    expired tokens; let retired signing keys lapse. All off the hot path."""
+    expired tokens; let retired signing keys lapse; count the kill switches engaged. All off
+    the hot path."""
     while True:
         await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
         # Each step on its own, and a failure logged: it is retried next time, and one failing
@@ -129,6 +147,10 @@ async def _prune_forever(
             keys.refresh()
         except Exception:
             log.exception("re-reading the signing keys failed; retrying in a minute")
+        try:
+            count_kill_switches(metrics, store, policy.current)
+        except Exception:
+            log.exception("counting the kill switches failed; retrying in a minute")
 
 
 def freeze_startup_heap() -> None:
@@ -227,7 +249,6 @@ class App:
         )
         metrics = Metrics()
         metrics.set_policy(holder.current.version, holder.current.label)
-        reloader, shadow_reloader = _reloaders(settings, holder, shadow, metrics, clock)
         audit = AuditLog(
             settings.audit_path,
             signer=keys.active,
@@ -257,6 +278,10 @@ class App:
             undo.callback(store.close)
             approvals = Approvals(store, audit, metrics, clock, ApprovalFeed())
             approvals.refresh_pending()
+            count_kill_switches(metrics, store, holder.current)
+            reloader, shadow_reloader = _reloaders(
+                settings, holder, shadow, metrics, clock, store=store
+            )
             authorizer = Authorizer(
                 holder,
                 tokens=verifier,
@@ -320,7 +345,7 @@ class App:
             http.start()
             undo.pop_all()
         pruner = asyncio.create_task(
-            _prune_forever(store, approvals, keys, holder, clock), name="pruner"
+            _prune_forever(store, approvals, keys, holder, clock, metrics=metrics), name="pruner"
         )
         app = cls(
             settings=settings,

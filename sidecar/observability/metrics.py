@@ -69,7 +69,8 @@ class Metrics:
         )
         self.kill_switches_active = Gauge(
             "proviso_kill_switches_active",
-            "Kill switches engaged (from the admin API and the policy), as last seen by Check.",
+            "Kill switches engaged (from the admin API and the policy), as this process last saw "
+            "them: at start, on each Check, admin call and policy reload, and every minute.",
             registry=self.registry,
         )
         self.approvals = Counter(

@@ -414,6 +414,31 @@ async def test_kill_switch_denies_the_next_check_and_survives_restart(
     assert (release["action"], release["was_engaged"]) == ("release", True)
 
 
+async def test_the_kill_switch_gauge_counts_without_waiting_for_a_check(
+    bundle: Callable[..., Path], custom: Callable[..., object]
+) -> None:
+    """``proviso_kill_switches_active`` holds what is engaged from the start (a restarted
+    sidecar said 0 with a switch engaged until its first Check) and follows a policy reload."""
+    policies = bundle("label: examples-2026-11\n", "label: examples-2026-11\n")
+    sidecar: Sidecar = await custom(policies)  # type: ignore[misc]
+    await set_switch(sidecar, engaged=True)
+    await sidecar.close()
+    restarted: Sidecar = await custom(policies)  # type: ignore[misc]
+    assert scrape(restarted)[("proviso_kill_switches_active", ())] == 1
+    common = policies / "common.yaml"
+    common.write_text(
+        common.read_text().replace(
+            "tools:\n",
+            "kill_switches:\n  no-notes:\n    scope: tool\n    target: addInternalNote\n"
+            "    reason: notes are frozen\n\ntools:\n",
+            1,
+        )
+    )
+    _, changed = await restarted.app.reloader.reload("test")
+    assert changed
+    assert scrape(restarted)[("proviso_kill_switches_active", ())] == 2
+
+
 async def test_global_kill_switch_denies_even_without_a_token(sidecar: Sidecar) -> None:
     """The global switch stops everything, before the token is even looked at."""
     await set_switch(sidecar, engaged=True, scope=admin_pb.KILL_SWITCH_SCOPE_GLOBAL, target="")
