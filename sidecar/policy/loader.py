@@ -216,6 +216,7 @@ def _compile(directory: Path) -> tuple[Policy | None, tuple[PolicyIssue, ...]]:
     for file in files:
         _merge(bundle, file)
     _resolve_references(bundle)
+    _check_cost_precision(bundle)
     _compile_tools(bundle)
     issues = sort_issues(with_fix_hint(issue) for issue in bundle.issues)
     if not contents or any(issue.severity is Severity.ERROR for issue in issues):
@@ -406,6 +407,34 @@ def _resolve_control_references(bundle: _Bundle) -> None:
         hint = did_you_mean(name, defined[section])
         key = path[-1] == name
         bundle.issues.append(file.issue(path, codes[section], message, hint=hint, key=key))
+
+
+COST_DECIMALS = 6
+"""Budgets count costs in millionths (integers in the state store)."""
+
+
+def _check_cost_precision(bundle: _Bundle) -> None:
+    """A ``cost`` or ``max_cost`` finer than a millionth is an error: the store counts
+    millionths, so a cost of 0.0000004 was counted as 0 and never spent the run's budget."""
+    places: list[tuple[_File, NodePath, Any]] = []
+    for tool in bundle.every("tools"):
+        if isinstance(tool.body, dict) and "cost" in tool.body and tool.usable("cost"):
+            places.append((tool.file, (*tool.path, "cost"), tool.body["cost"]))
+    if bundle.controls is not None and isinstance(bundle.controls[1], dict):
+        file, controls = bundle.controls
+        budget = controls.get("run_budget")
+        path: NodePath = ("controls", "run_budget", "max_cost")
+        if isinstance(budget, dict) and "max_cost" in budget and file.usable(path):
+            places.append((file, path, budget["max_cost"]))
+    for file, path, value in places:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        number = Decimal(str(value))
+        exponent = number.as_tuple().exponent
+        if isinstance(exponent, int) and exponent < -COST_DECIMALS:
+            message = f"'{path[-1]}' {number:f} is finer than a millionth"
+            hint = f"budgets count costs in millionths: use at most {COST_DECIMALS} decimals"
+            bundle.issues.append(file.issue(path, Code.INVALID_VALUE, message, hint=hint))
 
 
 def _tiers(tool: _Definition) -> Iterator[tuple[int, dict[str, Any]]]:
