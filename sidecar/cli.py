@@ -1392,7 +1392,9 @@ def _add_kill_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
             sub.add_argument("--all", action="store_true", help="the global switch")
             sub.add_argument("--tool", metavar="NAME")
             sub.add_argument("--agent", metavar="ID")
-            sub.add_argument("--reason", metavar="TEXT", help="why (required to engage)")
+            sub.add_argument(
+                "--reason", metavar="TEXT", help="why (required to engage; at most 1024 characters)"
+            )
         _add_caller_options(sub)
         sub.set_defaults(handler=cmd_kill)
 

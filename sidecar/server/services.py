@@ -48,7 +48,7 @@ from sidecar.observability.metrics import Metrics, bounded
 from sidecar.policy.model import KillScope, KillSwitch, Policy
 from sidecar.policy.policy_format import did_you_mean
 from sidecar.reloader import PolicyReloader
-from sidecar.revocation import revoke
+from sidecar.revocation import MAX_REASON_CHARS, revoke
 from sidecar.server import convert, status
 from sidecar.server.auth import caller, require_admin, require_approval_reader
 from sidecar.state import IssuedToken, Store
@@ -361,6 +361,8 @@ class AdminService:
         if request.engaged:
             if not request.reason.strip():
                 raise InvalidRequestError("reason", "say why the switch is engaged")
+            if len(request.reason) > MAX_REASON_CHARS:  # told to every call the switch stops
+                raise InvalidRequestError("reason", f"at most {MAX_REASON_CHARS} characters")
             _check_known_target(self._policy.current, scope, target)
             switch, was_engaged = await write_when_free(  # again: updates the reason
                 self._store,

@@ -484,6 +484,23 @@ async def test_engaging_needs_a_reason(sidecar: Sidecar) -> None:
     assert "reason" in (caught.value.details() or "")
 
 
+async def test_a_switch_reason_is_bounded(sidecar: Sidecar) -> None:
+    """The reason goes into the answer to every call the switch stops and into each of their
+    audit records: a pasted log of megabytes would swell them all (and a few such switches
+    would make ListKillSwitches too large to receive). At most 1024 characters, as a
+    revocation's reason."""
+    stub = admin_grpc.AdminServiceStub(sidecar.channel)
+    request = admin_pb.SetKillSwitchRequest(
+        scope=TOOL_SCOPE, target="requestRefund", engaged=True, reason="x" * 1025
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SetKillSwitch(request, metadata=identity(sidecar, ADMIN))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith("reason: at most 1024 characters")
+    request.reason = "x" * 1024
+    assert (await stub.SetKillSwitch(request, metadata=identity(sidecar, ADMIN))).engaged
+
+
 async def test_policy_kill_switch(
     bundle: Callable[..., Path], custom: Callable[..., object]
 ) -> None:
