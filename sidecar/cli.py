@@ -835,17 +835,21 @@ def cmd_check(args: argparse.Namespace) -> int:
         answer = json_format.MessageToDict(response, preserving_proto_field_name=True)
         print(json.dumps(answer, indent=2))
     else:
-        print(_decision_text(response))
+        print(_decision_text(response, dry_run=args.dry_run))
     return EXIT_OK if response.decision == authz_pb.DECISION_ALLOW else EXIT_REFUSED
 
 
-def _decision_text(response: Any) -> str:
+def _decision_text(response: Any, *, dry_run: bool = False) -> str:
     """A CheckResponse for people: the decision, then what to do about it, then why."""
     from sidecar._proto.proviso.v1 import authorization_service_pb2 as authz_pb  # noqa: PLC0415
 
     decision = authz_pb.Decision.Name(response.decision).removeprefix("DECISION_")
     rows = [("decision", decision), ("tier", response.matched_tier or "-")]
-    if response.HasField("approval_requirement"):
+    if dry_run:
+        rows.append(("dry run", "evaluated only: nothing was spent, recorded or used"))
+    if response.decision == authz_pb.DECISION_NEEDS_APPROVAL and response.HasField(
+        "approval_requirement"
+    ):  # an ALLOW by an approval carries the requirement too: it needs nothing more
         needed = response.approval_requirement
         roles = ", ".join(needed.approver_roles)
         rows.append(("needs", f"{needed.approvals_required} approval(s) from {roles}"))

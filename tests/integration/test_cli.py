@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
 from tests.conftest import EXAMPLE_POLICIES, ROOT, Sidecar
 from tests.integration.serve_process import PROVISO, serve_process
+from tests.integration.test_approvals import approve
 from tests.integration.test_check import INVOICE_CONTEXT, check, refund
 
 
@@ -148,6 +149,31 @@ async def test_token_issue_then_check(sidecar: Sidecar) -> None:
     assert "  INVALID_ARGUMENTS: " in as_text.stdout
     assert "\\x1b[2J" in as_text.stdout
     assert "\x1b" not in as_text.stdout, as_text.stdout
+    # A dry run says so (its ALLOW spent nothing and lets nothing happen); an ALLOW by an
+    # approval does not read as still needing one.
+    dry = await asyncio.to_thread(
+        run, "check", "--target", sidecar.target, "--token", token, "--format", "text",
+        "--tool", "requestRefund", "--args", arguments, *common, "k-4", "--dry-run",
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    assert "\ndry run   evaluated only: nothing was spent" in dry.stdout, dry.stdout
+    needs = arguments.replace("20", "120")
+    needed = await asyncio.to_thread(
+        run, "check", "--target", sidecar.target, "--token", token, "--format", "text",
+        "--tool", "requestRefund", "--args", needs, *common, "k-5",
+    )  # fmt: skip
+    assert "\nneeds     1 approval(s) from billing-supervisor\n" in needed.stdout, needed.stdout
+    approval_id = next(
+        line.split()[1] for line in needed.stdout.splitlines() if line.startswith("approval ")
+    )
+    await approve(sidecar, approval_id, "alice@example.com")
+    granted = await asyncio.to_thread(
+        run, "check", "--target", sidecar.target, "--token", token, "--format", "text",
+        "--tool", "requestRefund", "--args", needs, *common, "k-5", "--approval-id", approval_id,
+    )  # fmt: skip
+    assert granted.stdout.startswith("decision  ALLOW\n"), granted.stdout
+    assert "  APPROVAL_GRANTED: approved by alice@example.com" in granted.stdout
+    assert "needs" not in granted.stdout, granted.stdout
     malformed = await asyncio.to_thread(
         run, "check", "--target", sidecar.target, "--token", token,
         "--tool", "requestRefund", "--args", "[]",
