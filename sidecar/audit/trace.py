@@ -128,6 +128,11 @@ class RunTrace:
         return sum(1 for step in self.steps if step.replay_of)
 
     @property
+    def dry_runs(self) -> int:
+        """Checks decided as dry runs: nothing was changed or counted, nothing was to run."""
+        return sum(1 for step in self.steps if step.dry_run)
+
+    @property
     def latency_ms(self) -> Decimal:
         return sum((step.latency_ms for step in self.steps), Decimal(0))
 
@@ -270,6 +275,7 @@ def to_json(trace: RunTrace) -> dict[str, Any]:
         "run_metadata": trace.run_metadata,
         "outcomes": trace.outcomes,
         "replays": trace.replays,
+        "dry_runs": trace.dry_runs,
         "latency_ms": str(trace.latency_ms),
         "chains": list(trace.chains),
         "steps": [
@@ -360,7 +366,7 @@ def _step_row(step: TraceStep) -> tuple[list[str], list[str]]:
         step.time,
         step.step_id or "-",
         step.tool,
-        step.decision,
+        f"{step.decision} (dry run)" if step.dry_run else step.decision,
         step.matched_tier or "-",
         first.code if first else "-",
         step.token_id or "-",
@@ -371,6 +377,8 @@ def _step_row(step: TraceStep) -> tuple[list[str], list[str]]:
     approval = _approval(step)
     if approval:
         details.append(approval)
+    if step.dry_run:
+        details.append("dry run: decided in full, but nothing was changed or counted")
     if step.redacted:
         details.append(f"redacted: {', '.join(step.redacted)}")
     if step.replay_of:
@@ -420,6 +428,7 @@ def to_table(trace: RunTrace) -> str:
         f"time      {timeline[0].time} .. {timeline[-1].time}",
         f"outcome   {len(trace.steps)} checks: {outcomes}; {trace.latency_ms} ms deciding"
         + (f"; {trace.replays} replayed a recorded decision" if trace.replays else "")
+        + (f"; {trace.dry_runs} dry run(s) (decided, nothing done)" if trace.dry_runs else "")
         + (f"; {events} approval event(s)" if events else ""),
         "",
     ]

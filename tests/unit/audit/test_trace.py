@@ -270,3 +270,27 @@ async def test_the_table_escapes_what_agents_wrote(tmp_path: Path, example_polic
     assert "ticket=T-1\\x1b]0;owned\\x07\\r\\nagents    root" in table
     assert not any(line.startswith("agents    root") for line in table.splitlines())
     assert found.run_metadata["ticket"].startswith("T-1\x1b"), "the record keeps what was sent"
+
+
+async def test_a_dry_run_is_marked_as_one(tmp_path: Path, example_policy: Policy) -> None:
+    """A dry run was decided in full but changed nothing (no budget spent, no approval opened,
+    and the tool was not meant to run): the table says so on its row, in its details and in
+    the envelope, so an ALLOW of a dry run cannot be read as a call that went ahead."""
+    real = check(example_policy, "run-d", "s0", 1)
+    dry = {**check(example_policy, "run-d", "s1", 2), "record_id": "dec_dry", "dry_run": True}
+    await write(tmp_path / "decisions.jsonl", [real, dry])
+
+    found = trace.load_trace(tmp_path, "run-d")
+
+    assert found is not None
+    assert [s.dry_run for s in found.steps] == [False, True]
+    assert found.dry_runs == 1
+    shown = trace.to_json(found)
+    assert shown["dry_runs"] == 1
+    assert [s["dry_run"] for s in shown["steps"]] == [False, True]
+    table = trace.to_table(found)
+    rows = table.split("\n\n")[1].splitlines()[1:]
+    assert "dry run" not in rows[0]
+    assert "DENY (dry run)" in rows[1]
+    assert "2 checks: DENY 2; 0.50 ms deciding; 1 dry run(s) (decided, nothing done)" in table
+    assert "  seq 2: dry run: decided in full, but nothing was changed or counted" in table
