@@ -1562,7 +1562,7 @@ def _add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     replay.add_argument("--examples", type=int, default=5, metavar="N",
                         help="changed checks to show per kind of change (default 5)")  # fmt: skip
     replay.add_argument("--fail-on-change", action="store_true",
-                        help="exit 1 if any decision would change (for CI)")  # fmt: skip
+                        help="exit 1 if any decision or tier would change (for CI)")  # fmt: skip
     replay.add_argument("--format", choices=("table", "json"), default="table")
     replay.set_defaults(handler=cmd_replay)
 

@@ -25,6 +25,8 @@ from sidecar.policy.model import Policy
 from tokens import TokenError
 
 Transition = tuple[str, str]
+TierChange = tuple[str, str, str]
+"""A decision that stays, and the tier that decided it before and now (``""`` for none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +45,13 @@ class Change:
 
 @dataclass(slots=True)
 class ReplayReport:
-    """What replaying a log against one policy found."""
+    """What replaying a log against one policy found.
+
+    A Check changes when its decision or its tier changes, as the shadow counts disagreements:
+    NEEDS_APPROVAL from one supervisor and NEEDS_APPROVAL from two finance approvers are not
+    the same answer. ``transitions`` counts decisions; ``tier_changes`` the Checks among them
+    whose decision stayed and whose tier did not.
+    """
 
     policy_version: str
     records: int = 0
@@ -51,11 +59,13 @@ class ReplayReport:
     unreplayable: Counter[str] = field(default_factory=Counter)
     transitions: Counter[Transition] = field(default_factory=Counter)
     by_tool: dict[str, Counter[Transition]] = field(default_factory=dict)
+    tier_changes: Counter[TierChange] = field(default_factory=Counter)
     examples: list[Change] = field(default_factory=list)
 
     @property
     def changed(self) -> int:
-        return sum(n for (old, new), n in self.transitions.items() if old != new)
+        decisions = sum(n for (old, new), n in self.transitions.items() if old != new)
+        return decisions + sum(self.tier_changes.values())
 
 
 def _token_errors() -> dict[str, type[TokenError]]:
@@ -173,10 +183,11 @@ def replay(
 ) -> ReplayReport:
     """Replay every decision record of ``log`` (or of one run) against ``policy``.
 
-    ``examples`` bounds the changed Checks kept per (old → new) transition.
+    ``examples`` bounds the changed Checks kept per (old → new) transition (of decisions, or
+    of tiers when the decision stays).
     """
     report = ReplayReport(policy_version=policy.version)
-    kept: Counter[Transition] = Counter()
+    kept: Counter[tuple[str, ...]] = Counter()
     for record in log:
         if record.get("kind") != KIND_DECISION:
             continue
@@ -192,8 +203,15 @@ def replay(
         tool = _text(record, "tool")
         report.transitions[old, new] += 1
         report.by_tool.setdefault(tool, Counter())[old, new] += 1
-        if old != new and kept[old, new] < examples:
-            kept[old, new] += 1
+        old_tier, new_tier = _text(record, "matched_tier"), result.matched_tier
+        kind: tuple[str, ...] = (old, new)
+        if old == new:
+            if old_tier == new_tier:
+                continue
+            report.tier_changes[old, old_tier, new_tier] += 1
+            kind = (old, old_tier, new_tier)
+        if kept[kind] < examples:
+            kept[kind] += 1
             reasons = record.get("reasons")
             first = reasons[0] if isinstance(reasons, list) and reasons else {}
             seq = record.get("seq")
@@ -204,7 +222,7 @@ def replay(
                     run_id=_text(record, "run_id"),
                     tool=tool,
                     old_decision=old,
-                    old_tier=_text(record, "matched_tier"),
+                    old_tier=old_tier,
                     old_reason=_text(first, "code") if isinstance(first, dict) else "",
                     new=result,
                 )
@@ -214,7 +232,7 @@ def replay(
 
 def _label(transition: Transition) -> str:
     old, new = transition
-    return f"{old} -> {new}" if old != new else f"{old} (unchanged)"
+    return f"{old} -> {new}" if old != new else f"{old} (same decision)"
 
 
 def to_json(report: ReplayReport) -> dict[str, Any]:
@@ -233,6 +251,10 @@ def to_json(report: ReplayReport) -> dict[str, Any]:
             tool: [{"from": old, "to": new, "count": n} for (old, new), n in sorted(counts.items())]
             for tool, counts in sorted(report.by_tool.items())
         },
+        "tier_changes": [
+            {"decision": decision, "from": old, "to": new, "count": n}
+            for (decision, old, new), n in sorted(report.tier_changes.items())
+        ],
         "examples": [
             {
                 "seq": change.seq,
@@ -270,6 +292,11 @@ def to_table(report: ReplayReport) -> str:
     lines.append("decisions")
     for transition, count in sorted(report.transitions.items()):
         lines.append(f"  {count:>7}  {_label(transition)}")
+    if report.tier_changes:
+        lines.append("")
+        lines.append("tiers (same decision, decided by another tier)")
+        for (decision, before, after), count in sorted(report.tier_changes.items()):
+            lines.append(f"  {count:>7}  {decision}: {before or '-'} -> {after or '-'}")
     lines.append("")
     lines.append("by tool")
     for tool, counts in sorted(report.by_tool.items()):

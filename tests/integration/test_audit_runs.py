@@ -260,6 +260,47 @@ async def test_replay_against_a_lower_threshold_reports_exactly_the_changes(
     assert {e["decision_id"] for e in output["examples"]} == changed
 
 
+async def test_replay_reports_a_call_that_would_need_other_approvers(
+    sidecar: Sidecar, tmp_path: Path
+) -> None:
+    """Lowering the supervisor limit from 500 to 100 sends a 120 refund to the finance tier:
+    still NEEDS_APPROVAL, but two finance approvers instead of one supervisor. That is a change
+    (as the shadow counts it: decision or tier), reported with its tiers, shown as an example
+    and failing --fail-on-change; a 60 refund stays with the supervisor and is unchanged."""
+    token = sidecar.token()
+    moved = await ask(sidecar, token, "requestRefund", refund("120"), "run-t")
+    await ask(sidecar, token, "requestRefund", refund("60"), "run-t")
+    candidate = shutil.copytree(EXAMPLE_POLICIES, tmp_path / "candidate")
+    billing = candidate / "billing.yaml"
+    billing.write_text(billing.read_text().replace("args.amount <= 500\n", "args.amount <= 100\n"))
+    log = list(records(log_files(sidecar.app.settings.audit_path)))
+
+    report = replay.replay(log, load_policy(candidate))
+
+    assert report.transitions == {("NEEDS_APPROVAL", "NEEDS_APPROVAL"): 2}
+    assert report.tier_changes == {("NEEDS_APPROVAL", "supervisor", "finance"): 1}
+    assert report.changed == 1
+    (example,) = report.examples
+    assert (example.record_id, example.old_tier, example.new.matched_tier) == (
+        moved.decision_id, "supervisor", "finance",
+    )  # fmt: skip
+    table = replay.to_table(report)
+    assert "1 would change" in table
+    assert "NEEDS_APPROVAL: supervisor -> finance" in table
+
+    cli = proviso(
+        "replay", "--audit", str(sidecar.app.settings.audit_path), "--policies", str(candidate),
+        "--format", "json", "--fail-on-change",
+    )  # fmt: skip
+    assert cli.returncode == 1, cli.stderr
+    output = json.loads(cli.stdout)
+    assert output["changed"] == 1
+    assert output["tier_changes"] == [
+        {"decision": "NEEDS_APPROVAL", "from": "supervisor", "to": "finance", "count": 1}
+    ]
+    assert [e["decision_id"] for e in output["examples"]] == [moved.decision_id]
+
+
 async def test_a_restarted_sidecar_continues_the_chain(tmp_path: Path) -> None:
     """Stopping and starting on the same state directory yields one chain that verifies."""
     settings = make_settings(tmp_path / "state")
