@@ -109,6 +109,20 @@ def count_kill_switches(metrics: Metrics, store: SQLiteStore, policy: Policy) ->
     metrics.kill_switches_active.set(len(store.kill_switches()) + len(policy.kill_switches))
 
 
+def report_shared_state(
+    store: SQLiteStore, approvals: Approvals, policy: Policy, metrics: Metrics
+) -> None:
+    """Set the gauges of what the store holds for every process sharing it: the kill switches
+    engaged (with the policy's) and the approval requests pending.
+
+    Check, SetKillSwitch and approval events set them as they happen, but only in the process
+    that handled them; this (at start and every minute) makes a restarted process, and the
+    other workers of ``serve --workers N``, report them too.
+    """
+    count_kill_switches(metrics, store, policy)
+    approvals.refresh_pending()
+
+
 def _published_jwks(keys: KeyStore) -> dict[str, object]:
     keys.refresh()
     return keys.verification_keys().to_jwks()
@@ -125,8 +139,8 @@ async def _prune_forever(
 ) -> None:
     """Expire approval requests (past their time, or made under approval rules the policy in
     force no longer has); drop expired idempotency keys, stale run counters and revocations of
-    expired tokens; let retired signing keys lapse; count the kill switches engaged. All off
-    the hot path."""
+    expired tokens; let retired signing keys lapse; report what the store holds for every
+    worker (``report_shared_state``). All off the hot path."""
     while True:
         await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
         # Each step on its own, and a failure logged: it is retried next time, and one failing
@@ -148,9 +162,9 @@ async def _prune_forever(
         except Exception:
             log.exception("re-reading the signing keys failed; retrying in a minute")
         try:
-            count_kill_switches(metrics, store, policy.current)
+            report_shared_state(store, approvals, policy.current, metrics)
         except Exception:
-            log.exception("counting the kill switches failed; retrying in a minute")
+            log.exception("reading kill switches and pending approvals failed; retrying")
 
 
 def freeze_startup_heap() -> None:
@@ -277,8 +291,7 @@ class App:
             store = SQLiteStore(settings.state_dir / "state.db", background_checkpoints=True)
             undo.callback(store.close)
             approvals = Approvals(store, audit, metrics, clock, ApprovalFeed())
-            approvals.refresh_pending()
-            count_kill_switches(metrics, store, holder.current)
+            report_shared_state(store, approvals, holder.current, metrics)
             reloader, shadow_reloader = _reloaders(
                 settings, holder, shadow, metrics, clock, store=store
             )

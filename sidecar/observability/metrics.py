@@ -70,7 +70,8 @@ class Metrics:
         self.kill_switches_active = Gauge(
             "proviso_kill_switches_active",
             "Kill switches engaged (from the admin API and the policy), as this process last saw "
-            "them: at start, on each Check, admin call and policy reload, and every minute.",
+            "them: at start, on each Check, admin call and policy reload, and every minute; "
+            "every worker reports the shared store's (max, not sum).",
             registry=self.registry,
         )
         self.approvals = Counter(
@@ -81,7 +82,8 @@ class Metrics:
         )
         self.approvals_pending = Gauge(
             "proviso_approvals_pending",
-            "Approval requests waiting for people, by tier.",
+            "Approval requests waiting for people, by tier; every worker reports the shared"
+            " store's, at most a minute old (max, not sum).",
             ["tier"],
             registry=self.registry,
         )

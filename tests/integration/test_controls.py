@@ -439,6 +439,65 @@ async def test_the_kill_switch_gauge_counts_without_waiting_for_a_check(
     assert scrape(restarted)[("proviso_kill_switches_active", ())] == 2
 
 
+async def test_the_kill_switch_gauge_counts_the_engaged_switches_from_the_start(
+    tmp_path: Path, bundle: Callable[..., Path]
+) -> None:
+    """A restarted sidecar reports the switches still engaged (the store's and the policy's)
+    at once, before any Check: an alert on proviso_kill_switches_active must not clear itself
+    on a restart while the switch still holds."""
+    policies = bundle(
+        "controls:",
+        "kill_switches:\n  freeze:\n    scope: tool\n    target: muteAlert\n"
+        "    reason: frozen\ncontrols:",
+    )
+    settings = make_settings(tmp_path / "state", policies=policies)
+    first = Sidecar.connect(await App.start(settings))
+    try:
+        await set_switch(first, engaged=True)
+    finally:
+        await first.close()
+    restarted = Sidecar.connect(await App.start(settings))
+    try:
+        assert scrape(restarted)[("proviso_kill_switches_active", ())] == 2
+    finally:
+        await restarted.close()
+
+
+async def test_every_worker_reports_the_shared_stores_switches_and_approvals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kill switches and approval requests live in the store the workers share: a worker that
+    did not handle the change (SetKillSwitch, a Check opening a request) reports it too, by
+    the next minutely maintenance (here made quick), not only after a Check of its own."""
+    monkeypatch.setattr("sidecar.app.PRUNE_INTERVAL_SECONDS", 0.05)
+    shared = make_settings(tmp_path / "state", workers=2)
+    workers = [
+        Sidecar.connect(await App.start(shared.for_worker(index, listen_port=0, metrics_port=0)))
+        for index in range(2)
+    ]
+    try:
+        one, other = workers
+        await set_switch(one, engaged=True, target="muteAlert")
+        token = one.token()
+        asked = await check(one, token, "requestRefund", refund("120"))
+        assert asked.decision == pb.DECISION_NEEDS_APPROVAL
+        assert scrape(one)[("proviso_approvals_pending", (("tier", "supervisor"),))] == 1
+        deadline = time.monotonic() + 5
+        wanted = {
+            ("proviso_kill_switches_active", ()): 1,
+            ("proviso_approvals_pending", (("tier", "supervisor"),)): 1,
+        }
+        while True:
+            seen = {sample: scrape(other).get(sample) for sample in wanted}
+            if seen == wanted:
+                break
+            assert time.monotonic() < deadline, f"the other worker still reports {seen}"
+            await asyncio.sleep(0.05)
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
 async def test_global_kill_switch_denies_even_without_a_token(sidecar: Sidecar) -> None:
     """The global switch stops everything, before the token is even looked at."""
     await set_switch(sidecar, engaged=True, scope=admin_pb.KILL_SWITCH_SCOPE_GLOBAL, target="")
