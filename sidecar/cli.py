@@ -84,6 +84,29 @@ def existing_state_dir(text: str) -> Path:
     return path
 
 
+def nonempty_run_id(text: str) -> str:
+    """A run id to look for in the audit log, for argparse: not empty, since a Check without
+    one belongs to no run (an unset shell variable would otherwise select every such Check).
+
+    Raises:
+        argparse.ArgumentTypeError: it is empty.
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("expected a run id, got an empty one")
+    return text
+
+
+def count(text: str) -> int:
+    """A whole number of zero or more, for argparse.
+
+    Raises:
+        argparse.ArgumentTypeError: it is not one.
+    """
+    if not text.isdigit() or not text.isascii():
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
+    return int(text)
+
+
 def _call(
     args: argparse.Namespace,
     stub_type: Callable[[grpc.Channel], Any],
@@ -1545,7 +1568,7 @@ def _add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     trace = audit_commands.add_parser(
         "trace", help="rebuild one run from the log", description=cmd_audit_trace.__doc__
     )
-    trace.add_argument("run_id", metavar="RUN_ID")
+    trace.add_argument("run_id", type=nonempty_run_id, metavar="RUN_ID")
     trace.add_argument("--audit", metavar="PATH", help="the log (default: STATE_DIR/audit)")
     trace.add_argument("--state-dir", default=config.DEFAULT_STATE_DIR, metavar="DIR")
     trace.add_argument("--format", choices=("table", "json"), default="table")
@@ -1558,8 +1581,9 @@ def _add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     replay.add_argument("--audit", metavar="PATH", help="the log (default: STATE_DIR/audit)")
     replay.add_argument("--state-dir", default=config.DEFAULT_STATE_DIR, metavar="DIR")
     replay.add_argument("--policies", required=True, metavar="DIR", help="the candidate bundle")
-    replay.add_argument("--run-id", default=None, metavar="ID", help="replay only this run")
-    replay.add_argument("--examples", type=int, default=5, metavar="N",
+    replay.add_argument("--run-id", type=nonempty_run_id, default=None, metavar="ID",
+                        help="replay only this run")  # fmt: skip
+    replay.add_argument("--examples", type=count, default=5, metavar="N",
                         help="changed checks to show per kind of change (default 5)")  # fmt: skip
     replay.add_argument("--fail-on-change", action="store_true",
                         help="exit 1 if any decision or tier would change (for CI)")  # fmt: skip

@@ -494,3 +494,21 @@ async def test_trace_and_replay_warn_when_the_log_does_not_verify(
         assert result.returncode == 0, result.stderr
         assert "warning: the audit log does not verify, BROKEN at" in result.stderr
         assert "HASH_MISMATCH" in result.stderr
+
+
+async def test_an_empty_run_id_is_a_usage_error(sidecar: Sidecar) -> None:
+    """A Check without a run id belongs to no run: `audit trace ''` (a script's unset
+    variable) is refused as GetRunTrace refuses it, not printed as one run made of every
+    run-less Check of every agent; `replay --run-id ''` and a negative --examples likewise."""
+    await ask(sidecar, sidecar.token(), "requestRefund", refund("10"), "")
+    audit = str(sidecar.app.settings.audit_path)
+    for command in (
+        ("audit", "trace", "", "--audit", audit),
+        ("replay", "--audit", audit, "--policies", str(EXAMPLE_POLICIES), "--run-id", ""),
+        ("replay", "--audit", audit, "--policies", str(EXAMPLE_POLICIES), "--examples", "-1"),
+    ):
+        result = proviso(*command)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert result.stdout == ""
+        assert "Traceback" not in result.stderr
+        assert result.stderr.startswith(("proviso: ", "usage: ")), result.stderr
