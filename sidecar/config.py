@@ -135,6 +135,22 @@ def setting(flag: str | None, env_name: str, default: str, env: Mapping[str, str
     return env.get(f"PROVISO_{env_name}", default)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    """A log level's name, in capitals.
+
+    Raises:
+        SettingsError: it names none of ``LOG_LEVELS``.
+    """
+    if text.upper() not in LOG_LEVELS:
+        raise SettingsError(
+            f"--log-level: expected {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}, got {text!r}"
+        )
+    return text.upper()
+
+
 def _count(name: str, text: str, maximum: int) -> int:
     """A whole number from 1 to ``maximum``.
 
@@ -236,7 +252,7 @@ def build(
         idp_ca_file=Path(ca_file) if ca_file else None,
         idp_issuer=setting(idp_issuer, "IDP_ISSUER", "", env),
         leeway_seconds=int(leeway_text),
-        log_level=setting(log_level, "LOG_LEVEL", "INFO", env),
+        log_level=_log_level(setting(log_level, "LOG_LEVEL", "INFO", env)),
         shadow_policies=Path(shadow) if shadow else None,
         watch_interval_seconds=interval,
         trace_exporters=_trace_exporters(env),

@@ -38,6 +38,18 @@ def test_serve_names_a_bad_token_leeway(tmp_path: Path) -> None:
     assert "unrecognized arguments" not in result.stderr
 
 
+def test_serve_names_a_bad_log_level(tmp_path: Path) -> None:
+    """An unknown --log-level (or PROVISO_LOG_LEVEL) is a usage error naming the flag and the
+    levels, not logging's traceback; a known one is accepted in any case."""
+    result = run("serve", "--log-level", "FOO", "--state-dir", str(tmp_path), "--workers", "1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "proviso: --log-level: expected DEBUG, INFO, WARNING or ERROR, got 'FOO'\n"
+    )
+    args = build_parser().parse_args(["serve", "--log-level", "debug", "--workers", "1"])
+    assert serve_settings(args).log_level == "DEBUG"
+
+
 def test_a_served_token_leeway_accepts_a_token_just_expired(tmp_path: Path) -> None:
     """`serve --token-leeway 30` runs with that leeway: a token that expired 10 s ago is still
     accepted (with the default 5 s it would be refused as expired)."""

@@ -70,8 +70,10 @@ def test_flags_win_over_the_environment() -> None:
 
 def test_an_empty_flag_still_wins_over_the_environment() -> None:
     """A flag given as "" is a value, not absence: the variable does not apply."""
-    settings = _build({"PROVISO_LOG_LEVEL": "DEBUG"}, log_level="")
-    assert settings.log_level == ""
+    settings = _build({"PROVISO_IDP_ISSUER": "https://idp.example"}, idp_issuer="")
+    assert settings.idp_issuer == ""
+    with pytest.raises(SettingsError, match="--log-level"):  # and "" is no log level
+        _build({"PROVISO_LOG_LEVEL": "DEBUG"}, log_level="")
 
 
 def test_only_the_given_env_mapping_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
