@@ -342,18 +342,24 @@ class App:
                 ),
                 ApprovalService(holder, identities=identities, approvals=approvals, clock=clock),
             ]
-            http = HttpServer(
-                HttpApp(metrics.exposition, lambda: _published_jwks(keys)),
-                settings.metrics_listen.host,
-                settings.metrics_listen.port,
-            )
+            try:
+                http = HttpServer(
+                    HttpApp(metrics.exposition, lambda: _published_jwks(keys)),
+                    settings.metrics_listen.host,
+                    settings.metrics_listen.port,
+                )
+            except OSError as exc:
+                raise OSError(f"--metrics-listen {settings.metrics_listen}: {exc}") from exc
             undo.callback(http.stop)
-            server, port, health_servicer = await grpc_server.start(
-                [*(s.handler() for s in services), *extra_handlers],
-                [s.name for s in services],
-                str(settings.listen),
-                reuse_port=settings.reuse_port,
-            )
+            try:
+                server, port, health_servicer = await grpc_server.start(
+                    [*(s.handler() for s in services), *extra_handlers],
+                    [s.name for s in services],
+                    str(settings.listen),
+                    reuse_port=settings.reuse_port,
+                )
+            except OSError as exc:
+                raise OSError(f"--listen {settings.listen}: {exc}") from exc
             undo.push_async_callback(server.stop, None)
             http.start()
             undo.pop_all()

@@ -40,9 +40,12 @@ async def start(
          reflection.SERVICE_NAME),
         server,
     )  # fmt: skip
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:  # what grpcio raises now for a port it cannot bind (it returned 0)
+        port = 0
     if port == 0:
-        raise OSError(f"could not listen on {listen}")
+        raise OSError("in use, or not an address of this host")  # the caller names it
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

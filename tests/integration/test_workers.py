@@ -249,6 +249,30 @@ def test_a_single_worker_on_a_taken_port_exits_instead_of_hanging(tmp_path: Path
     assert "serving gRPC" not in result.stdout
 
 
+def test_a_taken_port_is_named_in_one_line(tmp_path: Path) -> None:
+    """A taken gRPC port (one worker: no SO_REUSEPORT) or metrics port stops serve with one
+    line naming the flag and the address, not grpc's RuntimeError traceback or a bare
+    "Address already in use" that does not say which listener."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        grpc_taken = _serve_on(port, 1, tmp_path)
+        metrics_taken = subprocess.run(
+            [
+                *PROVISO, "serve", "--policies", str(EXAMPLE_POLICIES),
+                "--listen", "127.0.0.1:0", "--metrics-listen", f"127.0.0.1:{port}",
+                "--state-dir", str(tmp_path / "state-m"), "--workers", "1",
+                "--log-level", "ERROR",
+            ],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+    for result, flag in ((grpc_taken, "--listen"), (metrics_taken, "--metrics-listen")):
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        assert f"proviso: cannot start: {flag} 127.0.0.1:{port}: " in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_prints_the_metrics_port_it_bound_and_says_when_it_stopped(
     tmp_path: Path, workers: str
