@@ -20,11 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.audit.record import KIND_DECISION, claims_from_record
-from sidecar.engine import Decision, ReasonCode, ToolCall, evaluate
+from sidecar.engine import Decision, Outcome, ReasonCode, ToolCall, evaluate
 from sidecar.policy.model import Policy
 from tokens import TokenError
 
 Transition = tuple[str, str]
+UNKNOWN_TOOLS = "(unknown tools)"
+"""The ``by_tool`` row of the Checks denied before and of tools the candidate does not define:
+agents choose tool names, so made-up ones are counted together (no tool is named so)."""
 TierChange = tuple[str, str, str]
 """A decision that stays, and the tier that decided it before and now (``""`` for none)."""
 
@@ -202,7 +205,8 @@ def replay(
         old, new = _text(record, "decision"), result.outcome.value
         tool = _text(record, "tool")
         report.transitions[old, new] += 1
-        report.by_tool.setdefault(tool, Counter())[old, new] += 1
+        known = tool in policy.tools or old != Outcome.DENY.value  # only known tools get past
+        report.by_tool.setdefault(tool if known else UNKNOWN_TOOLS, Counter())[old, new] += 1
         old_tier, new_tier = _text(record, "matched_tier"), result.matched_tier
         kind: tuple[str, ...] = (old, new)
         if old == new:

@@ -512,3 +512,28 @@ async def test_an_empty_run_id_is_a_usage_error(sidecar: Sidecar) -> None:
         assert result.stdout == ""
         assert "Traceback" not in result.stderr
         assert result.stderr.startswith(("proviso: ", "usage: ")), result.stderr
+
+
+async def test_replay_counts_tools_no_policy_knows_together(sidecar: Sidecar) -> None:
+    """Agents choose tool names: every made-up one is a DENY with its own audit record. Replay
+    counts those (denied, and unknown to the candidate) under one '(unknown tools)' row, so
+    a flood of names can neither bury the report nor grow it without bound, as the metrics
+    count them as 'unknown'. A tool that was allowed keeps its name even if the candidate
+    dropped it: that change is the point of the report."""
+    token = sidecar.token()
+    await ask(sidecar, token, "requestRefund", refund("10"), "run-u")
+    for name in ("junk-1", "junk-2", "requestRefundd"):
+        denied = await ask(sidecar, token, name, refund("10"), "run-u")
+        assert denied.decision == pb.DECISION_DENY
+    log = logged(sidecar)
+    dropped = {**log[0], "tool": "retiredTool"}  # as if a tool the candidate dropped was allowed
+
+    report = replay.replay([*log, dropped], sidecar.app.policy.current)
+
+    assert report.by_tool == {
+        "requestRefund": {("ALLOW", "ALLOW"): 1},
+        "(unknown tools)": {("DENY", "DENY"): 3},
+        "retiredTool": {("ALLOW", "DENY"): 1},
+    }
+    assert report.transitions == {("ALLOW", "ALLOW"): 1, ("DENY", "DENY"): 3, ("ALLOW", "DENY"): 1}
+    assert "junk" not in replay.to_table(report)
