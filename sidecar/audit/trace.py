@@ -349,12 +349,19 @@ def _plain(value: Any) -> Any:
 
 
 def _approval(step: TraceStep) -> str:
+    """What the step says about approval: the request a NEEDS_APPROVAL opened (or found), or
+    the approval a Check presented, with what its tier needs."""
     requirement = step.approval_requirement
+    needs = ""
     if requirement:
         roles = ", ".join(str(role) for role in requirement.get("approver_roles", ()))
-        return f"needs {requirement.get('approvals_required')} approval(s) from {roles}"
-    if step.approval_id:
-        return f"presented approval {step.approval_id}"
+        needs = f"{requirement.get('approvals_required')} approval(s) from {roles}"
+    if step.approval_id and step.decision != "NEEDS_APPROVAL":
+        return f"presented approval {step.approval_id}" + (
+            f" (the tier needs {needs})" if needs else ""
+        )
+    if needs:
+        return f"needs {needs}" + (f": approval {step.approval_id}" if step.approval_id else "")
     return ""
 
 

@@ -294,3 +294,30 @@ async def test_a_dry_run_is_marked_as_one(tmp_path: Path, example_policy: Policy
     assert "DENY (dry run)" in rows[1]
     assert "2 checks: DENY 2; 0.50 ms deciding; 1 dry run(s) (decided, nothing done)" in table
     assert "  seq 2: dry run: decided in full, but nothing was changed or counted" in table
+
+
+async def test_steps_name_the_approval_they_opened_or_presented(
+    tmp_path: Path, example_policy: Policy
+) -> None:
+    """A NEEDS_APPROVAL step names the request it opened; a step that presented an approval
+    says so (it no longer "needs" one), so each Check links to its approval's events."""
+    requirement = {
+        "tier": "supervisor", "approvals_required": 1, "approver_roles": ["billing-supervisor"],
+        "ttl_seconds": 86400,
+    }  # fmt: skip
+    base = check(example_policy, "run-p", "s0", 1)
+    asked = {**base, "decision": "NEEDS_APPROVAL", "approval_id": "apr_1",
+             "approval_requirement": requirement}  # fmt: skip
+    used = {**base, "record_id": "dec_used", "decision": "ALLOW", "approval_id": "apr_1",
+            "presented_approval_id": "apr_1", "approval_requirement": requirement}  # fmt: skip
+    await write(tmp_path / "decisions.jsonl", [asked, used])
+
+    found = trace.load_trace(tmp_path, "run-p")
+
+    assert found is not None
+    table = trace.to_table(found)
+    assert "  seq 1: needs 1 approval(s) from billing-supervisor: approval apr_1" in table
+    assert (
+        "  seq 2: presented approval apr_1 (the tier needs 1 approval(s) from billing-supervisor)"
+    ) in table
+    assert "seq 2: needs" not in table
