@@ -1319,27 +1319,37 @@ def _verify_chain(
     return report
 
 
-def _warn_unless_verified(chains: list[list[Path]], state_dir: str) -> None:
-    """``trace`` and ``replay`` read the log as it is. Say on stderr when it does not verify
-    (with the keys of ``state_dir``), so that an edited log is not taken at its word; the
-    output and the exit status stay as they were."""
+def _unverified(chains: list[list[Path]], state_dir: str) -> str | None:
+    """Why the log cannot be trusted as it is (no keys in ``state_dir`` to verify it with, or
+    the first break of a chain), or None when every chain verifies."""
     try:
         keys = load_verification_keys(Path(state_dir))
     except (OSError, ValueError, KeyFormatError):
-        print(
-            f"proviso: warning: no keys in {state_dir} to verify the audit log with "
-            "(--state-dir): it is read unverified",
-            file=sys.stderr,
-        )
-        return
+        return f"no keys in {state_dir} to verify the audit log with (--state-dir)"
     for files in chains:
         broken = verify_log(files, keys).broken
         if broken is not None:
-            print(
-                f"proviso: warning: the audit log does not verify, BROKEN at {broken}: what "
-                "follows may not be what was recorded (proviso audit verify)",
-                file=sys.stderr,
-            )
+            return f"the audit log does not verify, BROKEN at {broken}"
+    return None
+
+
+def _trust_log(chains: list[list[Path]], args: argparse.Namespace) -> bool:
+    """``trace`` and ``replay`` read the log as it is, after verifying it with the keys of
+    ``--state-dir``. A log that does not verify is refused with ``--require-verified`` (for
+    scripts: no output, exit 1); otherwise it is read with a warning on stderr, so that an
+    edited log is not taken at its word."""
+    problem = _unverified(chains, args.state_dir)
+    if problem is None:
+        return True
+    if args.require_verified:
+        _fail(f"{problem}: refused (--require-verified)")
+        return False
+    print(
+        f"proviso: warning: {problem}: what follows may not be what was recorded "
+        "(proviso audit verify)",
+        file=sys.stderr,
+    )
+    return True
 
 
 def cmd_audit_trace(args: argparse.Namespace) -> int:
@@ -1348,8 +1358,9 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
 
     path = _audit_path(args.audit, args.state_dir)
     try:
+        if not _trust_log(logs(path), args):
+            return EXIT_REFUSED
         found = trace.load_trace(path, args.run_id)
-        _warn_unless_verified(logs(path), args.state_dir)
     except AuditLogNotFoundError as exc:
         return _fail(str(exc), EXIT_USAGE)
     if found is None:
@@ -1377,7 +1388,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except PolicyLoadError as exc:
         print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
         return _fail(f"policy bundle {args.policies} has errors")
-    _warn_unless_verified(chains, args.state_dir)
+    if not _trust_log(chains, args):
+        return EXIT_REFUSED
     recorded = (record for files in chains for record in records(files))
     report = replay.replay(recorded, policy, examples=args.examples, run_id=args.run_id)
     if args.format == "json":
@@ -1542,6 +1554,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_require_verified(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--require-verified",
+        action="store_true",
+        help="refuse (exit 1, no output) a log that does not verify with the keys of "
+        "--state-dir, instead of reading it with a warning",
+    )
+
+
 def _add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``audit verify``, ``audit trace`` and ``replay``."""
     audit = commands.add_parser("audit", help="the audit log", description="The audit log.")
@@ -1572,6 +1593,7 @@ def _add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     trace.add_argument("--audit", metavar="PATH", help="the log (default: STATE_DIR/audit)")
     trace.add_argument("--state-dir", default=config.DEFAULT_STATE_DIR, metavar="DIR")
     trace.add_argument("--format", choices=("table", "json"), default="table")
+    _add_require_verified(trace)
     trace.set_defaults(handler=cmd_audit_trace)
 
     replay = commands.add_parser(
@@ -1588,6 +1610,7 @@ def _add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     replay.add_argument("--fail-on-change", action="store_true",
                         help="exit 1 if any decision or tier would change (for CI)")  # fmt: skip
     replay.add_argument("--format", choices=("table", "json"), default="table")
+    _add_require_verified(replay)
     replay.set_defaults(handler=cmd_replay)
 
 

@@ -472,7 +472,8 @@ async def test_trace_and_replay_warn_when_the_log_does_not_verify(
     sidecar: Sidecar, tmp_path: Path
 ) -> None:
     """trace and replay read the log as it is; on an edited copy they say on stderr that it
-    does not verify (output and exit status as before), and on the real one nothing."""
+    does not verify (output and exit status as before), and on the real one nothing. With
+    --require-verified they refuse it (exit 1, no output), and a log without keys too."""
     token = sidecar.token()
     await ask(sidecar, token, "requestRefund", refund("120"), "run-w")
     state = str(sidecar.app.settings.state_dir)
@@ -494,6 +495,20 @@ async def test_trace_and_replay_warn_when_the_log_does_not_verify(
         assert result.returncode == 0, result.stderr
         assert "warning: the audit log does not verify, BROKEN at" in result.stderr
         assert "HASH_MISMATCH" in result.stderr
+        refused = proviso(*command, "--state-dir", state, "--require-verified")
+        assert (refused.returncode, refused.stdout) == (1, ""), refused.stderr
+        assert "does not verify, BROKEN at" in refused.stderr
+        assert "refused (--require-verified)" in refused.stderr
+        keyless = proviso(*command, "--state-dir", str(tmp_path / "none"), "--require-verified")
+        assert (keyless.returncode, keyless.stdout) == (1, ""), keyless.stderr
+        assert "no keys in" in keyless.stderr
+    for command in (
+        ("audit", "trace", "run-w", "--audit", str(audit)),
+        ("replay", "--audit", str(audit), "--policies", str(EXAMPLE_POLICIES)),
+    ):
+        trusted = proviso(*command, "--state-dir", state, "--require-verified")
+        assert trusted.returncode == 0, trusted.stderr
+        assert "run-w" in trusted.stdout or "requestRefund" in trusted.stdout
 
 
 async def test_an_empty_run_id_is_a_usage_error(sidecar: Sidecar) -> None:
