@@ -26,6 +26,8 @@ from sidecar.audit.record import KIND_DECISION
 from sidecar.terminal import shown
 
 KIND_APPROVAL = "approval"
+MAX_RUN_METADATA_KEYS = 32
+"""Keys of a run's merged metadata: as many as one Check may carry."""
 """The kind of the records ``Approvals.record_event`` writes, each naming the request's run."""
 
 
@@ -113,9 +115,14 @@ class RunTrace:
 
     @property
     def run_metadata(self) -> dict[str, str]:
+        """The steps' run metadata merged, a later value winning; at most
+        ``MAX_RUN_METADATA_KEYS`` keys, the first seen (each step keeps all of its own), so
+        that an agent sending new keys on every Check cannot grow the envelope without end."""
         merged: dict[str, str] = {}
         for step in self.steps:
-            merged.update(step.run_metadata)
+            for key, value in step.run_metadata.items():
+                if key in merged or len(merged) < MAX_RUN_METADATA_KEYS:
+                    merged[key] = value
         return merged
 
     @property

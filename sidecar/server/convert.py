@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
+from typing import TypeVar
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from sidecar import strictjson
@@ -29,6 +31,9 @@ from sidecar.minting import MintedToken
 from sidecar.policy.model import KillScope, KillSwitch, Policy
 from sidecar.state import ApprovalEvent, StoredApproval
 from tokens import Constraint, Grant
+
+ItemT = TypeVar("ItemT")
+MessageT = TypeVar("MessageT", bound=Message)
 
 MAX_IDENTIFIER_BYTES = 256
 MAX_RUN_METADATA_ENTRIES = 32
@@ -437,19 +442,49 @@ def _trace_step(step: TraceStep) -> admin_pb.TraceStep:
     return message
 
 
-def run_trace(trace: RunTrace) -> admin_pb.RunTrace:
-    """What GetRunTrace says about one run."""
-    return admin_pb.RunTrace(
+def run_trace(
+    trace: RunTrace, *, steps: int, events: int, page_size: int, max_bytes: int
+) -> tuple[admin_pb.RunTrace, int, int]:
+    """What GetRunTrace says about one run: the whole envelope, and the steps from ``steps``
+    and the approval events from ``events`` on, at most ``page_size`` of each and (past the
+    first of each) no more than ``max_bytes`` in all.
+
+    Returns:
+        The message, and where the next page's steps and events start (the lengths when none
+        are left).
+    """
+    message = admin_pb.RunTrace(
         run_id=trace.run_id,
         agents=list(trace.agents),
         policy_versions=list(trace.policy_versions),
         start_time=_timestamp_text(trace.steps[0].time),
         end_time=_timestamp_text(trace.steps[-1].time),
         run_metadata=trace.run_metadata,
-        steps=[_trace_step(step) for step in trace.steps],
         chains=list(trace.chains),
-        approval_events=[_trace_approval_event(event) for event in trace.approval_events],
     )
+    page_steps, room = _page(trace.steps[steps : steps + page_size], _trace_step, max_bytes)
+    page_events, _ = _page(
+        trace.approval_events[events : events + page_size], _trace_approval_event, room
+    )
+    message.steps.extend(page_steps)
+    message.approval_events.extend(page_events)
+    return message, steps + len(page_steps), events + len(page_events)
+
+
+def _page(
+    items: Sequence[ItemT], to_message: Callable[[ItemT], MessageT], room: int
+) -> tuple[list[MessageT], int]:
+    """The messages of ``items`` that fit in ``room`` bytes, and always the first one, so that
+    every page moves on; with the room left."""
+    page: list[MessageT] = []
+    for item in items:
+        message = to_message(item)
+        size = message.ByteSize()
+        if page and size > room:
+            break
+        room -= size
+        page.append(message)
+    return page, room
 
 
 def _trace_approval_event(event: TraceApprovalEvent) -> admin_pb.TraceApprovalEvent:

@@ -444,6 +444,10 @@ class AdminService:
     ) -> admin_pb.GetRunTraceResponse:
         await self._admin(context)
         run_id = convert.run_id(request.run_id)
+        if request.page_size < 0:
+            raise InvalidRequestError("page_size", "must not be negative")
+        page_size = min(request.page_size or TRACE_MAX_PAGE_SIZE, TRACE_MAX_PAGE_SIZE)
+        steps, events = _decode_trace_page_token(request.page_token)
         trace = None
         if self._audit_path is not None:
             try:
@@ -452,7 +456,15 @@ class AdminService:
                 trace = None
         if trace is None:
             raise NotFoundError(f"the audit log holds no Check of run '{run_id}'")
-        return admin_pb.GetRunTraceResponse(trace=convert.run_trace(trace))
+        if steps > len(trace.steps) or events > len(trace.approval_events):
+            raise InvalidRequestError("page_token", "not a token from a previous page")
+        page, steps, events = convert.run_trace(
+            trace, steps=steps, events=events, page_size=page_size, max_bytes=TRACE_PAGE_BYTES
+        )
+        done = steps == len(trace.steps) and events == len(trace.approval_events)
+        return admin_pb.GetRunTraceResponse(
+            trace=page, next_page_token="" if done else _encode_page_token(f"{steps}.{events}")
+        )
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -481,6 +493,9 @@ class AdminService:
         )
 
 
+TRACE_MAX_PAGE_SIZE = 1000
+TRACE_PAGE_BYTES = 512 * 1024
+"""A GetRunTrace page ends before this, half the largest message a client takes by default."""
 LIST_DEFAULT_PAGE_SIZE = 50
 LIST_MAX_PAGE_SIZE = 500
 WATCH_POLL_SECONDS = 0.25
@@ -680,3 +695,13 @@ def _decode_page_token(token: str) -> str:
         return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequestError("page_token", "not a token from a previous page") from None
+
+
+def _decode_trace_page_token(token: str) -> tuple[int, int]:
+    """Where a GetRunTrace page starts: the steps and approval events already sent."""
+    steps, dot, events = _decode_page_token(token).partition(".")
+    if not token:
+        return 0, 0
+    if not (dot and steps.isdigit() and events.isdigit() and steps.isascii() and events.isascii()):
+        raise InvalidRequestError("page_token", "not a token from a previous page")
+    return int(steps), int(events)

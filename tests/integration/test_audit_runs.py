@@ -468,6 +468,61 @@ async def test_trace_shows_the_runs_approvals(tmp_path: Path) -> None:
     assert f"approval {lapsed.approval_id} expired by " in table.stdout
 
 
+async def test_get_run_trace_pages_a_run_too_large_for_one_message(sidecar: Sidecar) -> None:
+    """An agent can make its run's trace large (run metadata: 32 values of 1 KiB a Check): it
+    comes in pages under the message limit, every step once, in order, with the merged
+    metadata bounded; page_size pages steps and approval events alike."""
+    token = sidecar.token()
+    checks = 40
+    for i in range(checks):
+        metadata = {f"k{i}_{j}": "v" * 1000 for j in range(32)}
+        await ask(sidecar, token, "noSuchTool", "{}", "run-big", run_metadata=metadata)
+    admin = admin_grpc.AdminServiceStub(sidecar.channel)
+    olivia = identity(sidecar, "olivia@example.com")
+
+    async def pages(run_id: str, page_size: int = 0) -> list[admin_pb.GetRunTraceResponse]:
+        found, token = [], ""
+        while True:
+            request = admin_pb.GetRunTraceRequest(
+                run_id=run_id, page_size=page_size, page_token=token
+            )
+            found.append(await admin.GetRunTrace(request, metadata=olivia))
+            token = found[-1].next_page_token
+            if not token:
+                return found
+
+    big = await pages("run-big")
+    assert len(big) >= 3, "1.3 MB of steps cannot fit in two 512 KiB pages"
+    assert all(page.ByteSize() < 1024 * 1024 for page in big)
+    seqs = [step.seq for page in big for step in page.trace.steps]
+    assert len(seqs) == checks
+    assert seqs == sorted(seqs)
+    assert {page.trace.run_id for page in big} == {"run-big"}
+    assert all(len(page.trace.run_metadata) == 32 for page in big)
+    assert set(big[0].trace.run_metadata) == {f"k0_{j}" for j in range(32)}, "the first seen"
+
+    asked = await refund_check(sidecar, token, "120")
+    await approve(sidecar, asked.approval_id, ALICE, "ok")
+    await refund_check(sidecar, token, "120", asked.approval_id)
+    small = await pages("run-1", page_size=1)
+    assert [len(page.trace.steps) for page in small] == [1, 1, 0, 0]
+    assert [len(page.trace.approval_events) for page in small] == [1, 1, 1, 1]
+    whole = (await pages("run-1"))[0].trace
+    assert [e.event for page in small for e in page.trace.approval_events] == [
+        e.event for e in whole.approval_events
+    ]
+
+    for field, request in (
+        ("page_size", admin_pb.GetRunTraceRequest(run_id="run-1", page_size=-1)),
+        ("page_token", admin_pb.GetRunTraceRequest(run_id="run-1", page_token="bm9wZQ")),
+        ("page_token", admin_pb.GetRunTraceRequest(run_id="run-1", page_token="OTkuMA")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await admin.GetRunTrace(request, metadata=olivia)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in str(refused.value.details())
+
+
 async def test_trace_and_replay_warn_when_the_log_does_not_verify(
     sidecar: Sidecar, tmp_path: Path
 ) -> None:
