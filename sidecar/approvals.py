@@ -147,6 +147,8 @@ class Approvals:
         self._audit = audit
         self._metrics = metrics
         self._clock = clock
+        self._pending_tiers: set[str] = set()
+        """Tiers ``proviso_approvals_pending`` has shown: a tier policy edits removed stays at 0."""
 
     def get(self, approval_id: str) -> StoredApproval:
         found = self.store.get_approval(approval_id)
@@ -249,10 +251,15 @@ class Approvals:
         self.feed.notify()
 
     def refresh_pending(self) -> None:
+        """Set ``proviso_approvals_pending`` from the store. A tier seen before whose requests
+        are all decided reads 0, not absent (an alert on it would not tell "none pending" from
+        "not reported"), and the samples are never cleared between two scrapes."""
         pending = self.store.pending_by_tier()
-        self._metrics.approvals_pending.clear()
+        for tier in self._pending_tiers - pending.keys():
+            self._metrics.approvals_pending.labels(tier).set(0)
         for tier, count in pending.items():
             self._metrics.approvals_pending.labels(tier).set(count)
+        self._pending_tiers.update(pending)
 
     def events_after(self, seq: int, limit: int = 100) -> list[ApprovalEvent]:
         return self.store.approval_events(seq, limit)

@@ -323,6 +323,13 @@ async def test_list_filters_and_pages(sidecar: Sidecar) -> None:
     assert samples[("proviso_approvals_pending", (("tier", "supervisor"),))] == 4
     assert samples[("proviso_approvals_total", (("outcome", "created"),))] == 5
     assert samples[("proviso_approvals_total", (("outcome", "approved"),))] == 1
+    for approval_id in ids[1:]:
+        await listing.RejectApproval(
+            ap_pb.RejectApprovalRequest(approval_id=approval_id, comment="no"),
+            metadata=identity(sidecar, ALICE),
+        )
+    drained = scrape(sidecar)
+    assert drained[("proviso_approvals_pending", (("tier", "supervisor"),))] == 0, "0, not absent"
 
 
 async def test_state_survives_a_restart(tmp_path: Path) -> None:
