@@ -205,7 +205,10 @@ class Condition:
         """
         if bindings.problem:
             raise ConditionEvaluationError(bindings.problem)
-        result = self._expression.eval(bindings._activation)
+        try:
+            result = self._expression.eval(bindings._activation)
+        except RuntimeError as exc:  # CEL's own limits (its comprehension iteration budget)
+            raise ConditionEvaluationError(str(exc)) from None
         value = result.value()
         if isinstance(value, bool):
             return value

@@ -517,6 +517,23 @@ def test_a_boolean_argument_condition_decides(flag: bool, outcome: Outcome) -> N
     assert evaluate(by_flag, call("t", {"flag": flag}), claims(grant("t"))).outcome is outcome
 
 
+def test_a_deny_tier_over_cels_iteration_budget_denies_condition_error() -> None:
+    """A caller-chosen list longer than CEL's iteration budget (10,000) makes the condition
+    fail, as any condition that cannot be evaluated: a DENY with a reason, not an exception
+    out of the engine (the Check was an INTERNAL error, unaudited, with no reason)."""
+    guarded = policy(
+        tool(
+            "t",
+            (
+                tier("secret", TierAction.DENY, 'args.tags.exists(t, t == "secret")'),
+                tier("rest", TierAction.ALLOW),
+            ),
+        )
+    )
+    decision = evaluate(guarded, call("t", {"tags": ["x"] * 10_000}), claims(grant("t")))
+    assert (decision.outcome, decision.primary_code) == (Outcome.DENY, ReasonCode.CONDITION_ERROR)
+
+
 def test_a_type_mismatch_in_a_comparison_denies() -> None:
     """Comparing a string argument with a number is CONDITION_ERROR, not false."""
     numeric = policy(

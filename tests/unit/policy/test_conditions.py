@@ -97,3 +97,13 @@ def test_a_condition_reading_a_variable_left_unbound_fails() -> None:
     """Binding only some variables can never make a condition that reads another one pass."""
     with pytest.raises(ConditionEvaluationError):
         Condition('!has(context.x) || context.x == ""').evaluate(bind_variables({"args": {}}))
+
+
+def test_a_condition_over_its_iteration_budget_fails_like_any_other() -> None:
+    """CEL stops a comprehension after 10,000 iterations by raising, not with an error value:
+    the caller chose the list (20 KiB of ``0,``), so the condition must fail as one that cannot
+    be evaluated (RULE_FAILED, CONDITION_ERROR), not escape the engine as an internal error."""
+    condition = Condition("args.tags.all(t, t < 20)")
+    assert condition.evaluate(bind({"tags": [0] * 9_999}, {}, {}, {}))
+    with pytest.raises(ConditionEvaluationError, match="budget"):
+        condition.evaluate(bind({"tags": [0] * 10_000}, {}, {}, {}))
