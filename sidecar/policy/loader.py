@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -259,8 +260,19 @@ def _read_bundle(
 
 
 def _read(path: Path, name: str, issues: list[PolicyIssue]) -> bytes | None:
+    """A policy file's bytes; only a regular file (or a link to one) is read.
+
+    Opened without blocking, and anything else refused before reading: opening a named pipe
+    (or a device) called ``x.yaml`` would otherwise wait for a writer forever, and with it the
+    load, the server's reload lock and its watcher.
+    """
     try:
-        with path.open("rb") as stream:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                message = "cannot read the file: not a regular file"
+                issues.append(PolicyIssue(name, 0, 0, Code.READ_ERROR, message))
+                return None
             data = stream.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,29 @@ def test_unreadable_file_is_an_issue(tmp_path: Path) -> None:
     [issue] = lint_policy(tmp_path)
     assert (issue.file, issue.line, issue.code) == ("gone.yaml", 0, Code.READ_ERROR)
     assert str(issue).startswith("gone.yaml: error READ_ERROR: cannot read the file")
+
+
+def test_a_named_pipe_is_an_issue_not_a_hang(tmp_path: Path) -> None:
+    """Opening a FIFO named like a policy file waits for a writer forever: the load (and a
+    server's reload lock and watcher with it) hung. It is refused as READ_ERROR, and so is a
+    device (a link to /dev/zero read as 1 MiB of NULs)."""
+    (tmp_path / "ok.yaml").write_text(APPROVERS)
+    os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    found: list[tuple[PolicyIssue, ...]] = []
+    linting = threading.Thread(target=lambda: found.append(lint_policy(tmp_path)), daemon=True)
+    linting.start()
+    linting.join(timeout=10)
+    if linting.is_alive():  # a writer releases the stuck open, so the thread can end
+        os.close(os.open(tmp_path / "pipe.yaml", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading the bundle hung on the named pipe")
+    [issues] = found
+    assert [(i.file, i.code) for i in issues] == [
+        ("pipe.yaml", Code.READ_ERROR),
+        ("zero.yaml", Code.READ_ERROR),
+    ]
+    assert "not a regular file" in issues[0].message
+    assert bundle_fingerprint(tmp_path)  # the watcher's hash does not hang either
 
 
 def test_oversized_file_is_an_issue(tmp_path: Path) -> None:
