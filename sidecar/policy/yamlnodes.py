@@ -32,6 +32,10 @@ from sidecar.policy.issues import Code, PolicyIssue
 MAX_DEPTH = 64
 """Deeper documents are refused: PyYAML composes recursively, and policies are shallow."""
 
+MAX_INTEGER_DIGITS = 1000
+"""Longer integers are refused: Python will not convert one of more than 4300 decimal digits
+(to or from text), and no policy value comes near this."""
+
 PathPart = str | int
 Path = tuple[PathPart, ...]
 
@@ -351,6 +355,11 @@ class _Converter:
         if not pattern.fullmatch(text):
             message = f"'{text}' is not a valid {_TYPE_NAMES[tag]}"
             self.issue(Code.YAML_TAG, node.start_mark, message)
+            self.damaged.add(path)
+            return text
+        if tag == _INT and len(text) > MAX_INTEGER_DIGITS:
+            message = f"'{text[:20]}...' has more than {MAX_INTEGER_DIGITS} digits"
+            self.issue(Code.INVALID_VALUE, node.start_mark, message, "write a smaller number")
             self.damaged.add(path)
             return text
         value = read(text)
