@@ -12,6 +12,7 @@ quietly checks nothing.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
@@ -31,6 +32,9 @@ from sidecar.policy.policy_format import check_format, did_you_mean, format_vali
 from sidecar.policy.yamlnodes import Path as NodePath
 from sidecar.policy.yamlnodes import YamlDocument, parse_yaml
 from tokens import CapabilityClaims, Grant
+
+_REFUSED_CHAR_RE = re.compile("[\x00\ud800-\udfff]")
+"""What Check refuses in any string or key of a call (``strictjson``)."""
 
 TEST_TOKEN_ISSUER = "proviso-policy-test"  # noqa: S105 - an issuer name, not a secret
 """The ``token.issuer`` conditions see in a test case."""
@@ -324,9 +328,12 @@ class _CaseReader:
             )
             return None
         tool = body["tool"]
-        arguments = self._exact((*path, "args"), body.get("args", {}))
-        context = self._exact((*path, "context"), body.get("context", {}))
+        before = len(self.issues)
+        arguments = self._carried((*path, "args"), body.get("args", {}))
+        context = self._carried((*path, "context"), body.get("context", {}))
         expect = self._expectation((*path, "expect"), body["expect"], tool)
+        if len(self.issues) > before:
+            return None  # reported; the file runs no case, and these values have no digest
         if "grants" in body:
             grants = tuple(
                 Grant(g["tool"], MappingProxyType(dict(g.get("pins", {})))) for g in body["grants"]
@@ -395,12 +402,31 @@ class _CaseReader:
             message=body.get("message"),
         )
 
+    def _carried(self, path: NodePath, value: Any) -> Any:
+        """``args`` or ``context`` exactly as Check would receive them, or an issue where Check
+        would refuse the call as malformed (INVALID_ARGUMENT) instead of deciding it."""
+        before = len(self.issues)
+        exact = self._exact(path, value)
+        if len(self.issues) == before:
+            try:  # the whole object: nesting depth and size, as the server reads it
+                strictjson.parse_object(strictjson.canonical(exact))
+            except strictjson.JSONInputError as exc:
+                self.issue(path, Code.INVALID_VALUE, f"a call cannot carry this: {exc}")
+        return exact
+
     def _exact(self, path: NodePath, value: Any) -> Any:
-        """Arguments as Check sees them: YAML decimals become exact ``Decimal``s, as JSON's do."""
+        """Arguments as Check sees them: YAML decimals become exact ``Decimal``s, as JSON's do;
+        what Check refuses (NUL, lone surrogates, numbers beyond 10^64) is reported."""
         if isinstance(value, dict):
+            for key in value:
+                self._string((*path, key), key, key=True)
             return {k: self._exact((*path, k), v) for k, v in value.items()}
         if isinstance(value, list):
             return [self._exact((*path, i), v) for i, v in enumerate(value)]
+        if isinstance(value, str):
+            self._string(path, value)
+        elif type(value) is int and len(str(abs(value))) > strictjson.MAX_DECIMAL_EXPONENT + 1:
+            self._number(path, str(value))
         if isinstance(value, float):
             node = self.document.node(path)
             text = str(node.value) if node is not None else repr(value)
@@ -408,14 +434,26 @@ class _CaseReader:
                 number = Decimal(text)
             except InvalidOperation:
                 number = Decimal("NaN")
-            if not number.is_finite():
-                self.issue(
-                    path,
-                    TestFileCode.INVALID_NUMBER,
-                    f"'{text}' is not a number a JSON call can carry",
-                )
+            if not number.is_finite() or abs(number.adjusted()) > strictjson.MAX_DECIMAL_EXPONENT:
+                self._number(path, text)
             return number
         return value
+
+    def _number(self, path: NodePath, text: str) -> None:
+        shown = text if len(text) <= 24 else f"{text[:20]}..."
+        message = f"'{shown}' is not a number a JSON call can carry"
+        if not text.lstrip("+-").startswith("."):
+            message += f" (Check refuses numbers beyond 10^{strictjson.MAX_DECIMAL_EXPONENT})"
+        self.issue(path, TestFileCode.INVALID_NUMBER, message)
+
+    def _string(self, path: NodePath, text: str, *, key: bool = False) -> None:
+        refused = _REFUSED_CHAR_RE.search(text)
+        if refused is None:
+            return
+        what = "U+0000 (NUL)" if refused.group() == "\x00" else "a lone surrogate"
+        where = "key" if key else "string"
+        message = f"the {where} holds {what}: Check refuses such a call (INVALID_ARGUMENT)"
+        self.issue(path, Code.INVALID_VALUE, message, key=key)
 
 
 def _digest(arguments: dict[str, Any]) -> str:

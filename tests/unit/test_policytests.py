@@ -135,6 +135,29 @@ def test_a_wrong_expectation_fails_with_a_diff(tmp_path: Path) -> None:
             CASE.replace("amount: 50.01", "amount: .inf"),
             "a_test.yaml:5:38: error INVALID_NUMBER: '.inf' is not a number",
         ),
+        # What Check refuses as a malformed call (INVALID_ARGUMENT) is not a case to decide:
+        # a lone surrogate ended the run in a traceback, and the others were decided as if
+        # a call could carry them (and 1e999999999 was written out in full for its digest).
+        (
+            CASE.replace("reason: x}", 'reason: "\\ud800"}'),
+            "a_test.yaml:5:68: error INVALID_VALUE: the string holds a lone surrogate",
+        ),
+        (
+            CASE.replace("reason: x}", 'reason: x, "k\\0": 1}'),
+            "a_test.yaml:5:71: error INVALID_VALUE: the key holds U+0000 (NUL)",
+        ),
+        (
+            CASE.replace("amount: 50.01", "amount: 1e999999999"),
+            "a_test.yaml:5:38: error INVALID_NUMBER: '1e999999999' is not a number a JSON call",
+        ),
+        (
+            CASE.replace("amount: 50.01", "amount: " + "9" * 66),
+            "a_test.yaml:5:38: error INVALID_NUMBER: '99999999999999999999...' is not a number",
+        ),
+        (
+            CASE.replace("currency: USD}}", "currency: USD, d: " + "[" * 32 + "]" * 32 + "}}"),
+            "a_test.yaml:6:14: error INVALID_VALUE: a call cannot carry this: nesting deeper",
+        ),
         (
             CASE.replace("args: {", "args: [{"),
             "a_test.yaml:6:5: error YAML_SYNTAX",
