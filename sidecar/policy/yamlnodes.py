@@ -50,6 +50,8 @@ _FLOAT_RE = re.compile(
     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
 )
 _BOOL_RE = re.compile(r"true|True|TRUE|false|False|FALSE")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+"""Only a double-quoted escape (``"\\ud800"``) can put one in a string: UTF-8 cannot hold it."""
 _NULL_RE = re.compile(r"~|null|Null|NULL|")
 
 _TYPE_NAMES = {_STR: "string", _INT: "integer", _FLOAT: "number", _BOOL: "boolean", _NULL: "null"}
@@ -335,7 +337,22 @@ class _Converter:
             message = f"key '{node.value}' reads as {kind}; keys must be strings"
             self.issue(Code.INVALID_KEY, node.start_mark, message, "quote it")
             return None
+        if not self._characters(node):
+            return None
         return str(node.value)
+
+    def _characters(self, node: Node) -> bool:
+        """False (reported) for a string holding a lone surrogate: it is not a character, and
+        JSON, UTF-8 and CEL cannot hold it (a tier's message with one made every Check that
+        reached the tier fail to be audited, and a condition with one ended lint in a
+        traceback)."""
+        found = _SURROGATE_RE.search(str(node.value))
+        if found is None:
+            return True
+        message = f"a lone surrogate (\\u{ord(found.group()):04x}) is not a character"
+        hint = "write the character itself, or its pair of surrogates as one \\U escape"
+        self.issue(Code.INVALID_VALUE, node.start_mark, message, hint)
+        return False
 
     def _scalar(self, node: Node, path: Path) -> Any:
         """Read a scalar by its (resolved or explicit) tag; unknown tags are refused."""
@@ -345,6 +362,8 @@ class _Converter:
             self.damaged.add(path)
             return None
         if tag == _STR:
+            if not self._characters(node):
+                self.damaged.add(path)
             return text
         reader = _READERS.get(tag)
         if reader is None:

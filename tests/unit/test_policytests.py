@@ -140,7 +140,7 @@ def test_a_wrong_expectation_fails_with_a_diff(tmp_path: Path) -> None:
         # a call could carry them (and 1e999999999 was written out in full for its digest).
         (
             CASE.replace("reason: x}", 'reason: "\\ud800"}'),
-            "a_test.yaml:5:68: error INVALID_VALUE: the string holds a lone surrogate",
+            "a_test.yaml:5:68: error INVALID_VALUE: a lone surrogate (\\ud800) is not a char",
         ),
         (
             CASE.replace("reason: x}", 'reason: x, "k\\0": 1}'),
