@@ -258,7 +258,8 @@ def _not_allowed(context: _Context) -> _Translated:
     if path[0] == "kill_switches" and len(path) >= 2:
         target = (*path[:2], "target")
         message = "a global kill switch takes no 'target'"
-        yield context.at_key(target, Code.FIELD_NOT_ALLOWED, message), None
+        hint = "remove 'target', or make the switch's scope agent or tool"
+        yield context.at_key(target, Code.FIELD_NOT_ALLOWED, message, hint), None
         return
     if path[-1] in _APPROVAL_ONLY:
         path = path[:-1]
