@@ -53,10 +53,15 @@ class AuditWriteError(StoreUnavailableError):
 
 
 class PolicyLoadError(SidecarError):
-    """A policy bundle could not be loaded; ``issues`` holds every problem found, sorted."""
+    """A policy bundle could not be loaded; ``issues`` holds every problem found, sorted.
 
-    def __init__(self, issues: tuple[object, ...]) -> None:
+    ``version`` is the content hash of the files as they were read (empty if none was), so a
+    reloader can tell a refused bundle from one an edit landed in while it was read.
+    """
+
+    def __init__(self, issues: tuple[object, ...], *, version: str = "") -> None:
         self.issues = issues
+        self.version = version
         first = str(issues[0]) if issues else "unknown problem"
         more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""
         super().__init__(f"{first}{more}")

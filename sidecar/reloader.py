@@ -105,10 +105,17 @@ class PolicyReloader:
         """Load, then check the files still hash to what was loaded (no edit landed midway).
 
         An editor or a deploy may be rewriting several files while we read them; a mix of old
-        and new files could be a valid bundle that nobody wrote. Such a load is discarded.
+        and new files could be a valid bundle that nobody wrote. Such a load is discarded. So
+        is a refusal of what an edit in progress left (a file truncated, half written): it is
+        not what the directory holds, and the watcher would not try that content again.
         """
         for _ in range(LOAD_ATTEMPTS):
-            policy = load_policy(self.directory)
+            try:
+                policy = load_policy(self.directory)
+            except PolicyLoadError as exc:
+                if exc.version and bundle_fingerprint(self.directory) != exc.version:
+                    continue
+                raise
             if bundle_fingerprint(self.directory) == policy.version:
                 return policy
         message = "the bundle kept changing while it was read; not swapped (try again)"

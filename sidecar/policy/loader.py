@@ -81,10 +81,10 @@ def load_policy(directory: Path) -> Policy:
         PolicyLoadError: the bundle has errors; ``issues`` holds every error, sorted. Warnings
             never block loading (``lint_policy`` reports them).
     """
-    policy, issues = _compile(directory)
+    policy, issues, version = _compile(directory)
     errors = tuple(issue for issue in issues if issue.severity is Severity.ERROR)
     if errors or policy is None:
-        raise PolicyLoadError(errors)
+        raise PolicyLoadError(errors, version=version)
     return policy
 
 
@@ -211,38 +211,47 @@ class _Bundle:
         return first + [d for d in self.duplicates if d.path[0] == section]
 
 
-def _compile(directory: Path) -> tuple[Policy | None, tuple[PolicyIssue, ...]]:
+def _compile(directory: Path) -> tuple[Policy | None, tuple[PolicyIssue, ...], str]:
+    """The policy (None on any error), every issue, and the version of the bytes read (as
+    ``bundle_fingerprint`` would hash them; empty when no file was found)."""
     bundle = _Bundle()
-    contents, files = _read_bundle(directory, bundle.issues)
+    contents, files, read = _read_bundle(directory, bundle.issues)
     for file in files:
         _merge(bundle, file)
     _resolve_references(bundle)
     _check_cost_precision(bundle)
     _compile_tools(bundle)
     issues = sort_issues(with_fix_hint(issue) for issue in bundle.issues)
+    version = bundle_version(read) if read else ""
     if not contents or any(issue.severity is Severity.ERROR for issue in issues):
-        return None, issues
-    return _build(bundle, tuple(sorted(contents)), bundle_version(contents)), issues
+        return None, issues, version
+    return _build(bundle, tuple(sorted(contents)), version), issues, version
 
 
 def _read_bundle(
     directory: Path, issues: list[PolicyIssue]
-) -> tuple[dict[str, bytes], list[_File]]:
-    """Read and parse every policy file; the raw bytes feed the version hash."""
+) -> tuple[dict[str, bytes], list[_File], dict[str, bytes]]:
+    """Read and parse every policy file; the raw bytes feed the version hash.
+
+    Returns the files read, parsed, and every file's bytes as hashed for the version (those
+    that could not be read as empty, as ``bundle_fingerprint`` does).
+    """
     if not directory.is_dir():
         issues.append(
             PolicyIssue(_BUNDLE, 0, 0, Code.READ_ERROR, f"'{directory}' is not a directory")
         )
-        return {}, []
+        return {}, [], {}
     names = policy_files(directory)
     if not names:
         message = f"no policy files (*.yaml, *.yml) in '{directory}'"
         issues.append(PolicyIssue(_BUNDLE, 0, 0, Code.NO_POLICY_FILES, message))
-        return {}, []
+        return {}, [], {}
     contents: dict[str, bytes] = {}
+    read: dict[str, bytes] = {}
     files: list[_File] = []
     for name in names:
         data = _read(directory / name, name, issues)
+        read[name] = data or b""
         if data is None:
             continue
         contents[name] = data
@@ -256,7 +265,7 @@ def _read_bundle(
         check = check_format(document, name)
         issues.extend(check.issues)
         files.append(_File(name, document, check))
-    return contents, files
+    return contents, files, read
 
 
 def _read(path: Path, name: str, issues: list[PolicyIssue]) -> bytes | None:

@@ -20,6 +20,7 @@ from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
 from sidecar.app import App
 from sidecar.policy.loader import load_policy
+from sidecar.policy.model import Policy
 from tests.conftest import EXAMPLE_POLICIES, Sidecar, make_settings
 from tests.integration.test_check import check, refund
 from tests.integration.test_server import identity, scrape
@@ -153,6 +154,37 @@ async def test_a_broken_edit_keeps_the_old_version_serving(
     assert reload_count(reloadable, "error") == 1
     response = await check(reloadable, reloadable.token(), "requestRefund", refund("10"))
     assert (response.decision, response.policy_version) == (pb.DECISION_ALLOW, old)
+
+
+async def test_a_reload_that_read_an_edit_in_progress_reads_again(
+    reloadable: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file caught half written (an editor saving in place) made the load fail, and the
+    refusal stood: the watcher does not retry content it saw refused, though what it refused
+    was never on disk. A failed load whose files changed while they were read is read again,
+    as a successful one is."""
+    bundle = reloadable.app.settings.policies
+    set_variant(bundle, auto_limit=100, label="saved-in-place")
+    billing = bundle / "billing.yaml"
+    saved = billing.read_text()
+    loads: list[str] = []
+
+    def load_during_a_save(directory: Path) -> Policy:
+        if not loads:
+            billing.write_text(saved[: len(saved) // 2])  # the editor has written half
+            try:
+                return load_policy(directory)
+            finally:
+                loads.append("torn")
+                billing.write_text(saved)  # and then the rest
+        loads.append("whole")
+        return load_policy(directory)
+
+    monkeypatch.setattr("sidecar.reloader.load_policy", load_during_a_save)
+    response = await reload(reloadable)
+    assert loads == ["torn", "whole"]
+    assert (response.changed, response.policy.label) == (True, "saved-in-place")
+    assert reload_count(reloadable, "error") == 0
 
 
 async def test_reload_needs_an_admin(reloadable: Sidecar) -> None:
