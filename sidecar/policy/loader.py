@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.errors import PolicyLoadError
-from sidecar.policy.conditions import Condition, ConditionCompileError
+from sidecar.policy.conditions import (
+    Condition,
+    ConditionCompileError,
+    ConditionEvaluationError,
+    bind_variables,
+)
 from sidecar.policy.issues import Code, PolicyIssue, Severity, sort_issues, with_fix_hint
 from sidecar.policy.model import (
     DEFAULT_APPROVAL_TTL_SECONDS,
@@ -648,7 +653,7 @@ def _check_redact(bundle: _Bundle, tool: _Definition, schema: ArgumentSchema | N
 def _compile_tiers(bundle: _Bundle, tool: _Definition, known: frozenset[str] | None) -> None:
     """Compile conditions; check tier names are unique and every tier can be reached."""
     names: dict[str, int] = {}
-    always: tuple[str, int] | None = None
+    always: str | None = None  # why the tiers from here on can never match
     for index, tier in _tiers(tool):
         tier_path = (*tool.path, "tiers", index)
         name = tier.get("name")
@@ -667,21 +672,34 @@ def _compile_tiers(bundle: _Bundle, tool: _Definition, known: frozenset[str] | N
         label = f"'{name}'" if isinstance(name, str) else str(index + 1)
         if always is not None:
             message = f"tier {label} of tool '{tool.name}' can never match"
-            hint = f"tier '{always[0]}' at line {always[1]} has no condition and always matches"
             bundle.issues.append(
-                tool.file.issue(tier_path, Code.UNREACHABLE_TIER, message, hint=hint)
+                tool.file.issue(tier_path, Code.UNREACHABLE_TIER, message, hint=always)
             )
         if "approver_condition" in tier:  # a tier without `when` has one too (the catch-all)
             what = f"approver condition of tier {label} of tool '{tool.name}'"
             where = ("tiers", index, "approver_condition")
             _compile_condition(bundle, tool, where, what, approver=True)
+        line = tool.file.document.value_position(tier_path).line
         source = tier.get("when")
         if source is None or (isinstance(source, str) and source.strip() == "true"):
             if always is None:
-                always = (str(name), tool.file.document.value_position(tier_path).line)
+                always = f"tier '{name}' at line {line} has no condition and always matches"
             continue
         what = f"condition of tier {label} of tool '{tool.name}'"
         _compile_condition(bundle, tool, ("tiers", index, "when"), what, known)
+        condition = bundle.conditions.get((tool.file.name, tool.name, "tiers", index))
+        if always is None and condition is not None and _always_holds(condition):
+            always = f"the condition of tier '{name}' at line {line} is always true"
+
+
+def _always_holds(condition: Condition) -> bool:
+    """True for a condition that reads no variable and holds: ``1 == 1``, ``(true)``."""
+    if condition.variables:
+        return False
+    try:
+        return condition.evaluate(bind_variables({}))
+    except ConditionEvaluationError:
+        return False
 
 
 def _compile_rules(bundle: _Bundle, tool: _Definition, known: frozenset[str] | None) -> None:
