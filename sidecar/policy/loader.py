@@ -707,8 +707,22 @@ def _compile_rules(bundle: _Bundle, tool: _Definition, known: frozenset[str] | N
     rules = tool.body.get("rules") if tool.usable("rules") else None
     if not isinstance(rules, list):
         return
+    names: dict[str, int] = {}
     for index, rule in enumerate(rules):
         if isinstance(rule, dict):
+            name = rule.get("name")
+            if isinstance(name, str) and name in names:  # a denial names its rule
+                first = tool.file.document.key_line((*tool.path, "rules", names[name]))
+                bundle.issues.append(
+                    tool.file.issue(
+                        (*tool.path, "rules", index, "name"),
+                        Code.DUPLICATE_DEFINITION,
+                        f"tool '{tool.name}' has two rules named '{name}'",
+                        hint=f"first at line {first}",
+                    )
+                )
+            elif isinstance(name, str):
+                names[name] = index
             label = f"'{rule['name']}'" if isinstance(rule.get("name"), str) else str(index + 1)
             what = f"rule {label} of tool '{tool.name}'"
             _compile_condition(bundle, tool, ("rules", index, "require"), what, known)
