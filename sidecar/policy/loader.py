@@ -758,6 +758,13 @@ def _compile_condition(
         message = f"{what}: {exc.message}"
         bundle.issues.append(PolicyIssue(tool.file.name, line, col, code, message))
         return
+    for offset, problem in _regex_problems(source):
+        before = source[:offset]
+        line, col = tool.file.document.position_in_scalar(
+            path, before.count("\n") + 1, offset - before.rfind("\n")
+        )
+        message = f"{what}: {problem}"
+        bundle.issues.append(PolicyIssue(tool.file.name, line, col, Code.CEL_SYNTAX, message))
     if known is None or approver:
         return
     for offset, name in _argument_references(source):
@@ -783,6 +790,30 @@ _CEL_STRING_RE = re.compile(
 """A CEL string or bytes literal (quoted, triple-quoted, raw): blanked before looking for
 ``args.`` so that text inside strings is not taken for a reference."""
 _ARGS_FIELD_RE = re.compile(r"(?<![\w.])args\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+_MATCHES_CALL_RE = re.compile(r"\.\s*matches\s*\(")
+
+
+def _regex_problems(source: str) -> Iterator[tuple[int, str]]:
+    """``(offset, problem)`` of each ``.matches('literal')`` whose pattern RE2 refuses.
+
+    CEL compiles such a pattern only when it runs: the condition would load, then fail (deny)
+    on every call. Each literal is tried once, as CEL itself reads it.
+    """
+    literals = {m.start(): m.group() for m in _CEL_STRING_RE.finditer(source)}
+    blanked = _CEL_STRING_RE.sub(lambda m: " " * len(m.group()), source)
+    for call in _MATCHES_CALL_RE.finditer(blanked):
+        start = call.end() + len(source[call.end() :]) - len(source[call.end() :].lstrip())
+        literal = literals.get(start)
+        if literal is None or literal[0] in "bB":
+            continue
+        try:
+            Condition(f"''.matches({literal})").evaluate(bind_variables({}))
+        except ConditionCompileError:
+            continue  # not a string literal CEL takes here; the condition compiled regardless
+        except ConditionEvaluationError as exc:
+            yield start, str(exc).removeprefix("INVALID_ARGUMENT: ")
 
 
 def _argument_references(source: str) -> Iterator[tuple[int, str]]:
