@@ -31,6 +31,7 @@ from sidecar.policy.model import Policy
 from sidecar.policy.policy_format import check_format, did_you_mean, format_validator
 from sidecar.policy.yamlnodes import Path as NodePath
 from sidecar.policy.yamlnodes import YamlDocument, parse_yaml
+from sidecar.terminal import shown
 from tokens import CapabilityClaims, Grant
 
 _REFUSED_CHAR_RE = re.compile("[\x00\ud800-\udfff]")
@@ -491,7 +492,7 @@ def format_text(report: SuiteReport) -> str:
         _Row(
             "PASS" if r.passed else "FAIL",
             f"{r.case.file}:{r.case.line}",
-            r.case.name,
+            shown(r.case.name),
             _got(r.decision),
             () if r.passed else _diff(r),
         )
@@ -502,11 +503,11 @@ def format_text(report: SuiteReport) -> str:
         name = max(len(row.name) for row in rows)
         for row in rows:
             lines.append(f"{row.status}  {row.where:<{where}}  {row.name:<{name}}  {row.got}")
-            lines.extend(" " * 6 + detail for detail in row.details)
+            lines.extend(" " * 6 + shown(detail) for detail in row.details)
     if report.issues:  # last, next to the summary, where they are seen
         if lines:
             lines.append("")
-        lines.extend(str(issue) for issue in report.issues)
+        lines.extend(shown(str(issue)) for issue in report.issues)
     summary = f"{len(report.results) - len(report.failed)} passed, {len(report.failed)} failed"
     if report.errors:
         summary += f", {len(report.errors)} error(s) in the files"
@@ -597,14 +598,14 @@ def to_junit(report: SuiteReport) -> bytes:
         )
         if problems:
             case = ET.SubElement(suite, "testcase", classname=file, name="(reading the file)")
-            error = ET.SubElement(case, "error", message=str(problems[0]), type="FileError")
-            error.text = "\n".join(str(p) for p in problems)
+            error = ET.SubElement(case, "error", message=shown(str(problems[0])), type="FileError")
+            error.text = "\n".join(shown(str(p)) for p in problems)
         for result in results:
             case = ET.SubElement(
                 suite,
                 "testcase",
                 classname=file,
-                name=result.case.name,
+                name=shown(result.case.name),
                 file=file,
                 line=str(result.case.line),
                 time="0",
@@ -614,9 +615,9 @@ def to_junit(report: SuiteReport) -> bytes:
                 failure = ET.SubElement(
                     case,
                     "failure",
-                    message=f"{first.field}: expected {first.expected}, got {first.actual}",
+                    message=shown(f"{first.field}: expected {first.expected}, got {first.actual}"),
                     type="PolicyTestFailure",
                 )
-                failure.text = "\n".join(_diff(result))
+                failure.text = "\n".join(shown(line) for line in _diff(result))
     xml: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
     return xml

@@ -213,6 +213,20 @@ def test_json_and_junit_reports(tmp_path: Path) -> None:
     assert suites == {"a_test.yaml": "0", "b_test.yaml": "1"}
 
 
+def test_control_characters_are_escaped_in_the_table_and_the_junit_report(tmp_path: Path) -> None:
+    """A case named with an escape sequence ("\\e[31m") rewrote the terminal's colours, and
+    JUnit XML cannot hold control characters at all: the report CI reads did not parse."""
+    failing = CASE.replace("name: small refund", 'name: "red \\e[31m \\x07"').replace(
+        "decision: NEEDS_APPROVAL", "decision: DENY"
+    )
+    report = run_suite(bundle_with(tmp_path, {"a_test.yaml": failing}))
+    table = format_text(report)
+    assert "red \\x1b[31m \\x07" in table
+    assert "\x1b" not in table
+    [case] = ET.fromstring(to_junit(report)).iter("testcase")  # noqa: S314 - our own output
+    assert case.get("name") == "red \\x1b[31m \\x07"
+
+
 def test_the_test_format_schema_is_valid_and_the_shipped_files_follow_it() -> None:
     """The test-file schema passes the 2020-12 meta-schema; each shipped file validates."""
     Draft202012Validator.check_schema(TEST_FORMAT_SCHEMA)
