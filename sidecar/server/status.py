@@ -14,6 +14,11 @@ from sidecar import errors
 
 log = logging.getLogger("proviso.server")
 
+MAX_POLICY_VIOLATIONS_BYTES = 4096
+"""The policy errors a refusal lists, in bytes of text: the status details travel in a trailer,
+and gRPC clients refuse trailers past 8 KiB (at random from there, always past 16 KiB) once
+base64-encoded. The rest are in the server's log (and in ``proviso lint``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class RpcError:
@@ -85,16 +90,23 @@ def from_exception(exc: BaseException, method: str) -> RpcError:
 
 def _policy_refused(exc: errors.PolicyLoadError) -> RpcError:
     """A bundle with errors: each one as a violation (code, file:line:col, message + hint)."""
-    violations = []
+    violations: list[tuple[str, str, str]] = []
+    size = 0
     for issue in exc.issues:
         code = str(getattr(issue, "code", "POLICY_ERROR"))
         location = str(getattr(issue, "location", "."))
         message = str(getattr(issue, "message", issue))
         hint = str(getattr(issue, "hint", ""))
-        violations.append((code, location, f"{message} (hint: {hint})" if hint else message))
+        violation = (code, location, f"{message} (hint: {hint})" if hint else message)
+        size += sum(len(part.encode()) for part in violation)
+        if violations and size > MAX_POLICY_VIOLATIONS_BYTES:
+            break
+        violations.append(violation)
     count = len(exc.issues)
-    return RpcError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        f"the policy bundle has {count} error(s); the version in force keeps serving",
-        preconditions=tuple(violations),
-    )
+    message = f"the policy bundle has {count} error(s); the version in force keeps serving"
+    if len(violations) < count:
+        message += (
+            f" (the first {len(violations)} are listed; every one is in the server's log, "
+            "and 'proviso lint' prints them)"
+        )
+    return RpcError(grpc.StatusCode.FAILED_PRECONDITION, message, preconditions=tuple(violations))

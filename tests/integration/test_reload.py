@@ -187,6 +187,31 @@ async def test_a_reload_that_read_an_edit_in_progress_reads_again(
     assert reload_count(reloadable, "error") == 0
 
 
+async def test_a_refusal_with_many_errors_still_reaches_the_caller(reloadable: Sidecar) -> None:
+    """The errors travel in the status trailer, which gRPC clients refuse past 8-16 KiB: with
+    a few dozen errors (a role renamed everywhere but where it is defined) the caller got
+    RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" and no file:line at all.
+    The first errors are listed, and the message says how many there are."""
+    bundle = reloadable.app.settings.policies
+    broken = "".join(
+        f"  bad{i}:\n    arguments: {{type: object}}\n"
+        f"    tiers:\n      - {{name: a, when: 'args.x <=', action: allow}}\n"
+        for i in range(300)
+    )
+    write(bundle / "broken.yaml", "tools:\n" + broken)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reload(reloadable)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "has 300 error(s)" in str(caught.value.details())
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    failure = error_details_pb2.PreconditionFailure()
+    assert status.details[0].Unpack(failure)
+    assert 0 < len(failure.violations) < 300
+    assert failure.violations[0].subject == "broken.yaml:5:35"
+    assert f"the first {len(failure.violations)} are listed" in str(caught.value.details())
+
+
 async def test_reload_needs_an_admin(reloadable: Sidecar) -> None:
     """Only an admin identity may reload the policy."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
