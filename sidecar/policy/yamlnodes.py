@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -223,6 +223,9 @@ def parse_yaml(
     def issue(code: Code, mark: yaml.Mark, message: str, hint: str = "") -> None:
         issues.append(PolicyIssue(file, mark.line + 1, mark.column + 1, code, message, hint=hint))
 
+    hidden = list(_hidden_characters(text, file))
+    if hidden:  # the file does not read as it looks: nothing of it is used
+        return None, hidden
     loader: _Loader | None = None
     root: Node | None = None
     try:
@@ -256,6 +259,31 @@ def parse_yaml(
     value = converter.convert(root, (), None)
     document = YamlDocument(text, value, converter.entries, frozenset(converter.damaged))
     return document, issues
+
+
+_HIDDEN_RE = re.compile("[\x85\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_HIDDEN = {
+    "\x85": "a next-line character, NEL",
+    "\u2028": "a line separator",
+    "\u2029": "a paragraph separator",
+}
+
+
+def _hidden_characters(text: str, file: str) -> Iterator[PolicyIssue]:
+    """Characters that make a file read otherwise than it looks in an editor or a review.
+
+    PyYAML breaks lines at NEL, U+2028 and U+2029 (YAML 1.1; YAML 1.2 does not), where editors
+    and diffs show one line: ``# comment<U+2028>  action: allow`` is a comment to a reviewer
+    and a key to the loader. Bidirectional controls reorder what is shown ("Trojan Source").
+    Neither has any use in a policy.
+    """
+    for found in _HIDDEN_RE.finditer(text):
+        char = found.group()
+        line, col = _line_col(text, found.start())
+        what = _HIDDEN.get(char, "a bidirectional text control")
+        message = f"character U+{ord(char):04X} ({what}) is not allowed"
+        hint = "remove it: editors and reviews do not show the file as the loader reads it"
+        yield PolicyIssue(file, line, col, Code.YAML_SYNTAX, message, hint=hint)
 
 
 _IssueSink = Callable[..., None]
