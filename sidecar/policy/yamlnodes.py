@@ -261,7 +261,9 @@ def parse_yaml(
     return document, issues
 
 
-_HIDDEN_RE = re.compile("[\x85\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_HIDDEN_RE = re.compile(
+    "[\x85\u2028\u2029\u202a-\u202e\u2066-\u2069\u200b-\u200f\u2060-\u2064\ufeff]"
+)
 _HIDDEN = {
     "\x85": "a next-line character, NEL",
     "\u2028": "a line separator",
@@ -274,13 +276,18 @@ def _hidden_characters(text: str, file: str) -> Iterator[PolicyIssue]:
 
     PyYAML breaks lines at NEL, U+2028 and U+2029 (YAML 1.1; YAML 1.2 does not), where editors
     and diffs show one line: ``# comment<U+2028>  action: allow`` is a comment to a reviewer
-    and a key to the loader. Bidirectional controls reorder what is shown ("Trojan Source").
-    Neither has any use in a policy.
+    and a key to the loader. Bidirectional controls reorder what is shown ("Trojan Source"),
+    and invisible characters (zero-width space, joiners, word joiner, a byte-order mark past
+    the start) make ``"bad-agent@service"`` in a deny tier a string no agent id equals. None
+    has any use in a policy.
     """
     for found in _HIDDEN_RE.finditer(text):
         char = found.group()
         line, col = _line_col(text, found.start())
-        what = _HIDDEN.get(char, "a bidirectional text control")
+        bidi = "\u202a" <= char <= "\u202e" or "\u2066" <= char <= "\u2069"
+        what = _HIDDEN.get(
+            char, "a bidirectional text control" if bidi else "an invisible character"
+        )
         message = f"character U+{ord(char):04X} ({what}) is not allowed"
         hint = "remove it: editors and reviews do not show the file as the loader reads it"
         yield PolicyIssue(file, line, col, Code.YAML_SYNTAX, message, hint=hint)

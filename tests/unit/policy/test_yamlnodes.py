@@ -120,11 +120,14 @@ def test_non_printable_characters_are_syntax_errors() -> None:
     assert [(i.code, i.line, i.col) for i in issues] == [(Code.YAML_SYNTAX, 2, 5)]
 
 
-@pytest.mark.parametrize("char", ["\x85", "\u2028", "\u2029", "\u202e", "\u2066"])
+@pytest.mark.parametrize(
+    "char", ["\x85", "\u2028", "\u2029", "\u202e", "\u2066", "\u200b", "\u200d", "\ufeff"]
+)
 def test_characters_that_hide_lines_or_reorder_text_are_refused(char: str) -> None:
     """PyYAML ends a comment at NEL, U+2028 and U+2029 where editors show one line (the key
-    after it was live), and bidi controls reorder what a reviewer sees: refused, in test files
-    too, at their line and column as an editor counts them."""
+    after it was live), bidi controls reorder what a reviewer sees, and invisible characters
+    make a string differ from how it looks: refused, in test files too, at their line and
+    column as an editor counts them."""
     document, issues = parse_yaml(f"a: 1  # note{char}b: 2\n", "f.yaml")
     assert document is None
     assert [(i.code, i.line, i.col) for i in issues] == [(Code.YAML_SYNTAX, 1, 13)]
