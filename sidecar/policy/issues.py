@@ -126,7 +126,9 @@ FIX_HINTS: Mapping[str, str] = {
     Code.UNDEFINED_AGENT: "define the agent under 'agents', or correct the name",
     Code.CEL_SYNTAX: "fix the expression at this position (CEL syntax: see policies/README.md)",
     Code.CEL_TYPE: "use args, agent, token or context, and make the condition boolean",
-    Code.INVALID_SCHEMA: "fix the schema: JSON Schema 2020-12, with $ref only to '#/...'",
+    Code.INVALID_SCHEMA: (
+        "fix the schema: JSON Schema 2020-12, with $ref only inside it ('#/...', '#anchor')"
+    ),
     Code.UNKNOWN_SCHEMA_KEYWORD: "correct the keyword, or start an annotation of yours with 'x-'",
     Code.PIN_NOT_IN_SCHEMA: "add it to the arguments as a string property, or remove the pin",
     Code.UNREACHABLE_TIER: "move the unconditional tier last, or give it a 'when'",

@@ -573,8 +573,26 @@ def _reference_problems(
                 yield (*where, key), f"'{value}' is not a reference inside the schema"
             elif value.startswith("#/") and not _resolves(resource, value[1:]):
                 yield (*where, key), f"'{value}' does not resolve"
+            elif value != "#" and value[1] != "/" and value[1:] not in _anchors(resource):
+                yield (*where, key), f"'{value}' does not resolve: no such $anchor"
         elif key not in ("const", "enum", "default", "examples"):
             yield from _reference_problems(value, (*where, key), resource)
+
+
+def _anchors(resource: Any, *, top: bool = True) -> set[str]:
+    """The ``$anchor`` and ``$dynamicAnchor`` names a ``#name`` reference in ``resource`` may
+    point to: its own, not those of a resource nested in it (with its own ``$id``)."""
+    found: set[str] = set()
+    if isinstance(resource, list):
+        for item in resource:
+            found |= _anchors(item, top=False)
+    elif isinstance(resource, dict) and (top or "$id" not in resource):
+        for key, value in resource.items():
+            if key in ("$anchor", "$dynamicAnchor") and isinstance(value, str):
+                found.add(value)
+            elif key not in ("const", "enum", "default", "examples"):
+                found |= _anchors(value, top=False)
+    return found
 
 
 def _resolves(document: Any, pointer: str) -> bool:
