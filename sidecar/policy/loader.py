@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sidecar.errors import PolicyLoadError
 from sidecar.policy.conditions import (
@@ -488,10 +488,23 @@ def _compile_tools(bundle: _Bundle) -> None:
         _compile_tiers(bundle, tool, known)
 
 
-def _argument_names(schema: ArgumentSchema | None) -> frozenset[str] | None:
+class _Arguments(NamedTuple):
+    """The arguments a tool's schema names, and whether it allows no others."""
+
+    names: frozenset[str]
+    closed: bool
+    """``additionalProperties: false`` without ``patternProperties``: another name is never
+    present in a call that reaches a condition."""
+
+
+def _argument_names(schema: ArgumentSchema | None) -> _Arguments | None:
     """The arguments the schema names (None when it names none: nothing to check against)."""
-    properties = schema.document.get("properties") if schema is not None else None
-    return frozenset(properties) if isinstance(properties, dict) and properties else None
+    document = schema.document if schema is not None else {}
+    properties = document.get("properties")
+    if not isinstance(properties, dict) or not properties:
+        return None
+    closed = document.get("additionalProperties") is False and not document.get("patternProperties")
+    return _Arguments(frozenset(properties), closed)
 
 
 def _compile_arguments(bundle: _Bundle, tool: _Definition) -> ArgumentSchema | None:
@@ -668,7 +681,7 @@ def _check_redact(bundle: _Bundle, tool: _Definition, schema: ArgumentSchema | N
         )
 
 
-def _compile_tiers(bundle: _Bundle, tool: _Definition, known: frozenset[str] | None) -> None:
+def _compile_tiers(bundle: _Bundle, tool: _Definition, known: _Arguments | None) -> None:
     """Compile conditions; check tier names are unique and every tier can be reached."""
     names: dict[str, int] = {}
     always: str | None = None  # why the tiers from here on can never match
@@ -720,7 +733,7 @@ def _always_holds(condition: Condition) -> bool:
         return False
 
 
-def _compile_rules(bundle: _Bundle, tool: _Definition, known: frozenset[str] | None) -> None:
+def _compile_rules(bundle: _Bundle, tool: _Definition, known: _Arguments | None) -> None:
     """Compile each business rule's ``require`` expression."""
     rules = tool.body.get("rules") if tool.usable("rules") else None
     if not isinstance(rules, list):
@@ -751,7 +764,7 @@ def _compile_condition(
     tool: _Definition,
     where: tuple[str, int, str],
     what: str,
-    known: frozenset[str] | None = None,
+    known: _Arguments | None = None,
     *,
     approver: bool = False,
 ) -> None:
@@ -786,17 +799,20 @@ def _compile_condition(
     if known is None or approver:
         return
     for offset, name in _argument_references(source):
-        if name in known:
+        if name in known.names:
             continue
         before = source[:offset]
         line, col = tool.file.document.position_in_scalar(
             path, before.count("\n") + 1, offset - before.rfind("\n")
         )
         message = f"{what} reads args.{name}, which the tool's arguments schema does not define"
+        if known.closed:  # it can never be there: `!has(args.typo) || ...` always holds
+            message += ", and its additionalProperties: false refuses any other argument"
         bundle.issues.append(
             PolicyIssue(
                 tool.file.name, line, col, Code.CEL_UNKNOWN_ARGUMENT, message,
-                severity=Severity.WARNING, hint=did_you_mean(name, known),
+                severity=Severity.ERROR if known.closed else Severity.WARNING,
+                hint=did_you_mean(name, known.names),
             )
         )  # fmt: skip
 
