@@ -957,10 +957,52 @@ def cmd_kill(args: argparse.Namespace) -> int:
             response = stub.SetKillSwitch(request, metadata=metadata, timeout=args.timeout)  # type: ignore[arg-type]
         except grpc.RpcError as exc:
             return _rpc_failed(exc, args.target)
-    _print_switches([response.kill_switch], args.format)
+        still = (
+            [] if response.engaged else _still_stopping(stub, response.kill_switch, metadata, args)
+        )
+    if args.format == "json" or response.engaged:
+        _print_switches([response.kill_switch], args.format)
+    else:
+        print(f"released: {_switch_name(response.kill_switch)}")
     if args.format == "text":
         print("engaged" if response.engaged else "released", file=sys.stderr)
+    for switch in still:
+        how = "change the policy" if switch.source == "policy" else "release it too"
+        print(
+            f"proviso: warning: {_switch_name(switch)} ({switch.source}) still stops these "
+            f"calls: {how}",
+            file=sys.stderr,
+        )
     return EXIT_OK
+
+
+def _switch_name(switch: Any) -> str:
+    from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb  # noqa: PLC0415
+
+    scope = admin_pb.KillSwitchScope.Name(switch.scope).removeprefix("KILL_SWITCH_SCOPE_").lower()
+    return scope if scope == "global" else f"{scope} {switch.target}"
+
+
+def _still_stopping(
+    stub: Any, released: Any, metadata: Sequence[tuple[str, str]], args: argparse.Namespace
+) -> list[Any]:
+    """The switches that still stop what ``released`` stopped: the global one, and one of the
+    policy (released only by changing the policy) on the same target. Told as a warning, so
+    that "released" is not read as "calls flow again"; [] when they cannot be listed."""
+    from sidecar._proto.proviso.v1 import admin_service_pb2 as admin_pb  # noqa: PLC0415
+
+    try:
+        listed = stub.ListKillSwitches(
+            admin_pb.ListKillSwitchesRequest(), metadata=metadata, timeout=args.timeout
+        )
+    except grpc.RpcError:
+        return []
+    return [
+        switch
+        for switch in listed.kill_switches
+        if switch.scope == admin_pb.KILL_SWITCH_SCOPE_GLOBAL
+        or (switch.scope, switch.target) == (released.scope, released.target)
+    ]
 
 
 def _approval_row(approval: dict[str, Any]) -> str:

@@ -237,7 +237,8 @@ def test_serve_refuses_plaintext_off_loopback(tmp_path: Path) -> None:
 
 
 async def test_kill_engage_list_release_as_an_admin(sidecar: Sidecar) -> None:
-    """An admin engages, lists and releases a switch from the CLI in dev mode (--as)."""
+    """An admin engages, lists and releases a switch from the CLI in dev mode (--as). A release
+    says what it released, and warns when another switch still stops those calls."""
     state = str(sidecar.app.settings.state_dir)
     common = ["--target", sidecar.target, "--state-dir", state, "--as", "olivia@example.com"]
     engaged = await asyncio.to_thread(
@@ -248,9 +249,18 @@ async def test_kill_engage_list_release_as_an_admin(sidecar: Sidecar) -> None:
     assert [(s["target"], s["reason"]) for s in json.loads(listed.stdout)] == [
         ("requestRefund", "refund storm")
     ]
+    everything = await asyncio.to_thread(
+        run, "kill", "engage", "--all", "--reason", "incident", *common
+    )
+    assert everything.returncode == 0, everything.stderr
     released = await asyncio.to_thread(run, "kill", "release", "--tool", "requestRefund", *common)
     assert released.returncode == 0, released.stderr
+    assert released.stdout == "released: tool requestRefund\n", "not a row of engaged switches"
     assert "released" in released.stderr
+    assert "warning: global (api) still stops these calls: release it too" in released.stderr
+    lifted = await asyncio.to_thread(run, "kill", "release", "--all", *common)
+    assert (lifted.stdout, lifted.returncode) == ("released: global\n", 0), lifted.stderr
+    assert "warning" not in lifted.stderr
     empty = await asyncio.to_thread(run, "kill", "list", *common)
     assert "no kill switches engaged" in empty.stdout
 
