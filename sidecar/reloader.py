@@ -24,6 +24,10 @@ from sidecar.policy.loader import bundle_fingerprint, load_policy
 from sidecar.policy.model import Policy
 
 log = logging.getLogger("proviso.reload")
+MAX_LOGGED_ISSUES = 100
+"""The first issues of a refused bundle go in the log line (``issue_count`` says how many
+there are; ``proviso lint`` lists them all): a file of 200,000 duplicate keys made one line of
+tens of megabytes."""
 
 LOAD_ATTEMPTS = 3
 """A bundle that changes while it is read is read again, at most this many times in all."""
@@ -79,7 +83,8 @@ class PolicyReloader:
                         "directory": str(self.directory),
                         "trigger": trigger,
                         "serving_version": before.version,
-                        "issues": [str(issue) for issue in exc.issues],
+                        "issues": [str(issue) for issue in exc.issues[:MAX_LOGGED_ISSUES]],
+                        "issue_count": len(exc.issues),
                     },
                 )
                 raise

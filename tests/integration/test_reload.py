@@ -128,9 +128,11 @@ async def test_reload_without_a_change_keeps_the_version(reloadable: Sidecar) ->
 
 
 async def test_a_broken_edit_keeps_the_old_version_serving(
-    reloadable: Sidecar, caplog: pytest.LogCaptureFixture
+    reloadable: Sidecar, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A bundle with errors is refused with file:line; the old version serves; the metric moves."""
+    """A bundle with errors is refused with file:line; the old version serves; the metric moves.
+    The log line holds the first issues (here made one) and how many there are."""
+    monkeypatch.setattr("sidecar.reloader.MAX_LOGGED_ISSUES", 1)
     old = reloadable.app.policy.current.version
     billing = reloadable.app.settings.policies / "billing.yaml"
     write(billing, billing.read_text().replace("    roles: [billing-resolution]", "    rolez: []"))
@@ -150,7 +152,9 @@ async def test_a_broken_edit_keeps_the_old_version_serving(
     ]
     assert "did you mean 'roles'" in failure.violations[1].description
     [record] = [r for r in caplog.records if r.name == "proviso.reload"]
-    assert any(issue.startswith("billing.yaml:4:5: error UNKNOWN_FIELD") for issue in record.issues)  # type: ignore[attr-defined]
+    assert len(record.issues) == 1  # type: ignore[attr-defined]
+    assert record.issues[0].startswith("billing.yaml:3:3: error MISSING_FIELD")  # type: ignore[attr-defined]
+    assert record.issue_count == 2  # type: ignore[attr-defined]
     assert reload_count(reloadable, "error") == 1
     response = await check(reloadable, reloadable.token(), "requestRefund", refund("10"))
     assert (response.decision, response.policy_version) == (pb.DECISION_ALLOW, old)
