@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import grpc
 import pytest
@@ -71,6 +72,18 @@ def proviso(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "sidecar.cli", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
+
+
+def replay_failing_on_change(sidecar: Sidecar, candidate: Path) -> dict[str, Any]:
+    """``proviso replay --fail-on-change --format json`` of the sidecar's log against
+    ``candidate``, which must change something (exit 1): its report."""
+    cli = proviso(
+        "replay", "--audit", str(sidecar.app.settings.audit_path), "--policies", str(candidate),
+        "--format", "json", "--fail-on-change",
+    )  # fmt: skip
+    assert cli.returncode == 1, cli.stderr
+    report: dict[str, Any] = json.loads(cli.stdout)
+    return report
 
 
 async def test_redacted_arguments_keep_a_keyed_hash_and_the_digest(sidecar: Sidecar) -> None:
@@ -244,12 +257,7 @@ async def test_replay_against_a_lower_threshold_reports_exactly_the_changes(
     assert {change.record_id for change in report.examples} == changed
     assert {change.new.matched_tier for change in report.examples} == {"supervisor"}
 
-    cli = proviso(
-        "replay", "--audit", str(sidecar.app.settings.audit_path), "--policies", str(candidate),
-        "--format", "json", "--fail-on-change",
-    )  # fmt: skip
-    assert cli.returncode == 1, cli.stderr
-    output = json.loads(cli.stdout)
+    output = replay_failing_on_change(sidecar, candidate)
     assert output["changed"] == 3
     assert output["by_tool"]["requestRefund"] == [
         {"from": "ALLOW", "to": "ALLOW", "count": 1},
@@ -288,12 +296,7 @@ async def test_replay_reports_a_call_that_would_need_other_approvers(
     assert "1 would change" in table
     assert "NEEDS_APPROVAL: supervisor -> finance" in table
 
-    cli = proviso(
-        "replay", "--audit", str(sidecar.app.settings.audit_path), "--policies", str(candidate),
-        "--format", "json", "--fail-on-change",
-    )  # fmt: skip
-    assert cli.returncode == 1, cli.stderr
-    output = json.loads(cli.stdout)
+    output = replay_failing_on_change(sidecar, candidate)
     assert output["changed"] == 1
     assert output["tier_changes"] == [
         {"decision": "NEEDS_APPROVAL", "from": "supervisor", "to": "finance", "count": 1}
