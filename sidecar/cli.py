@@ -24,6 +24,7 @@ import grpc
 from google.protobuf import json_format
 
 from sidecar import cli_identity, config
+from sidecar.audit.chain import ChainState
 from sidecar.audit.files import AuditLogNotFoundError, log_stem, logs, records, verify_log
 from sidecar.audit.writer import AuditLogCorruptError, AuditLogInUseError
 from sidecar.durations import parse_duration
@@ -1283,8 +1284,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         chains = logs(path)
     except (UsageError, AuditLogNotFoundError) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    # Only a directory is all of a serve's chains; one file named alone is checked alone.
-    present = {log_stem(files[-1]) for files in chains} if path.is_dir() else None
+    present = _present_logs(path, chains)
     reports = [_verify_chain(files, keys, args, present) for files in chains]
     ok = all(report["ok"] for report in reports)
     if args.format == "json":
@@ -1308,11 +1308,7 @@ def _verify_chain(
     result = verify_log(files, keys)
     state, broken = result.state, result.broken
     unsealed = state.unsealed
-    missing = (
-        []
-        if present is None
-        else sorted(name for name in state.logs if log_stem(Path(name)) not in present)
-    )
+    missing = _missing_logs(state, present)
     report = {
         "ok": broken is None and not (args.require_sealed and unsealed) and not missing,
         "files": [str(path) for path in files],
@@ -1361,26 +1357,53 @@ def _verify_chain(
     return report
 
 
-def _unverified(chains: list[list[Path]], state_dir: str) -> str | None:
-    """Why the log cannot be trusted as it is (no keys in ``state_dir`` to verify it with, or
-    the first break of a chain), or None when every chain verifies."""
+def _missing_logs(state: ChainState, present: set[str] | None) -> list[str]:
+    """The chains a chain's signed checkpoints name that are not among ``present`` (the logs
+    found beside it, by name; None when it was named alone: nothing to compare with)."""
+    if present is None:
+        return []
+    return sorted(name for name in state.logs if log_stem(Path(name)) not in present)
+
+
+def _present_logs(path: Path, chains: list[list[Path]]) -> set[str] | None:
+    """Only a directory is all of a serve's chains; one file named alone is checked alone."""
+    return {log_stem(files[-1]) for files in chains} if path.is_dir() else None
+
+
+def _unverified(
+    path: Path, chains: list[list[Path]], state_dir: str, *, strict: bool
+) -> str | None:
+    """Why the log cannot be trusted as it is, or None: no keys in ``state_dir`` to verify it
+    with, a chain that breaks, a chain gone that the others' checkpoints name, and (``strict``)
+    records that no signed checkpoint covers yet, which anyone able to write the file could
+    have written (a running sidecar signs its newest within seconds)."""
     try:
         keys = load_verification_keys(Path(state_dir))
     except (OSError, ValueError, KeyFormatError):
         return f"no keys in {state_dir} to verify the audit log with (--state-dir)"
+    present = _present_logs(path, chains)
     for files in chains:
-        broken = verify_log(files, keys).broken
-        if broken is not None:
-            return f"the audit log does not verify, BROKEN at {broken}"
+        result = verify_log(files, keys)
+        if result.broken is not None:
+            return f"the audit log does not verify, BROKEN at {result.broken}"
+        missing = _missing_logs(result.state, present)
+        if missing:
+            return f"the audit log is INCOMPLETE: chain(s) {', '.join(missing)} are missing"
+        if strict and result.state.unsealed:
+            return (
+                f"{result.state.unsealed} record(s) of {log_stem(files[-1])} follow its last "
+                "signed checkpoint: nothing vouches for them yet"
+            )
     return None
 
 
-def _trust_log(chains: list[list[Path]], args: argparse.Namespace) -> bool:
+def _trust_log(path: Path, chains: list[list[Path]], args: argparse.Namespace) -> bool:
     """``trace`` and ``replay`` read the log as it is, after verifying it with the keys of
-    ``--state-dir``. A log that does not verify is refused with ``--require-verified`` (for
-    scripts: no output, exit 1); otherwise it is read with a warning on stderr, so that an
-    edited log is not taken at its word."""
-    problem = _unverified(chains, args.state_dir)
+    ``--state-dir``. With ``--require-verified`` (for scripts) a log that does not verify, or
+    whose records are not all under a signed checkpoint, is refused: no output, exit 1.
+    Otherwise a log that does not verify is read with a warning on stderr, so that an edited
+    log is not taken at its word."""
+    problem = _unverified(path, chains, args.state_dir, strict=args.require_verified)
     if problem is None:
         return True
     if args.require_verified:
@@ -1400,7 +1423,7 @@ def cmd_audit_trace(args: argparse.Namespace) -> int:
 
     path = _audit_path(args.audit, args.state_dir)
     try:
-        if not _trust_log(logs(path), args):
+        if not _trust_log(path, logs(path), args):
             return EXIT_REFUSED
         found = trace.load_trace(path, args.run_id)
     except AuditLogNotFoundError as exc:
@@ -1421,8 +1444,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Re-decide recorded Checks under another policy bundle and print what would change."""
     from sidecar.audit import replay  # noqa: PLC0415 - only this command needs it
 
+    audit_path = _audit_path(args.audit, args.state_dir)
     try:
-        chains = logs(_audit_path(args.audit, args.state_dir))
+        chains = logs(audit_path)
     except AuditLogNotFoundError as exc:
         return _fail(str(exc), EXIT_USAGE)
     try:
@@ -1430,7 +1454,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except PolicyLoadError as exc:
         print(format_issues(exc.issues, "text"), file=sys.stderr)  # type: ignore[arg-type]
         return _fail(f"policy bundle {args.policies} has errors")
-    if not _trust_log(chains, args):
+    if not _trust_log(audit_path, chains, args):
         return EXIT_REFUSED
     recorded = (record for files in chains for record in records(files))
     report = replay.replay(recorded, policy, examples=args.examples, run_id=args.run_id)
@@ -1601,7 +1625,8 @@ def _add_require_verified(parser: argparse.ArgumentParser) -> None:
         "--require-verified",
         action="store_true",
         help="refuse (exit 1, no output) a log that does not verify with the keys of "
-        "--state-dir, instead of reading it with a warning",
+        "--state-dir, lacks a worker's chain, or has records no signed checkpoint covers yet, "
+        "instead of reading it with a warning",
     )
 
 

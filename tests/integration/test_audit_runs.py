@@ -531,7 +531,9 @@ async def test_trace_and_replay_warn_when_the_log_does_not_verify(
 ) -> None:
     """trace and replay read the log as it is; on an edited copy they say on stderr that it
     does not verify (output and exit status as before), and on the real one nothing. With
-    --require-verified they refuse it (exit 1, no output), and a log without keys too."""
+    --require-verified they refuse it (exit 1, no output), a log without keys, and records no
+    signed checkpoint covers yet (a live log's newest): anyone able to write could write
+    those."""
     token = sidecar.token()
     await ask(sidecar, token, "requestRefund", refund("120"), "run-w")
     state = str(sidecar.app.settings.state_dir)
@@ -539,6 +541,12 @@ async def test_trace_and_replay_warn_when_the_log_does_not_verify(
     intact = proviso("audit", "trace", "run-w", "--audit", str(audit), "--state-dir", state)
     assert intact.returncode == 0, intact.stderr
     assert "warning" not in intact.stderr
+    live = proviso(
+        "audit", "trace", "run-w", "--audit", str(audit), "--state-dir", state,
+        "--require-verified",
+    )  # fmt: skip
+    assert (live.returncode, live.stdout) == (1, ""), "its newest records are not signed yet"
+    assert "follow its last signed checkpoint" in live.stderr
 
     edited = tmp_path / "edited" / audit.name
     edited.parent.mkdir()
@@ -560,6 +568,7 @@ async def test_trace_and_replay_warn_when_the_log_does_not_verify(
         keyless = proviso(*command, "--state-dir", str(tmp_path / "none"), "--require-verified")
         assert (keyless.returncode, keyless.stdout) == (1, ""), keyless.stderr
         assert "no keys in" in keyless.stderr
+    await sidecar.close()  # the stop checkpoint signs every record
     for command in (
         ("audit", "trace", "run-w", "--audit", str(audit)),
         ("replay", "--audit", str(audit), "--policies", str(EXAMPLE_POLICIES)),
@@ -567,6 +576,38 @@ async def test_trace_and_replay_warn_when_the_log_does_not_verify(
         trusted = proviso(*command, "--state-dir", state, "--require-verified")
         assert trusted.returncode == 0, trusted.stderr
         assert "run-w" in trusted.stdout or "requestRefund" in trusted.stdout
+
+
+async def test_require_verified_refuses_a_log_missing_a_workers_chain(tmp_path: Path) -> None:
+    """Under serve --workers 2 each worker writes a chain, and each signed checkpoint names
+    both: with one chain deleted the directory no longer holds the whole log. trace and
+    replay warn; with --require-verified they refuse it, as `audit verify` fails it."""
+    shared = make_settings(tmp_path / "state", workers=2)
+    for index in range(2):
+        worker = Sidecar.connect(
+            await App.start(shared.for_worker(index, listen_port=0, metrics_port=0))
+        )
+        try:
+            await ask(worker, worker.token(), "requestRefund", refund("10"), "run-m")
+        finally:
+            await worker.close()
+    audit_dir = shared.audit_path.parent
+    chains = sorted(audit_dir.glob("*.jsonl"))
+    assert len(chains) == 2
+    state = str(shared.state_dir)
+    trusted = proviso("audit", "trace", "run-m", "--state-dir", state, "--require-verified")
+    assert trusted.returncode == 0, trusted.stderr
+    chains[1].unlink()
+    for command in (
+        ("audit", "trace", "run-m"),
+        ("replay", "--policies", str(EXAMPLE_POLICIES)),
+    ):
+        warned = proviso(*command, "--state-dir", state)
+        assert warned.returncode == 0, warned.stderr
+        assert "INCOMPLETE" in warned.stderr
+        refused = proviso(*command, "--state-dir", state, "--require-verified")
+        assert (refused.returncode, refused.stdout) == (1, ""), refused.stderr
+        assert "is missing" in refused.stderr or "are missing" in refused.stderr
 
 
 async def test_an_empty_run_id_is_a_usage_error(sidecar: Sidecar) -> None:
