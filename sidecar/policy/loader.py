@@ -823,7 +823,8 @@ _CEL_STRING_RE = re.compile(
 )
 """A CEL string or bytes literal (quoted, triple-quoted, raw): blanked before looking for
 ``args.`` so that text inside strings is not taken for a reference."""
-_ARGS_FIELD_RE = re.compile(r"(?<![\w.])args\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
+_ARGS_FIELD_RE = re.compile(r"(?<![\w.])args\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()")
+"""``args.NAME``, not ``args.size()`` or ``args.all(k, ...)``: a method of the map itself."""
 
 
 _MATCHES_CALL_RE = re.compile(r"\.\s*matches\s*\(")
