@@ -1546,7 +1546,9 @@ def _add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
         f"{config.DEFAULT_AUDIT_GROUP_COMMIT_MS}); it stops waiting when the next Check is "
         "0.3 ms late",
     )
-    serve.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument(
+        "--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING (WARN), ERROR, CRITICAL"
+    )
     serve.add_argument(
         "--shadow-policies",
         metavar="DIR",

@@ -135,20 +135,23 @@ def setting(flag: str | None, env_name: str, default: str, env: Mapping[str, str
     return env.get(f"PROVISO_{env_name}", default)
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}
+"""Names Python's logging takes too (``logging.WARN``, ``logging.FATAL``)."""
 
 
-def _log_level(text: str) -> str:
-    """A log level's name, in capitals.
+def _log_level(text: str, source: str) -> str:
+    """A log level's name, in capitals; ``source`` (the flag or variable) names it in errors.
 
     Raises:
-        SettingsError: it names none of ``LOG_LEVELS``.
+        SettingsError: it names none of ``LOG_LEVELS`` (or their aliases).
     """
-    if text.upper() not in LOG_LEVELS:
+    level = _LOG_LEVEL_ALIASES.get(text.upper(), text.upper())
+    if level not in LOG_LEVELS:
         raise SettingsError(
-            f"--log-level: expected {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}, got {text!r}"
+            f"{source}: expected {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}, got {text!r}"
         )
-    return text.upper()
+    return level
 
 
 def _count(name: str, text: str, maximum: int) -> int:
@@ -252,7 +255,10 @@ def build(
         idp_ca_file=Path(ca_file) if ca_file else None,
         idp_issuer=setting(idp_issuer, "IDP_ISSUER", "", env),
         leeway_seconds=int(leeway_text),
-        log_level=_log_level(setting(log_level, "LOG_LEVEL", "INFO", env)),
+        log_level=_log_level(
+            setting(log_level, "LOG_LEVEL", "INFO", env),
+            "--log-level" if log_level is not None else "PROVISO_LOG_LEVEL",
+        ),
         shadow_policies=Path(shadow) if shadow else None,
         watch_interval_seconds=interval,
         trace_exporters=_trace_exporters(env),

@@ -44,7 +44,7 @@ def test_serve_names_a_bad_log_level(tmp_path: Path) -> None:
     result = run("serve", "--log-level", "FOO", "--state-dir", str(tmp_path), "--workers", "1")
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
-        "proviso: --log-level: expected DEBUG, INFO, WARNING or ERROR, got 'FOO'\n"
+        "proviso: --log-level: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got 'FOO'\n"
     )
     args = build_parser().parse_args(["serve", "--log-level", "debug", "--workers", "1"])
     assert serve_settings(args).log_level == "DEBUG"

@@ -76,6 +76,19 @@ def test_an_empty_flag_still_wins_over_the_environment() -> None:
         _build({"PROVISO_LOG_LEVEL": "DEBUG"}, log_level="")
 
 
+@pytest.mark.parametrize(
+    ("given", "level"),
+    [("debug", "DEBUG"), ("warn", "WARNING"), ("Warning", "WARNING"), ("critical", "CRITICAL"),
+     ("fatal", "CRITICAL"), ("error", "ERROR")],
+)  # fmt: skip
+def test_log_levels_are_the_names_logging_takes(given: str, level: str) -> None:
+    """Every name Python's logging takes for a level is one (a deployment with
+    PROVISO_LOG_LEVEL=critical or WARN kept starting); a bad one names where it came from."""
+    assert _build({"PROVISO_LOG_LEVEL": given}).log_level == level
+    with pytest.raises(SettingsError, match=r"^PROVISO_LOG_LEVEL: .* got 'loud'"):
+        _build({"PROVISO_LOG_LEVEL": "loud"})
+
+
 def test_only_the_given_env_mapping_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """An explicit env mapping is used instead of os.environ."""
     monkeypatch.setenv("PROVISO_LISTEN", "127.0.0.1:1234")
