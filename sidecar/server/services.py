@@ -702,6 +702,9 @@ def _decode_trace_page_token(token: str) -> tuple[int, int]:
     steps, dot, events = _decode_page_token(token).partition(".")
     if not token:
         return 0, 0
-    if not (dot and steps.isdigit() and events.isdigit() and steps.isascii() and events.isascii()):
+    if not (
+        dot
+        and all(part.isascii() and part.isdigit() and len(part) <= 9 for part in (steps, events))
+    ):
         raise InvalidRequestError("page_token", "not a token from a previous page")
     return int(steps), int(events)

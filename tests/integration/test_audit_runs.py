@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import stat
@@ -515,10 +516,12 @@ async def test_get_run_trace_pages_a_run_too_large_for_one_message(sidecar: Side
         e.event for e in whole.approval_events
     ]
 
+    huge_token = base64.urlsafe_b64encode(b"9" * 5000 + b".0").decode()  # int() refuses it
     for field, request in (
         ("page_size", admin_pb.GetRunTraceRequest(run_id="run-1", page_size=-1)),
         ("page_token", admin_pb.GetRunTraceRequest(run_id="run-1", page_token="bm9wZQ")),
         ("page_token", admin_pb.GetRunTraceRequest(run_id="run-1", page_token="OTkuMA")),
+        ("page_token", admin_pb.GetRunTraceRequest(run_id="run-1", page_token=huge_token)),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await admin.GetRunTrace(request, metadata=olivia)
