@@ -26,9 +26,10 @@ from sidecar.audit.record import KIND_DECISION
 from sidecar.terminal import shown
 
 KIND_APPROVAL = "approval"
-MAX_RUN_METADATA_KEYS = 32
-"""Keys of a run's merged metadata: as many as one Check may carry."""
 """The kind of the records ``Approvals.record_event`` writes, each naming the request's run."""
+MAX_RUN_METADATA_KEYS = 32
+"""Keys of a run's merged metadata: as many as one Check may carry (``server.convert``'s
+``MAX_RUN_METADATA_ENTRIES``; the audit layer cannot import it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,9 @@ class TraceStep:
     token_id: str
     latency_ms: Decimal
     approval_id: str = ""
+    presented_approval: bool = False
+    """The Check itself presented ``approval_id`` (an idempotent retry answers with the
+    approval of the decision it replays, presenting none)."""
     approval_requirement: Mapping[str, Any] | None = None
     dry_run: bool = False
     args_digest: str = ""
@@ -174,6 +178,7 @@ def step_from_record(record: Mapping[str, Any], chain: str = "") -> TraceStep:
         token_id=_text(record, "token_id"),
         latency_ms=Decimal(latency) if isinstance(latency, int | Decimal) else Decimal(0),
         approval_id=_text(record, "approval_id"),
+        presented_approval=bool(_text(record, "presented_approval_id")),
         approval_requirement=requirement if isinstance(requirement, dict) else None,
         dry_run=record.get("dry_run") is True,
         args_digest=_text(record, "args_digest"),
@@ -364,7 +369,8 @@ def _approval(step: TraceStep) -> str:
         roles = ", ".join(str(role) for role in requirement.get("approver_roles", ()))
         needs = f"{requirement.get('approvals_required')} approval(s) from {roles}"
     if step.approval_id and step.decision != "NEEDS_APPROVAL":
-        return f"presented approval {step.approval_id}" + (
+        presented = "presented " if step.presented_approval else ""
+        return f"{presented}approval {step.approval_id}" + (
             f" (the tier needs {needs})" if needs else ""
         )
     if needs:

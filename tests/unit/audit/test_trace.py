@@ -300,7 +300,9 @@ async def test_steps_name_the_approval_they_opened_or_presented(
     tmp_path: Path, example_policy: Policy
 ) -> None:
     """A NEEDS_APPROVAL step names the request it opened; a step that presented an approval
-    says so (it no longer "needs" one), so each Check links to its approval's events."""
+    says so (it no longer "needs" one), so each Check links to its approval's events; an
+    idempotent retry names the approval of the decision it replays without claiming it
+    presented one."""
     requirement = {
         "tier": "supervisor", "approvals_required": 1, "approver_roles": ["billing-supervisor"],
         "ttl_seconds": 86400,
@@ -310,7 +312,9 @@ async def test_steps_name_the_approval_they_opened_or_presented(
              "approval_requirement": requirement}  # fmt: skip
     used = {**base, "record_id": "dec_used", "decision": "ALLOW", "approval_id": "apr_1",
             "presented_approval_id": "apr_1", "approval_requirement": requirement}  # fmt: skip
-    await write(tmp_path / "decisions.jsonl", [asked, used])
+    retried = {**used, "record_id": "dec_retry", "presented_approval_id": "",
+               "replay_of": "dec_used"}  # fmt: skip
+    await write(tmp_path / "decisions.jsonl", [asked, used, retried])
 
     found = trace.load_trace(tmp_path, "run-p")
 
@@ -321,3 +325,4 @@ async def test_steps_name_the_approval_they_opened_or_presented(
         "  seq 2: presented approval apr_1 (the tier needs 1 approval(s) from billing-supervisor)"
     ) in table
     assert "seq 2: needs" not in table
+    assert "  seq 3: approval apr_1 (the tier needs" in table, "a retry presented none"
