@@ -73,15 +73,16 @@ def _reloaders(
     clock: Clock,
     *,
     store: SQLiteStore,
+    approvals: Approvals,
 ) -> tuple[PolicyReloader, PolicyReloader | None]:
     """The active bundle's reloader, and the shadow's when the shadow has a directory."""
 
     def swapped(policy: Policy) -> None:
         metrics.set_policy(policy.version, policy.label)
         try:  # the policy is in force already: a busy store must not fail the reload
-            count_kill_switches(metrics, store, policy)
+            report_shared_state(store, approvals, policy, metrics)
         except StoreUnavailableError:
-            log.exception("counting the kill switches failed; the minutely count follows")
+            log.exception("reading kill switches and pending approvals failed; retrying")
 
     reloader = PolicyReloader(settings.policies, holder, metrics, clock, on_swap=swapped)
     if shadow is not None:
@@ -102,13 +103,6 @@ def _reloaders(
 PRUNE_INTERVAL_SECONDS = 60.0
 
 
-def count_kill_switches(metrics: Metrics, store: SQLiteStore, policy: Policy) -> None:
-    """Set ``proviso_kill_switches_active`` from the store and the policy in force: at start
-    (a switch engaged before a restart showed 0 until the first Check), on every policy swap,
-    and every minute (switches another worker engaged)."""
-    metrics.kill_switches_active.set(len(store.kill_switches()) + len(policy.kill_switches))
-
-
 def report_shared_state(
     store: SQLiteStore, approvals: Approvals, policy: Policy, metrics: Metrics
 ) -> None:
@@ -116,11 +110,12 @@ def report_shared_state(
     engaged (with the policy's) and the approval requests pending.
 
     Check, SetKillSwitch and approval events set them as they happen, but only in the process
-    that handled them; this (at start and every minute) makes a restarted process, and the
-    other workers of ``serve --workers N``, report them too.
+    that handled them; this (at start, on each policy swap and every minute) makes a restarted
+    process, and the other workers of ``serve --workers N``, report them too, and every
+    approval tier of the policy shows, at 0 when nothing waits in it.
     """
-    count_kill_switches(metrics, store, policy)
-    approvals.refresh_pending()
+    metrics.kill_switches_active.set(len(store.kill_switches()) + len(policy.kill_switches))
+    approvals.refresh_pending(policy.approval_tiers())
 
 
 def _published_jwks(keys: KeyStore) -> dict[str, object]:
@@ -293,7 +288,7 @@ class App:
             approvals = Approvals(store, audit, metrics, clock, ApprovalFeed())
             report_shared_state(store, approvals, holder.current, metrics)
             reloader, shadow_reloader = _reloaders(
-                settings, holder, shadow, metrics, clock, store=store
+                settings, holder, shadow, metrics, clock, store=store, approvals=approvals
             )
             authorizer = Authorizer(
                 holder,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -250,10 +250,12 @@ class Approvals:
         self.refresh_pending()
         self.feed.notify()
 
-    def refresh_pending(self) -> None:
-        """Set ``proviso_approvals_pending`` from the store. A tier seen before whose requests
-        are all decided reads 0, not absent (an alert on it would not tell "none pending" from
-        "not reported"), and the samples are never cleared between two scrapes."""
+    def refresh_pending(self, tiers: Iterable[str] = ()) -> None:
+        """Set ``proviso_approvals_pending`` from the store. ``tiers`` (the policy's approval
+        tiers) and every tier seen before read 0 when nothing is pending in them, not absent
+        (an alert on the gauge could not tell "none pending" from "not reported"), and the
+        samples are never cleared between two scrapes."""
+        self._pending_tiers.update(tiers)
         pending = self.store.pending_by_tier()
         for tier in self._pending_tiers - pending.keys():
             self._metrics.approvals_pending.labels(tier).set(0)

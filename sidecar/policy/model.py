@@ -242,6 +242,15 @@ class Policy:
         """The subjects that may mint the agent's tokens now: they may never approve its calls."""
         return frozenset(i.subject for i in self.issuers.values() if agent in i.agents)
 
+    def approval_tiers(self) -> frozenset[str]:
+        """The names of the tiers, of any tool, that need people's approval."""
+        return frozenset(
+            tier.name
+            for tool in self.tools.values()
+            for tier in tool.tiers
+            if tier.action is TierAction.REQUIRE_APPROVAL
+        )
+
     def approval_rules(self, tool: str, name: str) -> str | None:
         """A digest of who may approve a call in this tier and how many must: the tier's
         approvals, vetoes, approver roles with the groups that grant them, and approver

@@ -57,6 +57,14 @@ async def refund_check(
     return await sidecar.authz.Check(request)
 
 
+async def test_every_approval_tier_is_reported_from_the_start(sidecar: Sidecar) -> None:
+    """proviso_approvals_pending has a sample for each approval tier of the policy, at 0, before
+    any request: an alert on it must not read a fresh sidecar as "not reported"."""
+    samples = scrape(sidecar)
+    for tier in ("supervisor", "finance"):
+        assert samples[("proviso_approvals_pending", (("tier", tier),))] == 0
+
+
 async def test_supervisor_approval_allows_the_call_once(sidecar: Sidecar) -> None:
     """120 needs approval; a supervisor approves; the call with the id is allowed exactly once."""
     token = sidecar.token()
