@@ -200,10 +200,14 @@ def grant_message(grant: Grant) -> token_pb.Grant:
 
 
 def ttl_seconds(duration: Duration) -> int:
-    """Whole seconds of a requested TTL (fractions round down)."""
+    """Whole seconds of a requested TTL, a fraction rounded up.
+
+    Zero means "the longest allowed" (the ceiling, or the parent's expiry), so a TTL under a
+    second must not round down to it: 0.5 s asks for the shortest token, not the longest.
+    """
     if duration.seconds < 0 or duration.nanos < 0:
         raise InvalidRequestError("ttl", "must not be negative")
-    return int(duration.seconds)
+    return int(duration.seconds) + (1 if duration.nanos else 0)
 
 
 def issue_token_response(minted: MintedToken) -> token_pb.IssueTokenResponse:

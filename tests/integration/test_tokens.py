@@ -389,3 +389,28 @@ async def test_issue_token_refuses_malformed_identifiers(
         await sidecar.tokens.IssueToken(request, metadata=identity(sidecar, "orchestrator@service"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (caught.value.details() or "")
+
+
+# ------------------------------------------------------------------ lifetimes
+
+
+@pytest.mark.parametrize("nanos", [1, 500_000_000, 999_999_999])
+async def test_a_sub_second_ttl_is_not_read_as_the_longest(start: StartSidecar, nanos: int) -> None:
+    """A TTL under a second asks for the shortest token, so it must not round down to zero,
+    which IssueToken reads as the role's ceiling (15 minutes) and AttenuateToken as the
+    parent's whole life: it becomes one second."""
+    sidecar = await start()
+    request = token_pb.IssueTokenRequest(
+        agent=BILLING_AGENT, grants=[INVOICE], ttl=Duration(seconds=0, nanos=nanos)
+    )
+    now = int(time.time())
+    minted = await sidecar.tokens.IssueToken(request, metadata=identity(sidecar, ORCHESTRATOR))
+    assert minted.expire_time.seconds <= now + 2
+    parent = await issue_token(sidecar, ttl=600)
+    child = await sidecar.tokens.AttenuateToken(
+        token_pb.AttenuateTokenRequest(
+            parent_token=parent.token, grants=[INVOICE], ttl=Duration(seconds=0, nanos=nanos)
+        )
+    )
+    assert child.expire_time.seconds <= now + 2
+    assert child.expire_time.seconds < parent.expire_time.seconds
