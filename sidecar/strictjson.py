@@ -38,7 +38,10 @@ MAX_DECIMAL_EXPONENT = 64
 
 def _decimal(text: str) -> Decimal:
     """Parse a JSON number with a fraction or exponent, refusing absurd magnitudes."""
-    value = Decimal(text)
+    try:
+        value = Decimal(text)
+    except ArithmeticError:  # an exponent beyond what Decimal can hold (1e99999999999999999999)
+        raise JSONInputError(f"number {text[:20]} is out of range") from None
     if abs(value.adjusted()) > MAX_DECIMAL_EXPONENT:
         raise JSONInputError(f"number {text[:20]} is out of range")
     return value

@@ -56,6 +56,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"arguments hold the non-standard JSON constant {name}")
 
 
+def _decimal(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except ArithmeticError:  # an exponent beyond what Decimal can hold
+        raise ValueError(f"arguments hold a number out of range: {text[:20]}") from None
+
+
 def parse_arguments(text: str | bytes) -> dict[str, Any]:
     """Read a call's arguments from JSON text exactly: decimals stay ``Decimal``.
 
@@ -68,7 +75,7 @@ def parse_arguments(text: str | bytes) -> dict[str, Any]:
     try:
         value = json.loads(
             text,
-            parse_float=Decimal,
+            parse_float=_decimal,
             object_pairs_hook=_refuse_duplicates,
             parse_constant=_refuse_constant,
         )

@@ -265,7 +265,9 @@ def _bad_request_field(error: grpc.aio.AioRpcError) -> str:
         ("arguments_json", '{"a": "\\ud800"}'),
         ("arguments_json", '{"a":' * 100 + "1" + "}" * 100),
         ("arguments_json", '{"a": "' + "x" * 70_000 + '"}'),
+        ("arguments_json", '{"amount": 1e99999999999999999999}'),  # beyond Decimal's exponents
         ("context_json", "42"),
+        ("context_json", '{"invoice": {"amount_due": -1e-99999999999999999999}}'),
         ("tool", "requestRefünd"),
         ("tool", ""),
         ("run_id", "run with spaces"),

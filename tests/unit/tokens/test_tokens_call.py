@@ -140,6 +140,7 @@ def test_revoked_ids_refuse_the_token_and_its_descendants() -> None:
         ('{"amount": NaN}', "NaN"),
         ("[1]", "one JSON object"),
         ("[" * 5000 + "]" * 5000, "nested|object"),
+        ('{"amount": 1e99999999999999999999}', "out of range"),
     ],
 )
 def test_ambiguous_argument_text_is_refused(body: str, match: str) -> None:
