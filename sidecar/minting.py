@@ -64,7 +64,8 @@ def mint(
     ``ttl_seconds`` is capped at the roles' maximum; 0 asks for the maximum.
 
     Raises:
-        InvalidRequestError: no grants, or a negative TTL.
+        InvalidRequestError: no grants, a negative TTL, or grants too large for one token
+            (``MAX_TOKEN_BYTES``).
         PermissionDeniedError: the agent is unknown, or a grant exceeds the ceiling
             (``GrantRefusedError`` names it).
     """
@@ -90,17 +91,20 @@ def mint(
     if ttl <= 0:
         raise PermissionDeniedError(f"the roles of '{agent}' allow no token lifetime")
     token_id = secrets.token_urlsafe(16)
-    token = issue(
-        key,
-        issuer=issuer,
-        subject=agent,
-        audience=audience,
-        grants=grants,
-        ttl_seconds=ttl,
-        now=int(now),
-        run_id=run_id or None,
-        token_id=token_id,
-    )
+    try:
+        token = issue(
+            key,
+            issuer=issuer,
+            subject=agent,
+            audience=audience,
+            grants=grants,
+            ttl_seconds=ttl,
+            now=int(now),
+            run_id=run_id or None,
+            token_id=token_id,
+        )
+    except ValueError as exc:  # the inputs are checked above: the token would be too large
+        raise InvalidRequestError("grants", str(exc)) from None
     return MintedToken(
         token=token,
         token_id=token_id,
@@ -128,7 +132,7 @@ def attenuate_token(
     ``ttl_seconds`` of 0 means until the parent expires; longer is capped there.
 
     Raises:
-        InvalidRequestError: no grants, or a negative TTL.
+        InvalidRequestError: no grants, a negative TTL, or grants too large for one token.
         AttenuationRefusedError: a grant is not within the parent's (named), the run differs,
             the chain is too long, or the parent is about to expire.
     """
@@ -150,6 +154,8 @@ def attenuate_token(
         )
     except AttenuationError as exc:
         raise AttenuationRefusedError(str(exc)) from None
+    except ValueError as exc:  # the inputs are checked above: the child would be too large
+        raise InvalidRequestError("grants", str(exc)) from None
     expires_at = parent.expires_at
     if ttl_seconds:
         expires_at = min(issued_at + ttl_seconds, expires_at)

@@ -94,3 +94,16 @@ def test_local_issue_says_when_it_made_a_new_key(tmp_path: Path) -> None:
     again = run(*issue, "--state-dir", str(state))
     assert again.returncode == 0, again.stderr
     assert "signing key" not in again.stderr, "an existing key ring is used without a word"
+
+
+def test_local_issue_of_grants_too_large_for_a_token_is_refused_plainly(tmp_path: Path) -> None:
+    """Grants that would make a token over 8 KiB are refused with one line, not a traceback."""
+    pins = ",".join(f"x{i}=" + "y" * 40 for i in range(200))
+    result = run(
+        "token", "issue", "--agent", BILLING_AGENT, "--state-dir", str(tmp_path / "state"),
+        "--grant", f"getInvoice:invoice_id=in_1,{pins}",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "refused: grants: token would be" in result.stderr
+    assert "MAX_TOKEN_BYTES" in result.stderr

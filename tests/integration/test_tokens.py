@@ -414,3 +414,26 @@ async def test_a_sub_second_ttl_is_not_read_as_the_longest(start: StartSidecar, 
     )
     assert child.expire_time.seconds <= now + 2
     assert child.expire_time.seconds < parent.expire_time.seconds
+
+
+# ------------------------------------------------------------------ size
+
+
+async def test_grants_too_large_for_a_token_are_an_invalid_argument(start: StartSidecar) -> None:
+    """Grants that would make a token over MAX_TOKEN_BYTES are the caller's mistake:
+    INVALID_ARGUMENT naming 'grants' (not INTERNAL), for a root token and for a child."""
+    sidecar = await start()
+    many = [
+        token_pb.Grant(tool="getInvoice", pins={"invoice_id": f"in_{i:05d}"}) for i in range(300)
+    ]
+    request = token_pb.IssueTokenRequest(agent=BILLING_AGENT, grants=many)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await sidecar.tokens.IssueToken(request, metadata=identity(sidecar, ORCHESTRATOR))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "grants" in (caught.value.details() or "")
+    assert "MAX_TOKEN_BYTES" in (caught.value.details() or "")
+    parent = await issue_token(sidecar)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await attenuate(sidecar, parent.token, *[INVOICE] * 300)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "MAX_TOKEN_BYTES" in (caught.value.details() or "")
