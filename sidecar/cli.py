@@ -336,43 +336,77 @@ def cmd_test(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- tokens
 
 
+_OPERATORS = ("<=", ">=")
+_NAME_SEPARATORS = frozenset("=<>|,")
+"""Characters that end an argument name in --grant: a name holding one was misparsed."""
+
+
+def _is_pin(item: str) -> bool:
+    """Whether ``item`` is ``ARG=VALUE``: an ``=`` whose left side is a plain name (so
+    ``query=cats in hats`` pins ``query``, while ``amount<=5`` and ``c in a=b`` constrain)."""
+    name, sep, _ = item.partition("=")
+    return bool(sep) and not any(mark in name for mark in ("<", ">", " in "))
+
+
 def _constraint_item(item: str) -> tuple[str, str, object] | None:
-    """``ARG<=N``, ``ARG>=N`` or ``ARG in A|B`` as (argument, operator, operand); else None."""
+    """``ARG<=N``, ``ARG>=N`` or ``ARG in A|B`` as (argument, operator, operand); else None.
+
+    Values of a set are stripped, as the operators' operands are (``USD | EUR`` is USD, EUR).
+    """
     name, sep, values = item.partition(" in ")
     if sep:
-        return name.strip(), "in", values.strip().split("|")
-    for operator in ("<=", ">="):
+        return name.strip(), "in", [value.strip() for value in values.split("|")]
+    for operator in _OPERATORS:
         name, sep, bound = item.partition(operator)
         if sep:
             return name.strip(), operator, bound.strip()
     return None
 
 
+def _argument_name(text: str, name: str) -> str:
+    """``name`` if it can be an argument name; a usage error if the item was misread."""
+    if not name or any(c.isspace() or c in _NAME_SEPARATORS for c in name):
+        raise UsageError(
+            f"--grant {text!r}: {name!r} is not an argument name "
+            "(write ARG=VALUE, ARG<=N, ARG>=N or ARG in A|B, one per comma)"
+        )
+    return name
+
+
 def parse_grant(text: str) -> Grant:
     """``TOOL[:ITEM,...]`` into a Grant; an ITEM is a pin ``ARG=VALUE`` or a constraint
-    ``ARG<=N``, ``ARG>=N`` (decimals, inclusive) or ``ARG in A|B|C``."""
+    ``ARG<=N``, ``ARG>=N`` (decimals, inclusive) or ``ARG in A|B|C``.
+
+    Spaces around names, operators and values are not part of them; an argument name never
+    holds ``= < > | ,`` or spaces, and a set never lists an empty value, so an item is read
+    as what it looks like or refused (never a constraint on an argument named ``query=cats``).
+    """
     tool, _, item_text = text.partition(":")
     if not tool:
         raise UsageError(f"--grant {text!r}: expected TOOL[:ARG=VALUE,ARG<=N,ARG in A|B,...]")
     pins: dict[str, str] = {}
     bounds: dict[str, dict[str, object]] = {}
     for item in filter(None, (part.strip() for part in item_text.split(","))):
-        constraint = _constraint_item(item)
+        constraint = None if _is_pin(item) else _constraint_item(item)
         if constraint is not None:
             name, operator, operand = constraint
             key = {"<=": "max", ">=": "min", "in": "one_of"}[operator]
             if not name or not operand or key in bounds.get(name, {}):
                 raise UsageError(f"--grant {text!r}: constraint {item!r} is empty or repeated")
-            bounds.setdefault(name, {})[key] = operand
+            if isinstance(operand, list) and not all(operand):
+                raise UsageError(f"--grant {text!r}: constraint {item!r} lists an empty value")
+            bounds.setdefault(_argument_name(text, name), {})[key] = operand
             continue
-        name, sep, value = item.partition("=")
+        name, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not name or not value:
             raise UsageError(
                 f"--grant {text!r}: {item!r} is not ARG=VALUE, ARG<=N, ARG>=N or ARG in A|B"
             )
         if name in pins:
             raise UsageError(f"--grant {text!r}: pin {name!r} given twice")
-        pins[name] = value
+        if value[0] in "<>=":
+            raise UsageError(f"--grant {text!r}: {item!r} is ambiguous (a pin or a bound?)")
+        pins[_argument_name(text, name)] = value
     try:
         constraints = {name: Constraint(**spec) for name, spec in bounds.items()}  # type: ignore[arg-type]
         return Grant(tool=tool, pins=MappingProxyType(pins), constraints=constraints)

@@ -23,6 +23,17 @@ from tokens import Constraint, Grant
         ),
         ("t:n>=1, n<=2.50", Grant("t", constraints={"n": Constraint(min="1", max="2.50")})),
         ("t:note=a=b", Grant("t", {"note": "a=b"})),
+        # A pin whose value reads like an operator is still that pin (it was a constraint on
+        # an argument named 'query=cats', leaving query unpinned).
+        ("search:query=cats in hats", Grant("search", {"query": "cats in hats"})),
+        ("t:note=a<=b", Grant("t", {"note": "a<=b"})),
+        ("t:c in a=b", Grant("t", constraints={"c": Constraint(one_of=["a=b"])})),
+        # Spaces around names, operators and set values are not part of them.
+        ("t:invoice_id = in_1", Grant("t", {"invoice_id": "in_1"})),
+        (
+            "t:currency in USD | EUR",
+            Grant("t", constraints={"currency": Constraint(one_of=["USD", "EUR"])}),
+        ),
     ],
 )
 def test_a_grant_parses_into_pins_and_constraints(text: str, grant: Grant) -> None:
@@ -41,6 +52,12 @@ def test_a_grant_parses_into_pins_and_constraints(text: str, grant: Grant) -> No
         ("t:n<=1e3", "decimal string"),
         ("t:n>=5,n<=1", "above max"),
         ("t:c in USD,c<=5", "not both"),
+        ("t:currency in USD|", "empty value"),
+        ("t:currency in |USD", "empty value"),
+        ("t:amount>=5<=10", "not an argument name"),
+        ("t:a b<=5", "not an argument name"),
+        ("t:amount=<=5", "ambiguous"),
+        ("t:amount==5", "ambiguous"),
     ],
 )
 def test_a_bad_grant_is_a_usage_error_naming_it(text: str, match: str) -> None:
