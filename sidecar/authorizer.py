@@ -113,8 +113,8 @@ class TokenVerifier:
     Only successes are cached, keyed by the exact token text; a cached entry is re-checked
     against ``now`` on every use, so expiry still bites, and entries of a revoked token (or
     of its descendants) are dropped by :meth:`forget`. Revocation itself is not decided
-    here: every Check reads it from the store, so no cache can outlive it. On a cache miss
-    the key source may look at the disk (at most once a second), and a token naming a kid
+    here: every Check reads it from the store, so no cache can outlive it. On every use the
+    key source may look at the disk (at most once a second), and a token naming a kid
     not in the ring makes it look at once, so keys rotated (or retired) by another process
     are followed without a restart.
     """
@@ -139,14 +139,17 @@ class TokenVerifier:
         """Claims, the reason they are refused, or None when no token was sent."""
         if not token:
             return None
+        # Rate-limited in the key source (a clock read; at most one look at the disk a
+        # second), and also on a cache hit: a key deleted or lapsed on disk stops its cached
+        # tokens within a second, not only once some other token misses the cache.
+        self._keys.refresh()
         cached = self._cache.get(token)
         if (
             cached is not None
             and cached.expires_at > now - self._leeway
-            and cached.key_id in self._keys.verification_keys()  # a removed key stops at once
+            and cached.key_id in self._keys.verification_keys()
         ):
             return cached
-        self._keys.refresh()  # rate-limited in the key source: at most one look a second
         try:
             claims = self._verify(token, now)
         except TokenUnknownKeyError as exc:

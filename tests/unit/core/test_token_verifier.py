@@ -133,3 +133,21 @@ def test_a_cached_token_stops_when_its_key_is_removed(tmp_path: Path) -> None:
     keys.refresh(force=True)
     assert old not in keys.verification_keys()
     assert isinstance(verifier.verify(token, NOW + 1), TokenUnknownKeyError)
+
+
+def test_a_cached_token_stops_when_its_key_is_removed_without_another_token_missing(
+    tmp_path: Path,
+) -> None:
+    """Only cached tokens arrive (no miss would look at the disk): a deleted key still ends
+    them at the next look the key store allows (here at once; in a server, within a second)."""
+    keys = KeyStore(
+        tmp_path, retention_seconds=lambda: 930.0, clock=lambda: NOW, refresh_interval=0
+    )
+    verifier = TokenVerifier(keys, audience="proviso", issuer="proviso", leeway_seconds=5)
+    token = _token(keys)
+    assert isinstance(verifier.verify(token, NOW), CapabilityClaims)
+    assert isinstance(verifier.verify(token, NOW), CapabilityClaims)
+    old = keys.active.kid
+    rotate(tmp_path, NOW, 930.0)
+    (tmp_path / "keys" / f"{old}.pem").unlink()
+    assert isinstance(verifier.verify(token, NOW + 1), TokenUnknownKeyError)
