@@ -223,7 +223,7 @@ def parse_yaml(
     def issue(code: Code, mark: yaml.Mark, message: str, hint: str = "") -> None:
         issues.append(PolicyIssue(file, mark.line + 1, mark.column + 1, code, message, hint=hint))
 
-    hidden = list(_hidden_characters(text, file))
+    hidden = sorted(_hidden_characters(text, file))
     if hidden:  # the file does not read as it looks: nothing of it is used
         return None, hidden
     loader: _Loader | None = None
@@ -261,14 +261,20 @@ def parse_yaml(
     return document, issues
 
 
-_HIDDEN_RE = re.compile(
-    "[\x85\u2028\u2029\u202a-\u202e\u2066-\u2069\u200b-\u200f\u2060-\u2064\ufeff]"
-)
-_HIDDEN = {
+_LAYOUT_RE = re.compile("[\x85\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+"""Characters that change how the file is split into lines or shown, wherever they are."""
+_LAYOUT = {
     "\x85": "a next-line character, NEL",
     "\u2028": "a line separator",
     "\u2029": "a paragraph separator",
 }
+_INVISIBLE_RE = re.compile(
+    "[\u00ad\u034f\u061c\u180e\u200b-\u200f\u2060-\u2064\ufeff\U000e0000-\U000e007f]+"
+)
+"""Runs of characters that show as nothing (or almost): soft hyphen, zero-width space and
+joiners, direction marks, word joiner, a byte-order mark past the start, tag characters."""
+_DIRECTION_MARKS = frozenset("\u200e\u200f\u061c")
+_RIGHT_TO_LEFT_RE = re.compile("[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]")
 
 
 def _hidden_characters(text: str, file: str) -> Iterator[PolicyIssue]:
@@ -276,21 +282,37 @@ def _hidden_characters(text: str, file: str) -> Iterator[PolicyIssue]:
 
     PyYAML breaks lines at NEL, U+2028 and U+2029 (YAML 1.1; YAML 1.2 does not), where editors
     and diffs show one line: ``# comment<U+2028>  action: allow`` is a comment to a reviewer
-    and a key to the loader. Bidirectional controls reorder what is shown ("Trojan Source"),
-    and invisible characters (zero-width space, joiners, word joiner, a byte-order mark past
-    the start) make ``"bad-agent@service"`` in a deny tier a string no agent id equals. None
-    has any use in a policy.
+    and a key to the loader. Bidirectional controls reorder what is shown ("Trojan Source").
+    Both are refused wherever they are. Invisible characters make ``"bad-agent@service"`` in a
+    deny tier a string no agent id equals; they are refused next to ASCII, and allowed where
+    text needs them: inside other scripts and emoji (a joiner between two non-ASCII
+    characters), and direction marks on a line of right-to-left text. Written as an escape
+    (``"\\u200d"``) any of them shows, and is accepted.
     """
-    for found in _HIDDEN_RE.finditer(text):
+    for found in _LAYOUT_RE.finditer(text):
         char = found.group()
-        line, col = _line_col(text, found.start())
-        bidi = "\u202a" <= char <= "\u202e" or "\u2066" <= char <= "\u2069"
-        what = _HIDDEN.get(
-            char, "a bidirectional text control" if bidi else "an invisible character"
-        )
-        message = f"character U+{ord(char):04X} ({what}) is not allowed"
-        hint = "remove it: editors and reviews do not show the file as the loader reads it"
-        yield PolicyIssue(file, line, col, Code.YAML_SYNTAX, message, hint=hint)
+        what = _LAYOUT.get(char, "a bidirectional text control")
+        yield _hidden(text, file, found.start(), char, what)
+    for found in _INVISIBLE_RE.finditer(text):
+        run, start, end = found.group(), found.start(), found.end()
+        before = text[start - 1] if start > 0 else "\n"
+        after = text[end] if end < len(text) else "\n"
+        if before > "\x7f" and after > "\x7f":
+            continue  # within a script or an emoji sequence: visible text around it
+        line = text[text.rfind("\n", 0, start) + 1 : text.find("\n", end) % (len(text) + 1)]
+        if set(run) <= _DIRECTION_MARKS and _RIGHT_TO_LEFT_RE.search(line):
+            continue
+        yield _hidden(text, file, start, run[0], "an invisible character")
+
+
+def _hidden(text: str, file: str, offset: int, char: str, what: str) -> PolicyIssue:
+    line, col = _line_col(text, offset)
+    message = f"character U+{ord(char):04X} ({what}) is not allowed here"
+    hint = (
+        "remove it, or write it as an escape (\\u...) in a quoted string: editors and reviews "
+        "do not show the file as the loader reads it"
+    )
+    return PolicyIssue(file, line, col, Code.YAML_SYNTAX, message, hint=hint)
 
 
 _IssueSink = Callable[..., None]
