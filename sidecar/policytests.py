@@ -441,8 +441,8 @@ class _CaseReader:
         return value
 
     def _number(self, path: NodePath, text: str) -> None:
-        shown = text if len(text) <= 24 else f"{text[:20]}..."
-        message = f"'{shown}' is not a number a JSON call can carry"
+        short = text if len(text) <= 24 else f"{text[:20]}..."
+        message = f"'{short}' is not a number a JSON call can carry"
         if not text.lstrip("+-").startswith("."):
             message += f" (Check refuses numbers beyond 10^{strictjson.MAX_DECIMAL_EXPONENT})"
         self.issue(path, TestFileCode.INVALID_NUMBER, message)

@@ -17,7 +17,9 @@ log = logging.getLogger("proviso.server")
 MAX_POLICY_VIOLATIONS_BYTES = 4096
 """The policy errors a refusal lists, in bytes of text: the status details travel in a trailer,
 and gRPC clients refuse trailers past 8 KiB (at random from there, always past 16 KiB) once
-base64-encoded. The rest are in the server's log (and in ``proviso lint``)."""
+base64-encoded. The rest are in ``proviso lint``'s output (the server's log has the first 100)."""
+MAX_VIOLATION_CHARS = 512
+"""Each listed error at most: one quoting a huge key or value would fill the trailer alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +99,10 @@ def _policy_refused(exc: errors.PolicyLoadError) -> RpcError:
         location = str(getattr(issue, "location", "."))
         message = str(getattr(issue, "message", issue))
         hint = str(getattr(issue, "hint", ""))
-        violation = (code, location, f"{message} (hint: {hint})" if hint else message)
+        text = f"{message} (hint: {hint})" if hint else message
+        if len(text) > MAX_VIOLATION_CHARS:  # one issue may quote a huge key or value
+            text = text[: MAX_VIOLATION_CHARS - 3] + "..."
+        violation = (code, location[:MAX_VIOLATION_CHARS], text)
         size += sum(len(part.encode()) for part in violation)
         if violations and size > MAX_POLICY_VIOLATIONS_BYTES:
             break
@@ -105,8 +110,5 @@ def _policy_refused(exc: errors.PolicyLoadError) -> RpcError:
     count = len(exc.issues)
     message = f"the policy bundle has {count} error(s); the version in force keeps serving"
     if len(violations) < count:
-        message += (
-            f" (the first {len(violations)} are listed; every one is in the server's log, "
-            "and 'proviso lint' prints them)"
-        )
+        message += f" (the first {len(violations)} are listed; 'proviso lint' prints them all)"
     return RpcError(grpc.StatusCode.FAILED_PRECONDITION, message, preconditions=tuple(violations))

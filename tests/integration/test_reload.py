@@ -215,6 +215,17 @@ async def test_a_refusal_with_many_errors_still_reaches_the_caller(reloadable: S
     assert failure.violations[0].subject == "broken.yaml:5:35"
     assert f"the first {len(failure.violations)} are listed" in str(caught.value.details())
 
+    huge = "k" * 100_000  # one error quoting a 100 KB key still reaches the caller, cut short
+    write(bundle / "broken.yaml", f"tools:\n  ? {huge}\n  : {{tiers: []}}\n")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reload(reloadable)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    assert status.details[0].Unpack(failure)
+    assert failure.violations
+    assert all(len(v.description) <= 512 for v in failure.violations)
+
 
 async def test_reload_needs_an_admin(reloadable: Sidecar) -> None:
     """Only an admin identity may reload the policy."""
