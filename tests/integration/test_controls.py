@@ -439,30 +439,6 @@ async def test_the_kill_switch_gauge_counts_without_waiting_for_a_check(
     assert scrape(restarted)[("proviso_kill_switches_active", ())] == 2
 
 
-async def test_the_kill_switch_gauge_counts_the_engaged_switches_from_the_start(
-    tmp_path: Path, bundle: Callable[..., Path]
-) -> None:
-    """A restarted sidecar reports the switches still engaged (the store's and the policy's)
-    at once, before any Check: an alert on proviso_kill_switches_active must not clear itself
-    on a restart while the switch still holds."""
-    policies = bundle(
-        "controls:",
-        "kill_switches:\n  freeze:\n    scope: tool\n    target: muteAlert\n"
-        "    reason: frozen\ncontrols:",
-    )
-    settings = make_settings(tmp_path / "state", policies=policies)
-    first = Sidecar.connect(await App.start(settings))
-    try:
-        await set_switch(first, engaged=True)
-    finally:
-        await first.close()
-    restarted = Sidecar.connect(await App.start(settings))
-    try:
-        assert scrape(restarted)[("proviso_kill_switches_active", ())] == 2
-    finally:
-        await restarted.close()
-
-
 async def test_every_worker_reports_the_shared_stores_switches_and_approvals(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
