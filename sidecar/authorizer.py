@@ -223,6 +223,11 @@ def _decide(pending: _Pending, transaction: StateTransaction) -> _Decided:
     )  # fmt: skip
     view = transaction.view(scope, now)
     evaluation = decide(policy, call, token, view, now)
+    if scope is not None and evaluation.changes.open_approval is not None:
+        # Only a call that would open a request reads how many the agent has pending (off
+        # every other Check's path); at the cap the engine refuses to open one.
+        view = replace(view, pending_approvals=transaction.pending_approvals(scope.agent, now))
+        evaluation = decide(policy, call, token, view, now)
     changes = evaluation.changes
     new_approval = None
     if scope is None or call.dry_run or changes.empty:

@@ -46,6 +46,11 @@ _REPLAYABLE = frozenset({Outcome.ALLOW, Outcome.DENY})
 MAX_RETRY_AFTER_SECONDS = 366 * 24 * 3600.0
 """The longest ``retry_after`` told to an agent: a year (the slowest refill the policy format
 allows takes ~11.6 days a call; a Check's answer must never fail on an absurd figure)."""
+MAX_PENDING_APPROVALS_PER_AGENT = 100
+"""Approval requests one agent may have pending at once: each is a call for people to read,
+and an agent (or the model driving it) varying a free-text argument would otherwise open one
+per Check, without bound. Past it a new request is refused (BUDGET_EXCEEDED) until people
+close some or they expire; calls whose request is open still find it."""
 
 
 def evaluate(
@@ -140,7 +145,11 @@ def decide(
         count_call=decision.outcome is Outcome.ALLOW,
         failure_streak=streak_reset,
         rate=bucket,
-        remember=bool(call.idempotency_key) and decision.outcome in _REPLAYABLE,
+        # A refusal for the approvers' full queue is not the call's decision: once people
+        # close requests, the same call (and key) opens one.
+        remember=bool(call.idempotency_key)
+        and decision.outcome in _REPLAYABLE
+        and decision.reasons != (_APPROVAL_QUEUE_FULL,),
         open_approval=approval_changes.open_approval,
         consume_approval=approval_changes.consume_approval,
         expire_approval=approval_changes.expire_approval,
@@ -369,7 +378,16 @@ def _apply_approval(
         and pending.status_at(now) is ApprovalStatus.PENDING
     ):
         return replace(decision, approval_id=pending.id), NO_CHANGES
+    if state.pending_approvals >= MAX_PENDING_APPROVALS_PER_AGENT:
+        return _deny_for(policy, decision, _APPROVAL_QUEUE_FULL), NO_CHANGES
     return decision, StateChanges(open_approval=requirement)
+
+
+_APPROVAL_QUEUE_FULL = Reason(
+    ReasonCode.BUDGET_EXCEEDED,
+    f"the agent has {MAX_PENDING_APPROVALS_PER_AGENT} approval requests pending, the most it "
+    "may: no new one is opened until people decide some or they expire",
+)
 
 
 def _deny_for(policy: Policy, decision: Decision, reason: Reason) -> Decision:

@@ -140,6 +140,8 @@ class StateView:
     """The state one call is decided against.
 
     ``revocation`` is set when the token, or one it was attenuated from, is revoked.
+    ``pending_approvals`` counts the agent's pending approval requests; the shell reads it
+    only for a call that would open a new one.
     """
 
     kill_switches: tuple[KillSwitch, ...] = ()
@@ -149,6 +151,7 @@ class StateView:
     approval: ApprovalRecord | None = None
     open_approval: ApprovalRecord | None = None
     revocation: Revocation | None = None
+    pending_approvals: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,6 +170,17 @@ class _Transaction:
             revocation=revocation,
         )
 
+    def pending_approvals(self, agent: str, now: float) -> int:
+        try:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM approvals WHERE agent = ? AND status = 'pending' "
+                "AND expires_at > ?",
+                (agent, now),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
+        return int(row[0])
+
     def commit(
         self,
         scope: DecisionScope,

@@ -116,6 +116,14 @@ class StateTransaction(Protocol):
         """
         ...
 
+    def pending_approvals(self, agent: str, now: float) -> int:
+        """How many approval requests of ``agent`` are pending (and not yet expired).
+
+        Raises:
+            StoreUnavailableError: state could not be read (the Check must not answer).
+        """
+        ...
+
     def commit(
         self,
         scope: DecisionScope,

@@ -19,6 +19,7 @@ from sidecar._proto.proviso.v1 import approval_service_pb2_grpc as ap_grpc
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
 from sidecar.app import App
 from sidecar.clock import FixedClock
+from sidecar.engine.evaluate import MAX_PENDING_APPROVALS_PER_AGENT
 from tests.conftest import BILLING_AGENT, EXAMPLE_POLICIES, Sidecar, make_settings
 from tests.integration.test_check import codes, refund
 from tests.integration.test_server import identity, scrape
@@ -666,3 +667,43 @@ async def test_the_pruner_logs_a_failed_sweep_and_still_prunes(
         await sidecar.close()
     assert "expiring approval requests failed" in caplog.text
     assert "sweep broke" in caplog.text
+
+
+async def test_an_agent_cannot_open_approval_requests_without_bound(sidecar: Sidecar) -> None:
+    """Each distinct call opens a request for people to read: an agent (or the model driving
+    it) varying a free-text argument must not flood the approvers' queue. Past the cap of
+    pending requests per agent a new one is refused (BUDGET_EXCEEDED, not remembered under the
+    idempotency key); a call whose request is open still gets its id; closing one frees room."""
+    token = sidecar.token()
+    opened = [
+        await refund_check(
+            sidecar, token, "120", arguments_json=refund("120", reason=f"attempt {i}")
+        )
+        for i in range(MAX_PENDING_APPROVALS_PER_AGENT)
+    ]
+    assert {r.decision for r in opened} == {pb.DECISION_NEEDS_APPROVAL}
+    assert len({r.approval_id for r in opened}) == MAX_PENDING_APPROVALS_PER_AGENT
+    over = await refund_check(
+        sidecar, token, "120", arguments_json=refund("120", reason="one more"), idempotency_key="K"
+    )
+    assert over.decision == pb.DECISION_DENY
+    assert codes(over) == ["BUDGET_EXCEEDED"]
+    assert not over.approval_id
+    again = await refund_check(
+        sidecar, token, "120", arguments_json=refund("120", reason="attempt 0")
+    )
+    assert again.approval_id == opened[0].approval_id, "an open request is still found"
+    listed = await stub(sidecar).ListApprovals(
+        ap_pb.ListApprovalsRequest(page_size=500), metadata=identity(sidecar, ALICE)
+    )
+    assert len(listed.approvals) == MAX_PENDING_APPROVALS_PER_AGENT
+    await stub(sidecar).RejectApproval(
+        ap_pb.RejectApprovalRequest(approval_id=opened[0].approval_id),
+        metadata=identity(sidecar, ALICE),
+    )
+    room = await refund_check(
+        sidecar, token, "120", arguments_json=refund("120", reason="one more"), idempotency_key="K"
+    )
+    assert room.decision == pb.DECISION_NEEDS_APPROVAL
+    assert room.approval_id
+    assert not room.replayed
