@@ -1111,6 +1111,19 @@ def cmd_approvals(args: argparse.Namespace) -> int:
                     ).approval
                 ]
             else:
+                if args.args_digest:
+                    # The id names one call for good, so checking it first leaves no gap.
+                    named = stub.GetApproval(
+                        ap_pb.GetApprovalRequest(approval_id=args.approval_id),
+                        metadata=metadata,
+                        timeout=args.timeout,
+                    ).approval
+                    if named.args_digest != args.args_digest:
+                        return _fail(
+                            f"{args.approval_id} is not the call you named: its arguments "
+                            f"digest is {named.args_digest}, not {args.args_digest}; nothing "
+                            f"was judged (proviso approvals show {args.approval_id})"
+                        )
                 judge = stub.ApproveApproval if args.approvals_command == "approve" else None
                 if judge is not None:
                     changed = judge(
@@ -1146,6 +1159,13 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         print(f"{'ID':<32} {'STATE':<9} {'AGENT':<34} {'TOOL':<16} {'TIER':<11} APPROVALS")
         for row in rows:
             print(_approval_row(row))
+        if args.approvals_command in ("approve", "reject"):
+            # What was judged, exactly: the row names only the agent and the tool.
+            print(f"run:       {rows[0].get('run_id', '') or '(none)'}")
+            # The canonical text as stored (exact numbers), anything not ASCII escaped so an
+            # invisible or look-alike character shows.
+            shown = found[0].arguments_json.encode("ascii", "backslashreplace").decode("ascii")
+            print(f"arguments: {shown}")
     if next_page_token:
         print(f"proviso: more requests: --page-token {next_page_token}", file=sys.stderr)
     return EXIT_OK if counted else EXIT_REFUSED
@@ -1182,6 +1202,13 @@ def _add_approvals_commands(
         judge = sub.add_parser(name, help=f"{name} a request (as an eligible approver)")
         judge.add_argument("approval_id", metavar="ID")
         judge.add_argument("--comment", default="", metavar="TEXT")
+        judge.add_argument(
+            "--args-digest",
+            default="",
+            metavar="SHA",
+            help="judge only if the request is for the call with this arguments digest (as "
+            "'show' prints it); otherwise nothing is judged and the exit is 1",
+        )
     for command in (listing, show, *(sub.choices[n] for n in ("approve", "reject"))):
         _add_caller_options(command)
         command.set_defaults(handler=cmd_approvals)

@@ -80,3 +80,26 @@ async def test_a_second_verdict_by_the_same_person_exits_1(sidecar: Sidecar) -> 
     )
     assert fiona.returncode == 0, fiona.stderr
     assert "already" not in fiona.stderr
+
+
+async def test_approve_shows_the_call_and_can_insist_on_its_arguments(sidecar: Sidecar) -> None:
+    """The approver sees the exact call judged (arguments and run, not only the agent and the
+    tool the list shows), and ``--args-digest`` (as ``show`` prints it) judges only that call:
+    a wrong or mistyped id names another call, which is then left alone (exit 1)."""
+    first, other = await _pending(sidecar, "120", "130")
+    alice = _as(sidecar, "alice@example.com")
+    shown = await asyncio.to_thread(run, "approvals", "show", first, "--format", "json", *alice)
+    digest = json.loads(shown.stdout)["args_digest"]
+    wrong = await asyncio.to_thread(
+        run, "approvals", "approve", other, "--args-digest", digest, *alice
+    )
+    assert wrong.returncode == 1, (wrong.stdout, wrong.stderr)
+    assert "not the call" in wrong.stderr
+    untouched = await asyncio.to_thread(run, "approvals", "show", other, *alice)
+    assert '"verdicts"' not in untouched.stdout, "no verdict was recorded"
+    approved = await asyncio.to_thread(
+        run, "approvals", "approve", first, "--args-digest", digest, *alice
+    )
+    assert approved.returncode == 0, approved.stderr
+    assert '"amount":120' in approved.stdout, approved.stdout
+    assert "run-1" in approved.stdout
