@@ -310,7 +310,12 @@ async def test_fifty_reloads_under_load_never_mix_versions(
     for response in seen:
         assert response.policy_version in versions, f"unknown version {response.policy_version}"
         expected = versions[response.policy_version]
-        assert (response.decision, response.matched_tier) == expected, response
+        decision = response.decision
+        if [r.code for r in response.reasons] == [pb.REASON_CODE_BUDGET_EXCEEDED]:
+            # Each Check is a run of its own, so each needing approval opens a request: past
+            # the agent's cap of pending ones the approval tier answers DENY instead.
+            decision = pb.DECISION_NEEDS_APPROVAL
+        assert (decision, response.matched_tier) == expected, response
         counts[response.policy_version] += 1
     assert counts[version_a] >= 10, counts
     assert counts[version_b] >= 10, counts
