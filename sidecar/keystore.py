@@ -125,14 +125,21 @@ def key_statuses(state_dir: Path, retention_seconds: float) -> tuple[KeyStatus, 
 
 
 def load_or_create(
-    state_dir: Path, *, now: float | None = None, retention_seconds: float | None = None
+    state_dir: Path,
+    *,
+    now: float | None = None,
+    retention_seconds: float | None = None,
+    create: bool = True,
 ) -> KeyRing:
-    """Load the key ring, creating a first key on first use.
+    """Load the key ring, creating a first key on first use (unless ``create`` is False).
 
     With ``now`` and ``retention_seconds``, keys retired more than ``retention_seconds``
     before ``now`` are left out: every token they signed has expired.
+
+    Raises:
+        FileNotFoundError: ``create`` is False and there is no key ring (or no directory).
     """
-    directory = _directory(state_dir)
+    directory = _directory(state_dir) if create else state_dir / "keys"
     keys = _load_keys(directory)
     active_kid = _active_kid(directory)
     retired = _read_retired(directory)
@@ -153,6 +160,8 @@ def load_or_create(
             f"{directory / _ACTIVE} does not name one of the keys in {directory}; "
             "restore it or remove the keys directory to start afresh"
         )
+    if not create:
+        raise FileNotFoundError(f"no key ring in {directory}")
     key = SigningKey.generate()
     write_private(directory / f"{key.kid}.pem", key.to_pem())
     write_private(directory / _ACTIVE, key.kid.encode())
@@ -243,7 +252,10 @@ class KeyStore:
 
     def _load(self) -> None:
         now, retention = self._clock(), self._retention()
-        ring = load_or_create(self._state_dir, now=now, retention_seconds=retention)
+        # Never a new key here: a ring gone from under a running server (a restore, a bad
+        # deploy) is a broken directory (the last good ring stays), not a first start; a key
+        # made now would disown every token issued and sign checkpoints no backup can verify.
+        ring = load_or_create(self._state_dir, now=now, retention_seconds=retention, create=False)
         self._ring = ring
         self._verification = ring.verification_keys()
         deadlines = [at + retention for kid, at in ring.retired_at.items() if now < at + retention]

@@ -342,6 +342,27 @@ async def test_a_retired_key_stops_verifying_once_its_tokens_have_expired(
     assert codes(response) == ["TOKEN_UNKNOWN_KEY"]
 
 
+async def test_a_missing_key_directory_keeps_the_last_good_ring(start: StartSidecar) -> None:
+    """A keys directory that vanishes under a running server (a restore, a bad deploy) is a
+    broken one, not a fresh start: tokens keep verifying and no new key is made, which would
+    disown every token issued so far and sign checkpoints with a key no backup holds."""
+    sidecar = await start()
+    issued = await issue_token(sidecar)
+    state_dir = sidecar.app.settings.state_dir
+    invoice = '{"invoice_id": "in_93K2"}'
+    assert (await check(sidecar, issued.token, "getInvoice", invoice)).decision == (
+        pb.DECISION_ALLOW
+    )
+    shutil.move(state_dir / "keys", state_dir / "keys.away")
+    response = await check(sidecar, issued.token, "getInvoice", invoice)
+    assert response.decision == pb.DECISION_ALLOW, codes(response)
+    assert (await issue_token(sidecar)).key_id == issued.key_id
+    assert not (state_dir / "keys").exists(), "no key ring was made in its place"
+    shutil.move(state_dir / "keys.away", state_dir / "keys")
+    response = await check(sidecar, issued.token, "getInvoice", invoice)
+    assert response.decision == pb.DECISION_ALLOW, codes(response)
+
+
 # ------------------------------------------------------------------ leeway
 
 
