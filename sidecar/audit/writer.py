@@ -475,6 +475,12 @@ class AuditLog:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, start)
             raise
+        if self._regular and os.fstat(self._fd).st_nlink == 0:
+            # Deleted while open: what was written is on no disk once the file is closed, and
+            # a chain continued in a new file would start from records nobody has. Refused
+            # until a restart, which resumes from the files that are there.
+            self._broken = f"the audit log {self.path} was deleted while open; restart the server"
+            raise OSError(errno.ENOENT, self._broken)
         self._size = start + len(data)
 
     def _maybe_rotate(self) -> None:

@@ -205,6 +205,20 @@ async def test_audit_write_failure_fails_closed(tmp_path: Path) -> None:
         await sidecar.close()
 
 
+async def test_a_deleted_audit_log_fails_closed(sidecar: Sidecar) -> None:
+    """Records written to an audit file deleted while open are on no disk (the inode goes when
+    the server stops): the Check answers UNAVAILABLE, never ALLOW, and so do later ones."""
+    first = await check(sidecar, sidecar.token(), "requestRefund", refund("10"))
+    assert first.decision == pb.DECISION_ALLOW
+    audit_path = sidecar.app.settings.audit_path
+    audit_path.unlink()
+    for _ in range(2):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await check(sidecar, sidecar.token(), "requestRefund", refund("10"))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert scrape(sidecar)[("proviso_audit_write_errors_total", ())] == 2
+
+
 async def test_get_policy_needs_an_admin(sidecar: Sidecar) -> None:
     """GetPolicy describes the policy in force, for admins only."""
     stub = admin_grpc.AdminServiceStub(sidecar.channel)
