@@ -240,7 +240,7 @@ class KeyStore:
         for path in (directory, directory / _ACTIVE, directory / _RETIRED):
             try:
                 info = path.stat()
-            except FileNotFoundError:
+            except OSError:  # gone, or ``keys`` is no directory: a change; ``_load`` says what
                 parts += [0, 0]
             else:
                 parts += [info.st_mtime_ns, info.st_ino]

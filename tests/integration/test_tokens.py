@@ -358,6 +358,10 @@ async def test_a_missing_key_directory_keeps_the_last_good_ring(start: StartSide
     assert response.decision == pb.DECISION_ALLOW, codes(response)
     assert (await issue_token(sidecar)).key_id == issued.key_id
     assert not (state_dir / "keys").exists(), "no key ring was made in its place"
+    (state_dir / "keys").write_text("not a directory")
+    response = await check(sidecar, issued.token, "getInvoice", invoice)
+    assert response.decision == pb.DECISION_ALLOW, codes(response)
+    (state_dir / "keys").unlink()
     shutil.move(state_dir / "keys.away", state_dir / "keys")
     response = await check(sidecar, issued.token, "getInvoice", invoice)
     assert response.decision == pb.DECISION_ALLOW, codes(response)
