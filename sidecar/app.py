@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import grpc
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2
 
 from sidecar.approvals import ApprovalFeed, Approvals
 from sidecar.audit.redaction import Redactor
@@ -162,6 +162,22 @@ async def _prune_forever(
             log.exception("reading kill switches and pending approvals failed; retrying")
 
 
+HEALTH_POLL_SECONDS = 1.0
+
+
+async def _report_broken_audit(
+    audit: AuditLog, servicer: health.aio.HealthServicer, services: list[str]
+) -> None:
+    """Once the audit log refuses every record (until a restart), say NOT_SERVING on the
+    health service, so that load balancers and orchestrators stop sending Checks that can only
+    be refused, and restart the process; ``/healthz`` answers 503 likewise."""
+    while not audit.broken:
+        await asyncio.sleep(HEALTH_POLL_SECONDS)
+    log.error("the audit log is broken; reporting NOT_SERVING", extra={"why": audit.broken})
+    for name in ("", *services):
+        await servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
 def freeze_startup_heap() -> None:
     """Take what start-up built (modules, the compiled policy) out of the collector's sight.
 
@@ -197,6 +213,7 @@ class App:
     dev_idp: DevIdentityProvider | None
     store: SQLiteStore
     pruner: asyncio.Task[None]
+    health_watch: asyncio.Task[None]
     reloader: PolicyReloader
     approvals: Approvals
     shadow: PolicyHolder | None = None
@@ -339,7 +356,9 @@ class App:
             ]
             try:
                 http = HttpServer(
-                    HttpApp(metrics.exposition, lambda: _published_jwks(keys)),
+                    HttpApp(
+                        metrics.exposition, lambda: _published_jwks(keys), lambda: audit.broken
+                    ),
                     settings.metrics_listen.host,
                     settings.metrics_listen.port,
                 )
@@ -361,6 +380,10 @@ class App:
         pruner = asyncio.create_task(
             _prune_forever(store, approvals, keys, holder, clock, metrics=metrics), name="pruner"
         )
+        health_watch = asyncio.create_task(
+            _report_broken_audit(audit, health_servicer, [s.name for s in services]),
+            name="health",
+        )
         app = cls(
             settings=settings,
             policy=holder,
@@ -376,6 +399,7 @@ class App:
             dev_idp=dev_idp,
             store=store,
             pruner=pruner,
+            health_watch=health_watch,
             reloader=reloader,
             approvals=approvals,
             shadow=shadow,
@@ -413,6 +437,7 @@ class App:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace_seconds)
         self.pruner.cancel()
+        self.health_watch.cancel()
         self.http.stop()
         self.audit.close()
         self.store.close()

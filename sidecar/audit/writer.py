@@ -194,6 +194,12 @@ class AuditLog:
         self._thread.start()
 
     @property
+    def broken(self) -> str:
+        """Why the log refuses every record until a restart ("" while it writes): a failed
+        fsync, a file deleted while open, a rotation that could not open its next file."""
+        return self._broken
+
+    @property
     def head(self) -> Receipt:
         """The last record written (seq 0 and the genesis hash for an empty log)."""
         return Receipt(self._seq, self._head)

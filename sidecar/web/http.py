@@ -29,9 +29,16 @@ class _QuietHandler(WSGIRequestHandler):
 class HttpApp:
     """Routes the few paths the sidecar serves over HTTP."""
 
-    def __init__(self, metrics: Callable[[], bytes], jwks: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        metrics: Callable[[], bytes],
+        jwks: Callable[[], dict[str, Any]],
+        unhealthy: Callable[[], str] = str,
+    ) -> None:
+        """``unhealthy`` says why Checks cannot be answered ("" when they can)."""
         self._metrics = metrics
         self._jwks = jwks
+        self._unhealthy = unhealthy
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -43,6 +50,10 @@ class HttpApp:
             body = json.dumps(self._jwks(), sort_keys=True).encode()
             return self._send(start_response, "200 OK", "application/json", body)
         if path == "/healthz":
+            problem = self._unhealthy()
+            if problem:
+                body = f"unavailable: {problem}\n".encode()
+                return self._send(start_response, "503 Service Unavailable", "text/plain", body)
             return self._send(start_response, "200 OK", "text/plain", b"ok\n")
         return self._send(start_response, "404 Not Found", "text/plain", b"not found\n")
 

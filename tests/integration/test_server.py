@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -207,7 +209,9 @@ async def test_audit_write_failure_fails_closed(tmp_path: Path) -> None:
 
 async def test_a_deleted_audit_log_fails_closed(sidecar: Sidecar) -> None:
     """Records written to an audit file deleted while open are on no disk (the inode goes when
-    the server stops): the Check answers UNAVAILABLE, never ALLOW, and so do later ones."""
+    the server stops): the Check answers UNAVAILABLE, never ALLOW, and so do later ones. The
+    health service then says NOT_SERVING and /healthz 503, so that traffic moves elsewhere
+    and the process is restarted."""
     first = await check(sidecar, sidecar.token(), "requestRefund", refund("10"))
     assert first.decision == pb.DECISION_ALLOW
     audit_path = sidecar.app.settings.audit_path
@@ -217,6 +221,20 @@ async def test_a_deleted_audit_log_fails_closed(sidecar: Sidecar) -> None:
             await check(sidecar, sidecar.token(), "requestRefund", refund("10"))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert scrape(sidecar)[("proviso_audit_write_errors_total", ())] == 2
+    stub = health_pb2_grpc.HealthStub(sidecar.channel)
+    deadline = time.monotonic() + 5
+    for service in ("", "proviso.v1.AuthorizationService"):
+        while True:
+            response = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+            if response.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            assert time.monotonic() < deadline, f"{service!r} still {response.status}"
+            await asyncio.sleep(0.1)
+    url = f"http://127.0.0.1:{sidecar.app.http.port}/healthz"
+    with pytest.raises(urllib.error.HTTPError) as unhealthy:
+        urllib.request.urlopen(url, timeout=5)
+    assert unhealthy.value.code == 503
+    assert b"deleted while open" in unhealthy.value.read()
 
 
 async def test_get_policy_needs_an_admin(sidecar: Sidecar) -> None:
