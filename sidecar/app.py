@@ -413,6 +413,18 @@ class App:
                 )
         return app
 
+    async def serve_until(self, stop: asyncio.Event) -> str:
+        """Serve until ``stop`` is set (returns "") or the audit log refuses every record until
+        a restart (returns why): such a process can only refuse Checks, so ``serve`` then
+        exits 1 for its process manager to restart it, which resumes the chain from disk;
+        under ``--workers N`` that is also how the other workers learn of it."""
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({stopping, self.health_watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        return "" if stop.is_set() else self.audit.broken or "the health watch ended"
+
     def reloaders(self) -> list[PolicyReloader]:
         """The active bundle's reloader, then the shadow's if there is one."""
         return [self.reloader] + ([self.shadow_reloader] if self.shadow_reloader else [])

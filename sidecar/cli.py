@@ -285,11 +285,14 @@ async def _serve(settings: config.Settings) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     app.reload_on_sighup()
-    await stop.wait()
-    print("proviso: stopping (finishing calls in flight)", flush=True)
+    broken = await app.serve_until(stop)
+    if broken:
+        print(f"proviso: the audit log refuses every record ({broken}); stopping", flush=True)
+    else:
+        print("proviso: stopping (finishing calls in flight)", flush=True)
     await app.stop()
     print("proviso: stopped", flush=True)
-    return EXIT_OK
+    return EXIT_REFUSED if broken else EXIT_OK
 
 
 # ---------------------------------------------------------------- lint

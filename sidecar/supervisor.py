@@ -301,6 +301,6 @@ async def _serve(
             loop.call_soon_threadsafe(stop.set)
 
     threading.Thread(target=watch_parent, name=f"parent-watch-{index}", daemon=True).start()
-    await stop.wait()
+    broken = await app.serve_until(stop)  # a broken audit chain: exit 1, and all restart
     await app.stop()
-    return 0
+    return 1 if broken else 0

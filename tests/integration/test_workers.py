@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -122,6 +123,37 @@ def test_two_workers_share_the_port_the_store_and_stop_together(tmp_path: Path) 
     assert len(report["logs"]) == 2
     assert [chain["missing_logs"] for chain in report["logs"]] == [[], []]
     _a_deleted_chain_is_missed(state)
+
+
+def test_a_worker_whose_audit_chain_breaks_stops_them_all_with_status_1(tmp_path: Path) -> None:
+    """Each worker has its own health service, and a probe reaches only one of them: a worker
+    whose chain refuses every record (here its file deleted while open) would keep taking its
+    share of connections and refuse them all. It exits 1 instead, the supervisor stops the
+    other and exits 1, and the process manager restarts the sidecar, which resumes from disk."""
+    state = tmp_path / "state"
+    with serve_process(
+        [
+            "--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0", "--state-dir", str(state), "--workers", "2",
+            "--log-level", "ERROR",
+        ],
+        directory=tmp_path, banner_lines=3, stop_timeout=60,
+    ) as server:  # fmt: skip
+        token = issue(
+            load_or_create(state).active, issuer="proviso", subject=BILLING_AGENT,
+            audience="proviso", grants=(Grant("requestRefund", {"invoice_id": "in_93K2"}),),
+            ttl_seconds=600, now=int(time.time()),
+        )  # fmt: skip
+        for chain in (state / "audit").glob("decisions.w*.jsonl"):
+            chain.unlink()
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            asyncio.run(_checks(server.target, token))  # refused: UNAVAILABLE
+        deadline = time.monotonic() + 20
+        while server.process.poll() is None:
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
+    assert server.returncode == 1, server.output()
+    assert "a worker exited; stopping the others" in server.stderr, server.output()
 
 
 def _a_deleted_chain_is_missed(state: Path) -> None:
