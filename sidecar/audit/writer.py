@@ -196,7 +196,8 @@ class AuditLog:
     @property
     def broken(self) -> str:
         """Why the log refuses every record until a restart ("" while it writes): a failed
-        fsync, a file deleted while open, a rotation that could not open its next file."""
+        fsync, a file deleted or moved away while open, a rotation that could not open its next
+        file."""
         return self._broken
 
     @property
@@ -481,13 +482,26 @@ class AuditLog:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, start)
             raise
-        if self._regular and os.fstat(self._fd).st_nlink == 0:
-            # Deleted while open: what was written is on no disk once the file is closed, and
-            # a chain continued in a new file would start from records nobody has. Refused
-            # until a restart, which resumes from the files that are there.
-            self._broken = f"the audit log {self.path} was deleted while open; restart the server"
+        if self._regular and not self._still_at_path():
+            # Deleted, or moved away (a log rotation of its own), while open: what was written
+            # is not where the log is read, and a restart would begin a new chain at seq 1 in
+            # a new file. Refused until a restart, which resumes from the files that are there.
+            self._broken = (
+                f"the audit log {self.path} was deleted or moved while open; restart the server"
+            )
             raise OSError(errno.ENOENT, self._broken)
         self._size = start + len(data)
+
+    def _still_at_path(self) -> bool:
+        """Whether the open file is still the one at ``path`` (a failed look counts as no)."""
+        try:
+            opened, named = os.fstat(self._fd), os.stat(self.path)
+        except OSError:
+            return False
+        return opened.st_nlink > 0 and (opened.st_dev, opened.st_ino) == (
+            named.st_dev,
+            named.st_ino,
+        )
 
     def _maybe_rotate(self) -> None:
         """Seal the active file and start a new one once it reaches its size limit."""

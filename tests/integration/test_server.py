@@ -207,15 +207,21 @@ async def test_audit_write_failure_fails_closed(tmp_path: Path) -> None:
         await sidecar.close()
 
 
-async def test_a_deleted_audit_log_fails_closed(sidecar: Sidecar) -> None:
+@pytest.mark.parametrize("how", ["deleted", "moved away"])
+async def test_a_deleted_audit_log_fails_closed(sidecar: Sidecar, how: str) -> None:
     """Records written to an audit file deleted while open are on no disk (the inode goes when
-    the server stops): the Check answers UNAVAILABLE, never ALLOW, and so do later ones. The
-    health service then says NOT_SERVING and /healthz 503, so that traffic moves elsewhere
-    and the process is restarted."""
+    the server stops), and those written to one moved away (a log rotation of its own) are not
+    where the log is read, a restart beginning a new chain: the Check answers UNAVAILABLE,
+    never ALLOW, and so do later ones. The health service then says NOT_SERVING and /healthz
+    503, so that traffic moves elsewhere, and the app's serve loop ends (serve exits 1)."""
     first = await check(sidecar, sidecar.token(), "requestRefund", refund("10"))
     assert first.decision == pb.DECISION_ALLOW
     audit_path = sidecar.app.settings.audit_path
-    audit_path.unlink()
+    if how == "deleted":
+        audit_path.unlink()
+    else:
+        audit_path.rename(audit_path.with_name("rotated.jsonl"))
+        audit_path.touch()
     for _ in range(2):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await check(sidecar, sidecar.token(), "requestRefund", refund("10"))
@@ -234,7 +240,9 @@ async def test_a_deleted_audit_log_fails_closed(sidecar: Sidecar) -> None:
     with pytest.raises(urllib.error.HTTPError) as unhealthy:
         urllib.request.urlopen(url, timeout=5)
     assert unhealthy.value.code == 503
-    assert b"deleted while open" in unhealthy.value.read()
+    assert b"deleted or moved while open" in unhealthy.value.read()
+    stop = asyncio.Event()
+    assert "deleted or moved" in await asyncio.wait_for(sidecar.app.serve_until(stop), 5)
 
 
 async def test_get_policy_needs_an_admin(sidecar: Sidecar) -> None:
