@@ -1043,6 +1043,11 @@ def _still_stopping(
     ]
 
 
+def _digest_hex(digest: str) -> str:
+    """An arguments digest as lower-case hex, with or without its ``sha256:`` prefix."""
+    return digest.strip().lower().removeprefix("sha256:")
+
+
 def _approval_row(approval: dict[str, Any]) -> str:
     verdicts: list[dict[str, Any]] = approval.get("verdicts", [])
     approved = sum(1 for verdict in verdicts if verdict.get("approve"))
@@ -1121,7 +1126,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
                         metadata=metadata,
                         timeout=args.timeout,
                     ).approval
-                    if named.args_digest != args.args_digest:
+                    if _digest_hex(named.args_digest) != _digest_hex(args.args_digest):
                         return _fail(
                             f"{args.approval_id} is not the call you named: its arguments "
                             f"digest is {named.args_digest}, not {args.args_digest}; nothing "
@@ -1209,8 +1214,9 @@ def _add_approvals_commands(
             "--args-digest",
             default="",
             metavar="SHA",
-            help="judge only if the request is for the call with this arguments digest (as "
-            "'show' prints it); otherwise nothing is judged and the exit is 1",
+            help="judge only if the request's arguments have this digest (as 'show' prints "
+            "it; 'sha256:' and case optional): a mistyped id then judges nothing (exit 1). "
+            "It names the arguments, not the agent or run: read those in 'show'",
         )
     for command in (listing, show, *(sub.choices[n] for n in ("approve", "reject"))):
         _add_caller_options(command)
