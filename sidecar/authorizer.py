@@ -398,25 +398,26 @@ class Authorizer:
         between, so a Check cancelled from now on still leaves its record), and the decision
         undone if the record cannot be made durable, whether or not the Check still waits."""
         view, evaluation, new_approval = decided
+        opened = new_approval.record.id if new_approval is not None else ""
         try:
             written = self._audit.enqueue(
                 self._audit_body(pending, view, evaluation), gathered=True
             )
         except Exception:
-            self._unrecorded(pending, evaluation.changes)
+            self._unrecorded(pending, evaluation.changes, opened)
             raise
 
         def settled(future: asyncio.Future[Receipt]) -> None:
             if not future.cancelled() and future.exception() is not None:
-                self._unrecorded(pending, evaluation.changes)
+                self._unrecorded(pending, evaluation.changes, opened)
 
         written.add_done_callback(settled)
         return pending, evaluation, new_approval, time.perf_counter(), written
 
-    def _unrecorded(self, pending: _Pending, changes: StateChanges) -> None:
+    def _unrecorded(self, pending: _Pending, changes: StateChanges, opened_approval: str) -> None:
         """A committed decision has no durable record: the answer is UNAVAILABLE (if anyone
-        still waits for it), so a retry must not replay it as ALLOW, and an approval it
-        consumed must stay usable."""
+        still waits for it), so a retry must not replay it as ALLOW, an approval it consumed
+        must stay usable, and a request it opened (whose id the agent never got) is expired."""
         call, scope = pending.call, pending.scope
         self._metrics.audit_write_errors.inc()
         log.error("audit write failed; failing the check closed", extra={"tool": call.tool})
@@ -426,6 +427,7 @@ class Authorizer:
                     scope,
                     pending.record_id,
                     consumed_approval=changes.consume_approval,
+                    opened_approval=opened_approval,
                     now=pending.now,
                 )
 

@@ -694,7 +694,13 @@ class SQLiteStore:
             return
 
     def undo_decision(
-        self, scope: DecisionScope, decision_id: str, *, consumed_approval: str, now: float
+        self,
+        scope: DecisionScope,
+        decision_id: str,
+        *,
+        consumed_approval: str,
+        opened_approval: str = "",
+        now: float,
     ) -> None:
         with self._write():
             if scope.idempotency_key:
@@ -710,6 +716,14 @@ class SQLiteStore:
                 ).rowcount
                 if restored:
                     _event(self._db, consumed_approval, "restored", "proviso", now)
+            if opened_approval:
+                withdrawn = self._db.execute(
+                    "UPDATE approvals SET status = 'expired', closed_at = ? "
+                    "WHERE id = ? AND status = 'pending'",
+                    (now, opened_approval),
+                ).rowcount
+                if withdrawn:
+                    _event(self._db, opened_approval, "expired", "proviso", now)
 
     def set_kill_switch(self, switch: KillSwitch) -> tuple[KillSwitch, bool]:
         with self._write():

@@ -189,10 +189,18 @@ class Store(Protocol):
         ...
 
     def undo_decision(
-        self, scope: DecisionScope, decision_id: str, *, consumed_approval: str, now: float
+        self,
+        scope: DecisionScope,
+        decision_id: str,
+        *,
+        consumed_approval: str,
+        opened_approval: str = "",
+        now: float,
     ) -> None:
-        """Forget a committed decision that could not be audited: its idempotency record, and
-        the consumption of an approval (back to approved). Budgets stay spent (the safe side)."""
+        """Forget a committed decision that could not be audited: its idempotency record, the
+        consumption of an approval (back to approved), and a request it opened (expired: the
+        agent never got its id, and it must not fill the agent's pending requests). Budgets
+        stay spent (the safe side)."""
         ...
 
     def set_kill_switch(self, switch: KillSwitch) -> tuple[KillSwitch, bool]:

@@ -203,6 +203,13 @@ async def test_audit_write_failure_fails_closed(tmp_path: Path) -> None:
             name == "proviso_decisions_total" and allowed in labels
             for name, labels in scrape(sidecar)
         )
+        # A call that needs approval opens a request in its transaction; unrecorded, the agent
+        # never gets its id, so the request is expired rather than left pending (it would fill
+        # the agent's pending requests with ones nobody can trace).
+        with pytest.raises(grpc.aio.AioRpcError) as unrecorded:
+            await check(sidecar, sidecar.token(), "requestRefund", refund("120"))
+        assert unrecorded.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert sidecar.app.store.pending_by_tier() == {}
     finally:
         await sidecar.close()
 
