@@ -49,7 +49,7 @@ allows takes ~11.6 days a call; a Check's answer must never fail on an absurd fi
 MAX_PENDING_APPROVALS_PER_AGENT = 100
 """Approval requests one agent may have pending at once: each is a call for people to read,
 and an agent (or the model driving it) varying a free-text argument would otherwise open one
-per Check, without bound. Past it a new request is refused (BUDGET_EXCEEDED) until people
+per Check, without bound. Past it a new request is refused (APPROVALS_PENDING_LIMIT) until people
 close some or they expire; calls whose request is open still find it."""
 
 
@@ -384,7 +384,7 @@ def _apply_approval(
 
 
 _APPROVAL_QUEUE_FULL = Reason(
-    ReasonCode.BUDGET_EXCEEDED,
+    ReasonCode.APPROVALS_PENDING_LIMIT,
     f"the agent has {MAX_PENDING_APPROVALS_PER_AGENT} approval requests pending, the most it "
     "may: no new one is opened until people decide some or they expire",
 )

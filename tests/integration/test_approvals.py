@@ -672,8 +672,9 @@ async def test_the_pruner_logs_a_failed_sweep_and_still_prunes(
 async def test_an_agent_cannot_open_approval_requests_without_bound(sidecar: Sidecar) -> None:
     """Each distinct call opens a request for people to read: an agent (or the model driving
     it) varying a free-text argument must not flood the approvers' queue. Past the cap of
-    pending requests per agent a new one is refused (BUDGET_EXCEEDED, not remembered under the
-    idempotency key); a call whose request is open still gets its id; closing one frees room."""
+    pending requests per agent a new one is refused (APPROVALS_PENDING_LIMIT, not remembered
+    under the idempotency key); a call whose request is open still gets its id; closing one
+    frees room."""
     token = sidecar.token()
     opened = [
         await refund_check(
@@ -687,7 +688,7 @@ async def test_an_agent_cannot_open_approval_requests_without_bound(sidecar: Sid
         sidecar, token, "120", arguments_json=refund("120", reason="one more"), idempotency_key="K"
     )
     assert over.decision == pb.DECISION_DENY
-    assert codes(over) == ["BUDGET_EXCEEDED"]
+    assert codes(over) == ["APPROVALS_PENDING_LIMIT"]
     assert not over.approval_id
     again = await refund_check(
         sidecar, token, "120", arguments_json=refund("120", reason="attempt 0")

@@ -311,7 +311,7 @@ async def test_fifty_reloads_under_load_never_mix_versions(
         assert response.policy_version in versions, f"unknown version {response.policy_version}"
         expected = versions[response.policy_version]
         decision = response.decision
-        if [r.code for r in response.reasons] == [pb.REASON_CODE_BUDGET_EXCEEDED]:
+        if [r.code for r in response.reasons] == [pb.REASON_CODE_APPROVALS_PENDING_LIMIT]:
             # Each Check is a run of its own, so each needing approval opens a request: past
             # the agent's cap of pending ones the approval tier answers DENY instead.
             decision = pb.DECISION_NEEDS_APPROVAL
