@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import grpc
@@ -28,7 +29,7 @@ from sidecar.config import DEFAULT_AUDIENCE
 from sidecar.identity import DevIdentityProvider
 from sidecar.keystore import load_or_create
 from tests.conftest import BILLING_AGENT, EXAMPLE_POLICIES, ROOT
-from tests.integration.serve_process import PROVISO, serve_process
+from tests.integration.serve_process import PROVISO, ServerProcess, serve_process
 from tests.integration.test_check import INVOICE_CONTEXT, refund
 from tokens import Grant, issue
 
@@ -72,29 +73,39 @@ def _decisions(port: int) -> float:
     )
 
 
-def test_two_workers_share_the_port_the_store_and_stop_together(tmp_path: Path) -> None:
-    """Both answer on one port, each keeps its own verifiable chain and metrics, SIGHUP reaches
-    them, and SIGTERM stops them all cleanly."""
-    state = tmp_path / "state"
-    with serve_process(
+def _two_workers(state: Path, directory: Path) -> AbstractContextManager[ServerProcess]:
+    """``serve --workers 2`` on the example policies, on free ports, logging only errors."""
+    return serve_process(
         [
             "--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
             "--metrics-listen", "127.0.0.1:0", "--state-dir", str(state), "--workers", "2",
             "--log-level", "ERROR",
         ],
-        directory=tmp_path, banner_lines=3, stop_timeout=60,
-    ) as server:  # fmt: skip
+        directory=directory, banner_lines=3, stop_timeout=60,
+    )  # fmt: skip
+
+
+def _refund_token(state: Path) -> str:
+    """A token of the billing agent for refunds of invoice in_93K2, signed with the state's key."""
+    return issue(
+        load_or_create(state).active, issuer="proviso", subject=BILLING_AGENT,
+        audience="proviso", grants=(Grant("requestRefund", {"invoice_id": "in_93K2"}),),
+        ttl_seconds=600, now=int(time.time()),
+    )  # fmt: skip
+
+
+def test_two_workers_share_the_port_the_store_and_stop_together(tmp_path: Path) -> None:
+    """Both answer on one port, each keeps its own verifiable chain and metrics, SIGHUP reaches
+    them, and SIGTERM stops them all cleanly."""
+    state = tmp_path / "state"
+    with _two_workers(state, tmp_path) as server:
         lines = server.banner.splitlines(keepends=True)
         match = re.search(r"serving gRPC on (\S+) \(2 worker processes", lines[0])
         assert match, "".join(lines) + server.stderr
         metrics_ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)/metrics", "".join(lines))]
         pids = [int(p) for p in re.findall(r"pid (\d+)", "".join(lines))]
         assert len(metrics_ports) == len(pids) == 2
-        token = issue(
-            load_or_create(state).active, issuer="proviso", subject=BILLING_AGENT,
-            audience="proviso", grants=(Grant("requestRefund", {"invoice_id": "in_93K2"}),),
-            ttl_seconds=600, now=int(time.time()),
-        )  # fmt: skip
+        token = _refund_token(state)
         answers = asyncio.run(_checks(match.group(1), token))
         assert answers == [pb.DECISION_ALLOW] * (CHANNELS * CHECKS_PER_CHANNEL)
         counted = [_decisions(port) for port in metrics_ports]
@@ -131,19 +142,8 @@ def test_a_worker_whose_audit_chain_breaks_stops_them_all_with_status_1(tmp_path
     share of connections and refuse them all. It exits 1 instead, the supervisor stops the
     other and exits 1, and the process manager restarts the sidecar, which resumes from disk."""
     state = tmp_path / "state"
-    with serve_process(
-        [
-            "--policies", str(EXAMPLE_POLICIES), "--listen", "127.0.0.1:0",
-            "--metrics-listen", "127.0.0.1:0", "--state-dir", str(state), "--workers", "2",
-            "--log-level", "ERROR",
-        ],
-        directory=tmp_path, banner_lines=3, stop_timeout=60,
-    ) as server:  # fmt: skip
-        token = issue(
-            load_or_create(state).active, issuer="proviso", subject=BILLING_AGENT,
-            audience="proviso", grants=(Grant("requestRefund", {"invoice_id": "in_93K2"}),),
-            ttl_seconds=600, now=int(time.time()),
-        )  # fmt: skip
+    with _two_workers(state, tmp_path) as server:
+        token = _refund_token(state)
         for chain in (state / "audit").glob("decisions.w*.jsonl"):
             chain.unlink()
         with contextlib.suppress(grpc.aio.AioRpcError):
