@@ -31,7 +31,7 @@ from jwt.exceptions import InvalidTokenError, PyJWKError, PyJWKSetError
 
 from sidecar.errors import UnauthenticatedError
 from sidecar.keystore import write_private
-from tokens import SigningKey
+from tokens import TOKEN_TYPE, SigningKey
 
 log = logging.getLogger("proviso.identity")
 
@@ -222,6 +222,10 @@ class IdentityVerifier:
             header = jwt.get_unverified_header(token)
         except InvalidTokenError:
             raise UnauthenticatedError("identity token is malformed") from None
+        if str(header.get("typ", "")).lower() == TOKEN_TYPE:
+            # A capability token names an agent, not a person: never a caller's identity, even
+            # with an IdP configured on the sidecar's own keys and issuer.
+            raise UnauthenticatedError("a capability token is not an identity token")
         algorithm = header.get("alg")
         if algorithm not in IDENTITY_ALGORITHMS:
             raise UnauthenticatedError("identity token algorithm not accepted")

@@ -96,6 +96,22 @@ def test_a_valid_token_gives_the_identity_with_groups() -> None:
     assert identity == Identity("alice@example.com", ("billing-supervisors", "staff"), ISSUER)
 
 
+@pytest.mark.parametrize("typ", ["proviso-cap+jwt", "PROVISO-CAP+JWT"])
+def test_a_capability_token_is_never_an_identity(typ: str) -> None:
+    """A token typed as a capability token (which names an agent) is refused as a caller's
+    identity even when everything else verifies, as an IdP on the sidecar's own keys and
+    issuer would allow; an ordinary JWT typ is fine."""
+    typed = jwt.encode(
+        _claims(), ED_PRIVATE, algorithm="EdDSA", headers={"kid": "ed-1", "typ": typ}
+    )
+    with pytest.raises(UnauthenticatedError, match="capability token is not an identity"):
+        _verifier().verify(typed, NOW)
+    plain = jwt.encode(
+        _claims(), ED_PRIVATE, algorithm="EdDSA", headers={"kid": "ed-1", "typ": "JWT"}
+    )
+    assert _verifier().verify(plain, NOW).subject == "alice@example.com"
+
+
 def test_a_token_without_groups_has_none() -> None:
     """An absent groups claim is an empty tuple, not an error."""
     assert _verifier().verify(_ed_token(_claims(groups=None)), NOW).groups == ()
