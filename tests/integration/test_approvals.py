@@ -453,6 +453,27 @@ async def edit_and_reload(sidecar: Sidecar, file: str, old: str, new: str) -> No
     assert changed
 
 
+async def test_a_shortened_ttl_expires_older_requests_and_approvals(editable: Sidecar) -> None:
+    """A policy that shortens the tier's TTL (24 h to 1 s) bites on requests made before it:
+    an approval given under the old TTL is expired once the new one has run out since the
+    request was made, and the same call is not handed that request again."""
+    token = editable.token()
+    needed = await refund_check(editable, token, "120")
+    await approve(editable, needed.approval_id, ALICE)
+    await edit_and_reload(
+        editable,
+        "billing.yaml",
+        "        approver_roles: [billing-supervisor]\n        ttl: 24h\n",
+        "        approver_roles: [billing-supervisor]\n        ttl: 1s\n",
+    )
+    await asyncio.sleep(1.1)
+    used = await refund_check(editable, token, "120", needed.approval_id)
+    assert codes(used) == ["APPROVAL_EXPIRED"]
+    again = await refund_check(editable, token, "120")
+    assert again.decision == pb.DECISION_NEEDS_APPROVAL
+    assert again.approval_id != needed.approval_id
+
+
 @pytest.mark.parametrize(
     ("file", "old", "new"),
     [
