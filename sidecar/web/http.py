@@ -22,6 +22,10 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10.0
+    """Seconds a connection may stay silent (socket timeout): a client that connects and sends
+    nothing, or sends slowly, would otherwise hold a thread of its own for ever."""
+
     def log_message(self, format: str, *args: Any) -> None:
         """Access logs are noise here; scrapes happen every few seconds."""
 

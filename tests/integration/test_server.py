@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +22,7 @@ from sidecar._proto.proviso.v1 import admin_service_pb2_grpc as admin_grpc
 from sidecar._proto.proviso.v1 import authorization_service_pb2 as pb
 from sidecar._proto.proviso.v1 import token_service_pb2 as token_pb
 from sidecar.app import App
+from sidecar.web.http import _QuietHandler
 from tests.conftest import BILLING_AGENT, TRIAGE_AGENT, Sidecar, make_settings
 from tests.integration.test_check import check, refund
 from tokens import VerificationKeys, verify
@@ -176,6 +178,23 @@ async def test_issue_token_without_required_pin_is_refused(sidecar: Sidecar) -> 
         await sidecar.tokens.IssueToken(request, metadata=identity(sidecar, "orchestrator@service"))
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "invoice_id" in (caught.value.details() or "")
+
+
+async def test_a_silent_http_connection_is_closed(
+    sidecar: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that connects to the metrics listener and sends nothing is cut off after the
+    handler's timeout (here made short), instead of holding a server thread for ever; the
+    listener goes on answering scrapes."""
+    assert 0 < _QuietHandler.timeout <= 30, "silent connections are cut off by default"
+    monkeypatch.setattr("sidecar.web.http._QuietHandler.timeout", 0.3)
+    with socket.create_connection(("127.0.0.1", sidecar.app.http.port), timeout=5) as silent:
+        started = time.monotonic()
+        assert silent.recv(1024) == b"", "closed by the server"
+        assert time.monotonic() - started < 4
+    url = f"http://127.0.0.1:{sidecar.app.http.port}/healthz"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
 
 
 async def test_jwks_over_http(sidecar: Sidecar) -> None:
