@@ -204,7 +204,7 @@ class Approvals:
     async def sweep(self, policy: Policy | None = None, loaded_at: float = 0.0) -> int:
         """Expire requests past their time, and (given the policy in force, put in force at
         ``loaded_at``) those made under approval rules it no longer has, which nobody can
-        judge or use any more; returns how many.
+        judge or use any more, or older than its TTL for their tier; returns how many.
 
         Only requests made before ``loaded_at`` can be stale here: one made later under other
         rules comes from a newer policy that another worker has loaded and this one not yet
@@ -212,15 +212,18 @@ class Approvals:
         it really is stale.
         """
 
+        now = self._clock.now()
+
         def stale(tool: str, tier: str, rules: str, created_at: float) -> bool:
-            return (
-                policy is not None
-                and created_at < loaded_at
-                and rules != policy.approval_rules(tool, tier)
-            )
+            if policy is None or created_at >= loaded_at:
+                return False
+            if rules != policy.approval_rules(tool, tier):
+                return True
+            in_force = policy.tier(tool, tier)  # a TTL shortened since: run out already
+            return in_force is not None and 0 < in_force.ttl_seconds <= now - created_at
 
         expired = await write_when_free(
-            self.store, partial(self.store.expire_approvals, self._clock.now(), stale)
+            self.store, partial(self.store.expire_approvals, now, stale)
         )
         for approval in expired:
             await self.record_event(approval, "expired", "proviso")

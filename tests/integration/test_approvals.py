@@ -456,9 +456,11 @@ async def edit_and_reload(sidecar: Sidecar, file: str, old: str, new: str) -> No
 async def test_a_shortened_ttl_expires_older_requests_and_approvals(editable: Sidecar) -> None:
     """A policy that shortens the tier's TTL (24 h to 1 s) bites on requests made before it:
     an approval given under the old TTL is expired once the new one has run out since the
-    request was made, and the same call is not handed that request again."""
+    request was made, the same call is not handed that request again, and the sweep expires
+    such requests (approved or waiting)."""
     token = editable.token()
     needed = await refund_check(editable, token, "120")
+    waiting = await refund_check(editable, token, "121")
     await approve(editable, needed.approval_id, ALICE)
     await edit_and_reload(
         editable,
@@ -467,6 +469,13 @@ async def test_a_shortened_ttl_expires_older_requests_and_approvals(editable: Si
         "        approver_roles: [billing-supervisor]\n        ttl: 1s\n",
     )
     await asyncio.sleep(1.1)
+    loaded = editable.app.policy.snapshot()  # the sweep expires the request still waiting
+    assert await editable.app.approvals.sweep(loaded.policy, loaded.loaded_at) == 2
+    got = await stub(editable).GetApproval(
+        ap_pb.GetApprovalRequest(approval_id=waiting.approval_id),
+        metadata=identity(editable, ALICE),
+    )
+    assert got.approval.state == ap_pb.APPROVAL_STATE_EXPIRED
     used = await refund_check(editable, token, "120", needed.approval_id)
     assert codes(used) == ["APPROVAL_EXPIRED"]
     again = await refund_check(editable, token, "120")
