@@ -17,7 +17,7 @@ from typing import Any
 from sidecar.audit.record import event_body, new_record_id
 from sidecar.audit.writer import AuditLog
 from sidecar.clock import Clock, timestamp
-from sidecar.engine import ApprovalRecord, ApprovalStatus, Verdict
+from sidecar.engine import ApprovalRecord, ApprovalStatus, Verdict, ttl_run_out
 from sidecar.errors import ConflictError, NotFoundError, PermissionDeniedError
 from sidecar.identity import Identity
 from sidecar.observability.metrics import Metrics
@@ -220,7 +220,7 @@ class Approvals:
             if rules != policy.approval_rules(tool, tier):
                 return True
             in_force = policy.tier(tool, tier)  # a TTL shortened since: run out already
-            return in_force is not None and 0 < in_force.ttl_seconds <= now - created_at
+            return in_force is not None and ttl_run_out(created_at, in_force.ttl_seconds, now)
 
         expired = await write_when_free(
             self.store, partial(self.store.expire_approvals, now, stale)

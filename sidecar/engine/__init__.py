@@ -21,6 +21,7 @@ from sidecar.engine.state import (
     StateView,
     StoredDecision,
     Verdict,
+    ttl_run_out,
 )
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "Verdict",
     "decide",
     "evaluate",
+    "ttl_run_out",
 ]

@@ -30,7 +30,6 @@ from sidecar.engine.decision import (
 from sidecar.engine.state import (
     NO_CHANGES,
     NO_STATE,
-    ApprovalRecord,
     ApprovalStatus,
     Evaluation,
     RateBucket,
@@ -348,7 +347,7 @@ def _apply_approval(
     rules = policy.approval_rules(call.tool, requirement.tier)
     record = state.approval if call.approval_id else None
     if record is not None and record.rules == rules:
-        status = _status_under(record, requirement, now)
+        status = record.status_at(now, requirement.ttl_seconds)
         if status is ApprovalStatus.EXPIRED:
             expire = record.id if record.status is not ApprovalStatus.EXPIRED else ""
             reason = Reason(ReasonCode.APPROVAL_EXPIRED, "the approval request expired")
@@ -376,26 +375,12 @@ def _apply_approval(
         pending is not None
         and pending.tier == requirement.tier
         and pending.rules == rules
-        and _status_under(pending, requirement, now) is ApprovalStatus.PENDING
+        and pending.status_at(now, requirement.ttl_seconds) is ApprovalStatus.PENDING
     ):
         return replace(decision, approval_id=pending.id), NO_CHANGES
     if state.pending_approvals >= MAX_PENDING_APPROVALS_PER_AGENT:
         return _deny_for(policy, decision, _APPROVAL_QUEUE_FULL), NO_CHANGES
     return decision, StateChanges(open_approval=requirement)
-
-
-def _status_under(
-    record: ApprovalRecord, requirement: ApprovalRequirement, now: float
-) -> ApprovalStatus:
-    """The request's status, expired too once the tier's TTL in force has run out since it was
-    made: a policy that shortens the TTL (24 h to 1 h) must not leave older requests open, or
-    approvals given under them usable, until their old end."""
-    status = record.status_at(now)
-    open_states = (ApprovalStatus.PENDING, ApprovalStatus.APPROVED)
-    lapsed = requirement.ttl_seconds > 0 and now >= record.created_at + requirement.ttl_seconds
-    if status in open_states and lapsed:
-        return ApprovalStatus.EXPIRED
-    return status
 
 
 _APPROVAL_QUEUE_FULL = Reason(

@@ -36,6 +36,11 @@ class Verdict:
     comment: str = ""
 
 
+def ttl_run_out(created_at: float, ttl_seconds: int, now: float) -> bool:
+    """Whether a request made at ``created_at`` is past a TTL of ``ttl_seconds`` (0: none)."""
+    return ttl_seconds > 0 and now >= created_at + ttl_seconds
+
+
 @dataclass(frozen=True, slots=True)
 class ApprovalRecord:
     """An approval request bound to one exact call (agent, tool, arguments digest, run)."""
@@ -56,10 +61,17 @@ class ApprovalRecord:
     rules: str = ""
     """``Policy.approval_rules`` of the tier when the request was made ("": unknown, stale)."""
 
-    def status_at(self, now: float) -> ApprovalStatus:
-        """Pending and approved requests expire; an approval can be used until then too."""
+    def status_at(self, now: float, ttl_in_force: int = 0) -> ApprovalStatus:
+        """Pending and approved requests expire; an approval can be used until then too.
+
+        ``ttl_in_force`` is the tier's TTL in the policy now (0: not known): a policy that
+        shortened it (24 h to 1 h) must not leave older requests open, or approvals given
+        under them usable, until their old end.
+        """
         open_states = (ApprovalStatus.PENDING, ApprovalStatus.APPROVED)
-        if self.status in open_states and now >= self.expires_at:
+        if self.status in open_states and (
+            now >= self.expires_at or ttl_run_out(self.created_at, ttl_in_force, now)
+        ):
             return ApprovalStatus.EXPIRED
         return self.status
 
