@@ -564,6 +564,10 @@ def _schema_path(document: Any, pointer: str) -> NodePath:
     return tuple(parts)
 
 
+_SCHEMA_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+"""Keywords whose values are instance data, not schemas: a ``$ref`` in them refers nowhere."""
+
+
 def _reference_problems(
     schema: Any, where: NodePath, resource: Any = None
 ) -> Iterator[tuple[NodePath, str]]:
@@ -588,7 +592,7 @@ def _reference_problems(
                 yield (*where, key), f"'{value}' does not resolve"
             elif value != "#" and value[1] != "/" and value[1:] not in _anchors(resource):
                 yield (*where, key), f"'{value}' does not resolve: no such $anchor"
-        elif key not in ("const", "enum", "default", "examples"):
+        elif key not in _SCHEMA_DATA_KEYWORDS:
             yield from _reference_problems(value, (*where, key), resource)
 
 
@@ -603,7 +607,7 @@ def _anchors(resource: Any, *, top: bool = True) -> set[str]:
         for key, value in resource.items():
             if key in ("$anchor", "$dynamicAnchor") and isinstance(value, str):
                 found.add(value)
-            elif key not in ("const", "enum", "default", "examples"):
+            elif key not in _SCHEMA_DATA_KEYWORDS:
                 found |= _anchors(value, top=False)
     return found
 
@@ -790,10 +794,7 @@ def _compile_condition(
         bundle.issues.append(PolicyIssue(tool.file.name, line, col, code, message))
         return
     for offset, problem in _regex_problems(source):
-        before = source[:offset]
-        line, col = tool.file.document.position_in_scalar(
-            path, before.count("\n") + 1, offset - before.rfind("\n")
-        )
+        line, col = _position_in(tool.file, path, source, offset)
         message = f"{what}: {problem}"
         bundle.issues.append(PolicyIssue(tool.file.name, line, col, Code.CEL_SYNTAX, message))
     if known is None or approver:
@@ -801,10 +802,7 @@ def _compile_condition(
     for offset, name in _argument_references(source):
         if name in known.names:
             continue
-        before = source[:offset]
-        line, col = tool.file.document.position_in_scalar(
-            path, before.count("\n") + 1, offset - before.rfind("\n")
-        )
+        line, col = _position_in(tool.file, path, source, offset)
         message = f"{what} reads args.{name}, which the tool's arguments schema does not define"
         if known.closed:  # it can never be there: `!has(args.typo) || ...` always holds
             message += ", and its additionalProperties: false refuses any other argument"
@@ -817,6 +815,15 @@ def _compile_condition(
         )  # fmt: skip
 
 
+def _position_in(file: _File, path: NodePath, source: str, offset: int) -> tuple[int, int]:
+    """The file's line and column of ``source[offset]``, ``source`` being the scalar at
+    ``path``."""
+    before = source[:offset]
+    return file.document.position_in_scalar(
+        path, before.count("\n") + 1, offset - before.rfind("\n")
+    )
+
+
 _CEL_STRING_RE = re.compile(
     r"""[rRbB]*(?:'''.*?'''|\"\"\".*?\"\"\"|'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")""",
     re.DOTALL,
@@ -825,6 +832,11 @@ _CEL_STRING_RE = re.compile(
 ``args.`` so that text inside strings is not taken for a reference."""
 _ARGS_FIELD_RE = re.compile(r"(?<![\w.])args\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()")
 """``args.NAME``, not ``args.size()`` or ``args.all(k, ...)``: a method of the map itself."""
+
+
+def _without_strings(source: str) -> str:
+    """``source`` with every string literal blanked, offsets kept: what is code in it."""
+    return _CEL_STRING_RE.sub(lambda m: " " * len(m.group()), source)
 
 
 _MATCHES_CALL_RE = re.compile(r"\.\s*matches\s*\(")
@@ -837,8 +849,7 @@ def _regex_problems(source: str) -> Iterator[tuple[int, str]]:
     on every call. Each literal is tried once, as CEL itself reads it.
     """
     literals = {m.start(): m.group() for m in _CEL_STRING_RE.finditer(source)}
-    blanked = _CEL_STRING_RE.sub(lambda m: " " * len(m.group()), source)
-    for call in _MATCHES_CALL_RE.finditer(blanked):
+    for call in _MATCHES_CALL_RE.finditer(_without_strings(source)):
         start = call.end() + len(source[call.end() :]) - len(source[call.end() :].lstrip())
         literal = literals.get(start)
         if literal is None or literal[0] in "bB":
@@ -853,8 +864,7 @@ def _regex_problems(source: str) -> Iterator[tuple[int, str]]:
 
 def _argument_references(source: str) -> Iterator[tuple[int, str]]:
     """``(offset, name)`` of each ``args.name`` outside string literals."""
-    blanked = _CEL_STRING_RE.sub(lambda m: " " * len(m.group()), source)
-    for match in _ARGS_FIELD_RE.finditer(blanked):
+    for match in _ARGS_FIELD_RE.finditer(_without_strings(source)):
         yield match.start(1), match.group(1)
 
 
