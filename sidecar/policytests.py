@@ -12,7 +12,6 @@ quietly checks nothing.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
@@ -33,9 +32,6 @@ from sidecar.policy.yamlnodes import Path as NodePath
 from sidecar.policy.yamlnodes import YamlDocument, parse_yaml
 from sidecar.terminal import shown
 from tokens import CapabilityClaims, Grant
-
-_REFUSED_CHAR_RE = re.compile("[\x00\ud800-\udfff]")
-"""What Check refuses in any string or key of a call (``strictjson``)."""
 
 TEST_TOKEN_ISSUER = "proviso-policy-test"  # noqa: S105 - an issuer name, not a secret
 """The ``token.issuer`` conditions see in a test case."""
@@ -448,7 +444,7 @@ class _CaseReader:
         self.issue(path, TestFileCode.INVALID_NUMBER, message)
 
     def _string(self, path: NodePath, text: str, *, key: bool = False) -> None:
-        refused = _REFUSED_CHAR_RE.search(text)
+        refused = strictjson.REFUSED_CHAR_RE.search(text)  # as Check refuses
         if refused is None:
             return
         what = "U+0000 (NUL)" if refused.group() == "\x00" else "a lone surrogate"

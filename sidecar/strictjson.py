@@ -25,8 +25,10 @@ MAX_JSON_DEPTH = 32
 # quantifier never backtracks, so hostile input (many unterminated quotes) stays linear.
 _STRINGS_RE = re.compile(r'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _BRACKETS_RE = re.compile(r"[\[\]{}]")
-_SURROGATE_RE = re.compile("[\ud800-\udfff]")
-_REFUSED_CHAR_RE = re.compile("[\x00\ud800-\udfff]")
+SURROGATE_RE = re.compile("[\ud800-\udfff]")
+"""A lone surrogate: not a character, and UTF-8 (the audit log, CEL) cannot hold it."""
+REFUSED_CHAR_RE = re.compile("[\x00\ud800-\udfff]")
+"""What no string or key of a call may hold: NUL, or a lone surrogate."""
 
 
 class JSONInputError(ValueError):
@@ -115,7 +117,7 @@ def parse_object(
         raise JSONInputError(f"not valid JSON: {detail}") from None
     if not isinstance(value, dict):
         raise JSONInputError("must be a JSON object")
-    if _SURROGATE_RE.search(text):
+    if SURROGATE_RE.search(text):
         raise JSONInputError("lone surrogates are not allowed")
     if r"\u" in text.lower():  # only an escape can put these characters in a string
         refused = _refused_char(value)
@@ -131,7 +133,7 @@ def parse_object(
 def _refused_char(value: Any) -> str | None:
     """The first NUL or lone surrogate in any key or string of ``value``, if there is one."""
     if isinstance(value, str):
-        found = _REFUSED_CHAR_RE.search(value)
+        found = REFUSED_CHAR_RE.search(value)
         return found.group() if found else None
     if isinstance(value, dict):
         items: Any = (text for pair in value.items() for text in pair)

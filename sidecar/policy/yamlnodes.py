@@ -27,6 +27,7 @@ import yaml
 from yaml.events import AliasEvent, Event, StreamEndEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from sidecar import strictjson
 from sidecar.policy.issues import Code, PolicyIssue
 
 MAX_DEPTH = 64
@@ -50,8 +51,6 @@ _FLOAT_RE = re.compile(
     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
 )
 _BOOL_RE = re.compile(r"true|True|TRUE|false|False|FALSE")
-_SURROGATE_RE = re.compile("[\ud800-\udfff]")
-"""Only a double-quoted escape (``"\\ud800"``) can put one in a string: UTF-8 cannot hold it."""
 _NULL_RE = re.compile(r"~|null|Null|NULL|")
 
 _TYPE_NAMES = {_STR: "string", _INT: "integer", _FLOAT: "number", _BOOL: "boolean", _NULL: "null"}
@@ -403,7 +402,8 @@ class _Converter:
         JSON, UTF-8 and CEL cannot hold it (a tier's message with one made every Check that
         reached the tier fail to be audited, and a condition with one ended lint in a
         traceback)."""
-        found = _SURROGATE_RE.search(str(node.value))
+        # Only a double-quoted escape ("\\ud800") can put one in a string.
+        found = strictjson.SURROGATE_RE.search(str(node.value))
         if found is None:
             return True
         message = f"a lone surrogate (\\u{ord(found.group()):04x}) is not a character"
