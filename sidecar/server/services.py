@@ -444,9 +444,7 @@ class AdminService:
     ) -> admin_pb.GetRunTraceResponse:
         await self._admin(context)
         run_id = convert.run_id(request.run_id)
-        if request.page_size < 0:
-            raise InvalidRequestError("page_size", "must not be negative")
-        page_size = min(request.page_size or TRACE_MAX_PAGE_SIZE, TRACE_MAX_PAGE_SIZE)
+        page_size = _page_size(request.page_size, TRACE_MAX_PAGE_SIZE, TRACE_MAX_PAGE_SIZE)
         steps, events = _decode_trace_page_token(request.page_token)
         trace = None
         if self._audit_path is not None:
@@ -538,9 +536,7 @@ class ApprovalService:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> approval_pb.ListApprovalsResponse:
         await self._reader(context)
-        if request.page_size < 0:
-            raise InvalidRequestError("page_size", "must not be negative")
-        size = min(request.page_size or LIST_DEFAULT_PAGE_SIZE, LIST_MAX_PAGE_SIZE)
+        size = _page_size(request.page_size, LIST_DEFAULT_PAGE_SIZE, LIST_MAX_PAGE_SIZE)
         after = _decode_page_token(request.page_token)
         found = self._approvals.store.list_approvals(
             status=convert.approval_status(request.state),
@@ -684,6 +680,17 @@ def _not_engaged(policy: Policy, scope: KillScope, target: str) -> SidecarError:
     return NotFoundError(f"{label} is not engaged")
 
 
+def _page_size(requested: int, default: int, maximum: int) -> int:
+    """AIP-158: 0 asks for the default, more than the maximum gets the maximum.
+
+    Raises:
+        InvalidRequestError: a negative size (``page_size``).
+    """
+    if requested < 0:
+        raise InvalidRequestError("page_size", "must not be negative")
+    return min(requested or default, maximum)
+
+
 def _encode_page_token(last_id: str) -> str:
     return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
 
@@ -699,9 +706,9 @@ def _decode_page_token(token: str) -> str:
 
 def _decode_trace_page_token(token: str) -> tuple[int, int]:
     """Where a GetRunTrace page starts: the steps and approval events already sent."""
-    steps, dot, events = _decode_page_token(token).partition(".")
     if not token:
         return 0, 0
+    steps, dot, events = _decode_page_token(token).partition(".")
     if not (
         dot
         and all(part.isascii() and part.isdigit() and len(part) <= 9 for part in (steps, events))
