@@ -114,6 +114,15 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(scripts)
 
 
+@contextmanager
+def _reading() -> Iterator[None]:
+    """A read of the store: an SQLite error is ``StoreUnavailableError`` (fail closed)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
+
+
 class _Transaction:
     """The reads and writes of one Check on an open ``BEGIN IMMEDIATE`` transaction."""
 
@@ -122,10 +131,8 @@ class _Transaction:
         self._committed = False
 
     def view(self, scope: DecisionScope | None, now: float) -> StateView:
-        try:
+        with _reading():
             return self._view(scope, now)
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
 
     def _view(self, scope: DecisionScope | None, now: float) -> StateView:
         switches = _kill_switches(self._db)
@@ -171,14 +178,12 @@ class _Transaction:
         )
 
     def pending_approvals(self, agent: str, now: float) -> int:
-        try:
+        with _reading():
             row = self._db.execute(
                 "SELECT COUNT(*) FROM approvals WHERE agent = ? AND status = 'pending' "
                 "AND expires_at > ?",
                 (agent, now),
             ).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
         return int(row[0])
 
     def commit(
@@ -833,7 +838,7 @@ class SQLiteStore:
             yield _ApprovalTransaction(self._db)
 
     def get_approval(self, approval_id: str) -> StoredApproval | None:
-        with self._reading():
+        with _reading():
             return _approval(self._db, approval_id)
 
     def list_approvals(
@@ -858,7 +863,7 @@ class SQLiteStore:
             clauses.append("(created_at, id) < (SELECT created_at, id FROM approvals WHERE id = ?)")
             values.append(after)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        with self._reading():
+        with _reading():
             rows = self._db.execute(
                 f"SELECT {_APPROVAL_COLUMNS} FROM approvals {where} "  # noqa: S608 - fixed SQL
                 "ORDER BY created_at DESC, id DESC LIMIT ?",
@@ -867,7 +872,7 @@ class SQLiteStore:
             return [_stored_approval(self._db, row) for row in rows]
 
     def approval_events(self, after_seq: int, limit: int) -> list[ApprovalEvent]:
-        with self._reading():
+        with _reading():
             rows = self._db.execute(
                 "SELECT seq, approval_id, event, actor, at FROM approval_events "
                 "WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -876,12 +881,12 @@ class SQLiteStore:
         return [ApprovalEvent(*row) for row in rows]
 
     def last_approval_event(self) -> int:
-        with self._reading():
+        with _reading():
             row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM approval_events").fetchone()
         return int(row[0])
 
     def pending_by_tier(self) -> dict[str, int]:
-        with self._reading():
+        with _reading():
             rows = self._db.execute(
                 "SELECT tier, COUNT(*) FROM approvals WHERE status = 'pending' GROUP BY tier"
             ).fetchall()
@@ -903,13 +908,6 @@ class SQLiteStore:
                 _expire(self._db, approval_id, now)
             expired = [_approval(self._db, approval_id) for approval_id in due]
         return [a for a in expired if a is not None]
-
-    @contextmanager
-    def _reading(self) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
 
     @contextmanager
     def _write(self) -> Iterator[None]:
