@@ -131,8 +131,10 @@ class _Transaction:
         self._committed = False
 
     def view(self, scope: DecisionScope | None, now: float) -> StateView:
-        with _reading():
+        try:  # as ``_reading`` does, without a generator on every Check's path
             return self._view(scope, now)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"state store unavailable: {exc}") from exc
 
     def _view(self, scope: DecisionScope | None, now: float) -> StateView:
         switches = _kill_switches(self._db)
